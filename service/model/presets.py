@@ -1,0 +1,116 @@
+"""Model presets: one dataclass describes a network and how the original ran it at inference.
+
+The three official presets mirror the authors' released checkpoints (`davis.pth`,
+`youtube_vis.pth`, `kitti_mots.pth`); every number here is read off their configs and
+checked against the reference vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from typing import Literal
+
+EmbeddingMode = Literal["xyt", "xyff"]
+ForegroundRule = Literal["seediness", "semseg"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    # Backbone: ResNet depth (50 or 101) and the blocks per stage it implies.
+    depth: int = 101
+    # Clip plan.
+    clip_len: int = 8
+    overlap: int = 4
+    # Inference resize (short side / long-side cap) before padding to a multiple of 32.
+    min_dim: int = 640
+    max_dim: int = 1196
+    # Category id -> name, without background. Semseg channel k (k >= 1) is category k.
+    classes: dict[int, str] = field(default_factory=dict)
+    embedding_mode: EmbeddingMode = "xyff"
+    free_dim_stds: tuple[float, ...] = (0.3, 0.3)
+    # Decoder widths (c32, c16, c8, c4) of each head; None means the head does not exist.
+    embedding_inter: tuple[int, int, int, int] = (256, 256, 128, 128)
+    seediness_inter: tuple[int, int, int, int] | None = None
+    semseg_inter: tuple[int, int, int, int] | None = (256, 256, 256, 256)
+    # How a pixel is declared foreground before clustering.
+    foreground: ForegroundRule = "semseg"
+    foreground_thresh: float = 0.5
+    # Stride of the maps clustering runs on: 4 (decoder output) or 1 (upsampled to input size).
+    cluster_stride: int = 4
+    min_seediness: float = 0.8
+    max_instances: int = 20
+    max_tracks: int | None = 10
+
+    @property
+    def embedding_dim(self) -> int:
+        return 3 if self.embedding_mode == "xyt" else 4
+
+    @property
+    def num_free_dims(self) -> int:
+        return self.embedding_mode.count("f")
+
+    @property
+    def variance_dim(self) -> int:
+        return self.embedding_dim - self.num_free_dims
+
+    @property
+    def num_classes(self) -> int:
+        """Semseg classes including background (the original's NUM_CLASSES)."""
+        return len(self.classes) + 1
+
+    @property
+    def stage_blocks(self) -> tuple[int, int, int, int]:
+        return {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[self.depth]
+
+    def with_min_dim(self, min_dim: int) -> ModelConfig:
+        """The original's `--min_dim`: max_dim scales by the same ratio."""
+        return replace(self, min_dim=min_dim, max_dim=round(min_dim * self.max_dim / self.min_dim))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["classes"] = {str(k): v for k, v in self.classes.items()}
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        d = json.loads(text)
+        d["classes"] = {int(k): v for k, v in d["classes"].items()}
+        for key in ("free_dim_stds", "embedding_inter", "seediness_inter", "semseg_inter"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def _classes(dataset: str) -> dict[int, str]:
+    table = json.loads(resources.files("service.model").joinpath("classes.json").read_text())
+    return {int(k): v for k, v in table[dataset].items()}
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "davis": ModelConfig(
+        name="davis", clip_len=16, overlap=6, min_dim=736, max_dim=1248, classes=_classes("davis"),
+        embedding_mode="xyff", seediness_inter=(256, 256, 128, 128), semseg_inter=None,
+        foreground="seediness", foreground_thresh=0.25, cluster_stride=4,
+        min_seediness=0.8, max_instances=20, max_tracks=20,
+    ),
+    "youtube_vis": ModelConfig(
+        name="youtube_vis", clip_len=8, overlap=4, min_dim=640, max_dim=1196, classes=_classes("youtube_vis"),
+        embedding_mode="xyff", semseg_inter=(256, 256, 256, 256), foreground="semseg",
+        foreground_thresh=0.5, cluster_stride=1, min_seediness=0.8, max_instances=20, max_tracks=10,
+    ),
+    "kitti_mots": ModelConfig(
+        name="kitti_mots", clip_len=8, overlap=4, min_dim=800, max_dim=1948, classes=_classes("kitti_mots"),
+        embedding_mode="xyt", free_dim_stds=(), semseg_inter=(256, 256, 128, 128), foreground="semseg",
+        foreground_thresh=0.5, cluster_stride=4, min_seediness=0.95, max_instances=20, max_tracks=None,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}") from None

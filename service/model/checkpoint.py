@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
+import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -43,12 +43,14 @@ def _read_state_dict(path: Path) -> tuple[dict[str, Tensor], ModelConfig | None]
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
             raise CheckpointError(
-                f"{path} holds Python objects that need code to load; refusing it (only tensors are accepted)"
+                f"{path} holds Python objects that need code to load ({found.group(1)}); refusing it: "
+                "only tensors are accepted"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a malformed pickle can fail with almost any error type
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
@@ -78,7 +80,7 @@ def state_dict_hash(sd: Mapping[str, Tensor]) -> str:
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,187 @@
+"""`stemseg`: segment a video, benchmark the pipeline, make synthetic weights.
+
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+FORMATS = ("ytvis", "davis", "mots", "overlay")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for, reported as one line."""
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
+    p.add_argument("--weights", type=Path, help="official .pth or our .safetensors (env STEMSEG_WEIGHTS)")
+    p.add_argument("--preset", help="davis, youtube_vis or kitti_mots (default: inferred from the weights)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda (default auto)")
+    p.add_argument("--min-dim", type=int, help="inference short side; max side scales with it")
+    p.add_argument("--engine", default="torch", choices=["torch"], help="inference engine")
+    p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
+                   help="secondary clustering pass: as the original (default) or fixed")
+    p.add_argument("--min-iou", type=float, default=None, help="link clips only at IoU >= this (default: always)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stemseg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment a video into mask tracks")
+    _add_run_options(seg)
+    seg.add_argument("--out", type=Path, help="output directory (default: <video name>_stemseg)")
+    seg.add_argument("--format", nargs="+", default=["ytvis"], choices=FORMATS, help="outputs to write")
+    seg.add_argument("--no-progress", action="store_true")
+
+    bench = sub.add_parser("bench", help="seconds per stage and frames/s as JSON")
+    _add_run_options(bench)
+    bench.add_argument("--preload", action="store_true",
+                       help="decode every frame first and time network + clustering alone")
+    bench.add_argument("--json", type=Path, help="also write the JSON here")
+
+    syn = sub.add_parser("synth-weights", help="official-format .pth of synthetic weights (reference recipe)")
+    syn.add_argument("--preset", required=True)
+    syn.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from service.config import get_settings, resolve_device
+    from service.model.checkpoint import load_model
+
+    settings = get_settings()
+    weights = args.weights or settings.weights
+    if weights is None:
+        raise UsageError("no weights: pass --weights PATH (an official davis/youtube_vis/kitti_mots .pth "
+                         "or a .safetensors file) or set STEMSEG_WEIGHTS")
+    try:
+        device = resolve_device(args.device or settings.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model = load_model(weights, args.preset or settings.preset, device=device)
+    if args.min_dim:
+        if args.min_dim < 32:
+            raise UsageError(f"--min-dim must be at least 32, got {args.min_dim}")
+        model.cfg = model.cfg.with_min_dim(args.min_dim)
+    return model, device, settings
+
+
+def _segmenter(model, device, args, timer):
+    from service.pipeline.runner import Segmenter, SegmenterOptions
+
+    return Segmenter(model, device=device, timer=timer,
+                     options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou))
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.outputs import write_outputs
+    from service.pipeline.clips import clip_plan
+    from service.pipeline.timing import StageTimer
+    from service.video import iter_clip_windows, iter_frames, probe
+
+    model, device, settings = _load(args)
+    info = probe(args.video, max_pixels=settings.max_frame_pixels)
+    cfg = model.cfg
+    plan = clip_plan(info.num_frames, cfg.clip_len, cfg.overlap)
+    out_dir = args.out or args.video.with_name(f"{args.video.stem}_stemseg")
+    start = time.perf_counter()
+    seg = _segmenter(model, device, args, StageTimer(device))
+    windows = iter_clip_windows(args.video, plan, max_pixels=settings.max_frame_pixels)
+    with tqdm(total=info.num_frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
+        for _ in seg.propagate(windows, plan, info.height, info.width):
+            bar.update(1)
+    result = seg.result(fps=info.fps)
+    write_outputs(result, out_dir, args.format,
+                  frames_for_overlay=lambda: (f.image for f in iter_frames(args.video)))
+    seconds = time.perf_counter() - start
+    print(f"{info.num_frames} frames, {len(result.kept())} tracks, {seconds:.1f} s, "
+          f"{info.num_frames / seconds:.2f} frames/s -> {out_dir}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.pipeline.clips import clip_plan
+    from service.pipeline.timing import StageTimer
+    from service.video import iter_clip_windows, iter_frames, probe
+
+    model, device, settings = _load(args)
+    info = probe(args.video, max_pixels=settings.max_frame_pixels)
+    cfg = model.cfg
+    plan = clip_plan(info.num_frames, cfg.clip_len, cfg.overlap)
+    timer = StageTimer(device, sync=True)
+    seg = _segmenter(model, device, args, timer)
+    if args.preload:
+        with timer("decode"):
+            frames = {f.index: f for f in iter_frames(args.video, max_pixels=settings.max_frame_pixels)}
+        windows = ((k, [frames[i] for i in clip]) for k, clip in enumerate(plan))
+    else:
+        windows = timer.wrap("decode", iter_clip_windows(args.video, plan, max_pixels=settings.max_frame_pixels))
+    start = time.perf_counter()
+    n = sum(1 for _ in seg.propagate(windows, plan, info.height, info.width))
+    total = time.perf_counter() - start
+    stages = {k: round(v, 4) for k, v in timer.seconds.items()}
+    network_clustering = sum(timer.seconds.get(s, 0.0) for s in ("preprocess", "backbone", "heads", "clustering",
+                                                                  "stitching"))
+    report = {
+        "video": str(args.video), "frames": n, "width": info.width, "height": info.height,
+        "preset": cfg.name, "min_dim": cfg.min_dim, "max_dim": cfg.max_dim, "device": str(device),
+        "engine": args.engine, "torch_threads": torch.get_num_threads(), "preload": args.preload,
+        "seconds": stages, "total_seconds": round(total + (stages.get("decode", 0.0) if args.preload else 0.0), 4),
+        "frames_per_second": round(n / (total + (stages.get("decode", 0.0) if args.preload else 0.0)), 4),
+        "network_clustering_frames_per_second": round(n / network_clustering, 4) if network_clustering else None,
+        "tracks": len(seg.result().tracks),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def cmd_synth_weights(args: argparse.Namespace) -> int:
+    from service.model.presets import get_preset
+    from service.model.synthetic import official_layout, save_official_checkpoint, synthetic_state_dict
+
+    try:
+        cfg = get_preset(args.preset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    save_official_checkpoint(synthetic_state_dict(official_layout(cfg)), str(args.out))
+    print(f"wrote {args.out} (synthetic {cfg.name} weights in the official format)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from service.model.checkpoint import CheckpointError
+    from service.video import VideoError
+
+    handlers = {"segment": cmd_segment, "bench": cmd_bench, "synth-weights": cmd_synth_weights}
+    try:
+        return handlers[args.command](args)
+    except (UsageError, CheckpointError, VideoError) as e:
+        # One line: a long list of checkpoint mismatches is summarised by its first entry.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        print(f"stemseg: error: {' '.join(lines[:2])}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("stemseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,7 +96,7 @@ class FPN(nn.Module):
         outs = [self.fpn_layer4(inner)]
         for i in (3, 2, 1):
             lateral = getattr(self, f"fpn_inner{i}")(feats[i - 1])
-            inner = lateral + F.interpolate(inner, scale_factor=2.0, mode="bilinear", align_corners=False)
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             outs.insert(0, getattr(self, f"fpn_layer{i}")(inner))
         return outs
 

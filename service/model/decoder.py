@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Which of the three pool slots halve the time axis, and the temporal upsampling factors of
-# the three merges, per clip length: together they bring every scale back to T frames.
+# How many of the three pool slots halve the time axis, per clip length. The merges upsample
+# time back by the matching factors: (2, 2, 2) for T=16, (1, 2, 2) for 8, (1, 1, 2) for 4.
 _POOLS_ACTIVE = {16: 3, 8: 2, 4: 1, 2: 0}
-_TIME_SCALES = {16: (2, 2, 2), 8: (1, 2, 2), 4: (1, 1, 2), 2: (1, 1, 1)}
 
 
 def _conv_block(in_ch: int, out_ch: int, pool: bool | None) -> list[nn.Module]:
@@ -35,7 +34,6 @@ class SqueezeExpandDecoder(nn.Module):
             raise ValueError(f"clip length must be one of {sorted(_POOLS_ACTIVE)}, got {clip_len}")
         c32, c16, c8, c4 = inter
         active = _POOLS_ACTIVE[clip_len]
-        self.time_scales = _TIME_SCALES[clip_len]
         self.block_32x = nn.Sequential(
             *_conv_block(in_ch, c32, active > 0), *_conv_block(c32, c32, active > 1), *_conv_block(c32, c32, active > 2)
         )
@@ -48,15 +46,14 @@ class SqueezeExpandDecoder(nn.Module):
         self.out_channels = c4
 
     @staticmethod
-    def _up(x: Tensor, t_scale: int) -> Tensor:
-        return F.interpolate(x, scale_factor=(float(t_scale), 2.0, 2.0), mode="trilinear", align_corners=False)
+    def _up_cat(x: Tensor, skip: Tensor) -> Tensor:
+        # Upsampling to the skip's size (an exact (s, 2, 2) factor, so the same numbers as a scale
+        # factor) keeps exported graphs free of shape arithmetic between the four inputs.
+        x = F.interpolate(x, size=skip.shape[-3:], mode="trilinear", align_corners=False)
+        return torch.cat((x, skip), 1)
 
     def forward(self, feats: list[Tensor]) -> Tensor:
         p4, p8, p16, p32 = feats
-        s0, s1, s2 = self.time_scales
-        x = self._up(self.block_32x(p32), s0)
-        x = self.conv_16(torch.cat((x, self.block_16x(p16)), 1))
-        x = self._up(x, s1)
-        x = self.conv_8(torch.cat((x, self.block_8x(p8)), 1))
-        x = self._up(x, s2)
-        return self.conv_4(torch.cat((x, self.block_4x(p4)), 1))
+        x = self.conv_16(self._up_cat(self.block_32x(p32), self.block_16x(p16)))
+        x = self.conv_8(self._up_cat(x, self.block_8x(p8)))
+        return self.conv_4(self._up_cat(x, self.block_4x(p4)))

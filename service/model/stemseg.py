@@ -32,8 +32,9 @@ def spatiotemporal_offsets(mode: str, t: int, h: int, w: int, time_scale: Tensor
     The longer spatial side spans more than [-1, 1] so a unit keeps the same length in x and y.
     """
     dev, dt = time_scale.device, time_scale.dtype
-    a = max(1.0, w / h)
-    b = max(1.0, h / w)
+    # sym_max keeps the sizes symbolic when the graph is exported with dynamic height/width.
+    a = torch.sym_max(1.0, w / h)
+    b = torch.sym_max(1.0, h / w)
     xs = torch.linspace(-a, a, w, device=dev, dtype=dt).view(1, 1, w).expand(t, h, w)
     ys = torch.linspace(-b, b, h, device=dev, dtype=dt).view(1, h, 1).expand(t, h, w)
     if mode == "xyt":

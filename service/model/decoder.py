@@ -16,12 +16,20 @@ from torch import Tensor, nn
 _POOLS_ACTIVE = {16: 3, 8: 2, 4: 1, 2: 0}
 
 
+class TimePool(nn.Module):
+    """AvgPool3d(3, stride (2, 1, 1), padding 1, count_include_pad=True), padding made explicit.
+
+    Identical numbers; the explicit zero pad lets torch.export reason about small symbolic sizes.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.avg_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1)), kernel_size=3, stride=(2, 1, 1))
+
+
 def _conv_block(in_ch: int, out_ch: int, pool: bool | None) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv3d(in_ch, out_ch, 3, padding=1), nn.GroupNorm(32, out_ch), nn.ReLU(inplace=True)]
     if pool is not None:
-        layers.append(
-            nn.AvgPool3d(3, stride=(2, 1, 1), padding=1, count_include_pad=True) if pool else nn.Identity()
-        )
+        layers.append(TimePool() if pool else nn.Identity())
     return layers
 
 

@@ -32,11 +32,13 @@ def spatiotemporal_offsets(mode: str, t: int, h: int, w: int, time_scale: Tensor
     The longer spatial side spans more than [-1, 1] so a unit keeps the same length in x and y.
     """
     dev, dt = time_scale.device, time_scale.dtype
-    # sym_max keeps the sizes symbolic when the graph is exported with dynamic height/width.
-    a = torch.sym_max(1.0, w / h)
-    b = torch.sym_max(1.0, h / w)
-    xs = torch.linspace(-a, a, w, device=dev, dtype=dt).view(1, 1, w).expand(t, h, w)
-    ys = torch.linspace(-b, b, h, device=dev, dtype=dt).view(1, h, 1).expand(t, h, w)
+    # Sizes enter as tensors (sums of ones) rather than Python numbers so an exported graph
+    # keeps height and width dynamic instead of baking in one aspect ratio.
+    h_t, w_t = torch.ones(h, device=dev, dtype=dt).sum(), torch.ones(w, device=dev, dtype=dt).sum()
+    a = torch.clamp(w_t / h_t, min=1.0)
+    b = torch.clamp(h_t / w_t, min=1.0)
+    xs = (torch.linspace(-1.0, 1.0, w, device=dev, dtype=dt) * a).view(1, 1, w).expand(t, h, w)
+    ys = (torch.linspace(-1.0, 1.0, h, device=dev, dtype=dt) * b).view(1, h, 1).expand(t, h, w)
     if mode == "xyt":
         ts = (torch.linspace(-1.0, 1.0, t, device=dev, dtype=dt) * time_scale).view(t, 1, 1).expand(t, h, w)
         return torch.stack((ts, ys, xs))

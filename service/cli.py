@@ -26,7 +26,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="davis, youtube_vis or kitti_mots (default: inferred from the weights)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda (default auto)")
     p.add_argument("--min-dim", type=int, help="inference short side; max side scales with it")
-    p.add_argument("--engine", default="torch", choices=["torch"], help="inference engine")
+    p.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="torch (eager), onnxruntime or tensorrt (ONNX Runtime's TensorRT provider, fp16)")
+    p.add_argument("--onnx", type=Path, help="directory with backbone.onnx and heads.onnx (stemseg export onnx)")
     p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
                    help="secondary clustering pass: as the original (default) or fixed")
     p.add_argument("--min-iou", type=float, default=None, help="link clips only at IoU >= this (default: always)")
@@ -48,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode every frame first and time network + clustering alone")
     bench.add_argument("--json", type=Path, help="also write the JSON here")
 
+    exp = sub.add_parser("export", help="export the network for other engines")
+    exp_sub = exp.add_subparsers(dest="target", required=True)
+    onnx_p = exp_sub.add_parser("onnx", help="frame backbone and clip heads as two ONNX graphs")
+    onnx_p.add_argument("--weights", type=Path, help="weights to export (env STEMSEG_WEIGHTS)")
+    onnx_p.add_argument("--preset")
+    onnx_p.add_argument("--out", type=Path, default=Path("onnx"), help="output directory (default ./onnx)")
+    onnx_p.add_argument("--opset", type=int, default=17)
+    onnx_p.add_argument("--fp16", action="store_true", help="fp16 weights and activations, fp32 inputs/outputs")
+
     syn = sub.add_parser("synth-weights", help="official-format .pth of synthetic weights (reference recipe)")
     syn.add_argument("--preset", required=True)
     syn.add_argument("--out", type=Path, required=True)
@@ -55,24 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
+    """The engine the options ask for, its device and the settings."""
     from service.config import get_settings, resolve_device
     from service.model.checkpoint import load_model
+    from service.model.engines import load_engine
 
     settings = get_settings()
     weights = args.weights or settings.weights
-    if weights is None:
-        raise UsageError("no weights: pass --weights PATH (an official davis/youtube_vis/kitti_mots .pth "
-                         "or a .safetensors file) or set STEMSEG_WEIGHTS")
     try:
         device = resolve_device(args.device or settings.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.engine != "torch":
+        engine = load_engine(args.engine, onnx_dir=args.onnx, device=device)
+        if args.min_dim:
+            engine.cfg = engine.cfg.with_min_dim(args.min_dim)
+        return engine, engine.device, settings
+    if weights is None:
+        raise UsageError("no weights: pass --weights PATH (an official davis/youtube_vis/kitti_mots .pth "
+                         "or a .safetensors file) or set STEMSEG_WEIGHTS")
     model = load_model(weights, args.preset or settings.preset, device=device)
     if args.min_dim:
         if args.min_dim < 32:
             raise UsageError(f"--min-dim must be at least 32, got {args.min_dim}")
         model.cfg = model.cfg.with_min_dim(args.min_dim)
-    return model, device, settings
+    return load_engine("torch", model=model), device, settings
 
 
 def _segmenter(model, device, args, timer):
@@ -152,6 +170,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from service.config import get_settings
+    from service.model.checkpoint import load_model
+
+    weights = args.weights or get_settings().weights
+    if weights is None:
+        raise UsageError("no weights: pass --weights PATH or set STEMSEG_WEIGHTS")
+    try:
+        from model_export.onnx_export import export_onnx
+    except ImportError as e:
+        raise UsageError(f"export needs the onnx package ({e.name} missing): pip install 'stemseg-serve[export]'") from None
+    graphs = export_onnx(load_model(weights, args.preset), args.out, opset=args.opset, fp16=args.fp16)
+    print(f"wrote {graphs.backbone} and {graphs.heads}")
+    return 0
+
+
 def cmd_synth_weights(args: argparse.Namespace) -> int:
     from service.model.presets import get_preset
     from service.model.synthetic import official_layout, save_official_checkpoint, synthetic_state_dict
@@ -170,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     from service.model.checkpoint import CheckpointError
     from service.video import VideoError
 
-    handlers = {"segment": cmd_segment, "bench": cmd_bench, "synth-weights": cmd_synth_weights}
+    from service.model.engines import EngineError
+
+    handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export, "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
-    except (UsageError, CheckpointError, VideoError) as e:
+    except (UsageError, CheckpointError, VideoError, EngineError) as e:
         # One line: a long list of checkpoint mismatches is summarised by its first entry.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         print(f"stemseg: error: {' '.join(lines[:2])}", file=sys.stderr)

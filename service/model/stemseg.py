@@ -94,6 +94,10 @@ class STEmSeg(nn.Module):
             ConvOutHead(cfg.clip_len, cfg.semseg_inter, cfg.num_classes + 1) if cfg.semseg_inter is not None else None
         )
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def frame_features(self, images: Tensor) -> list[Tensor]:
         """[B, 3, H, W] preprocessed frames -> FPN maps at strides 4, 8, 16, 32, [B, 256, h, w]."""
         return self.backbone(images)

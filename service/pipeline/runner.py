@@ -1,6 +1,6 @@
 """A whole video as a stream of per-frame tracks.
 
-    segmenter = Segmenter(model)
+    segmenter = Segmenter(engine)  # an STEmSeg, or any Engine
     for frame in segmenter.propagate(clip_windows, plan, height, width):
         frame.index, frame.track_ids, frame.masks
     result = segmenter.result()
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-from service.model.stemseg import ClipOutputs, STEmSeg
+from service.model.engines import Engine
+from service.model.stemseg import ClipOutputs
 from service.pipeline.clips import last_use
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
 from service.pipeline.preprocess import Geometry, geometry, masks_to_frame, preprocess
@@ -76,7 +77,7 @@ class SegmenterOptions:
 class Segmenter:
     def __init__(
         self,
-        model: STEmSeg,
+        model: Engine,
         *,
         device: torch.device | str | None = None,
         options: SegmenterOptions | None = None,
@@ -84,7 +85,7 @@ class Segmenter:
     ) -> None:
         self.model = model
         self.cfg = model.cfg
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else model.device
         self.options = options or SegmenterOptions()
         self.timer = timer or StageTimer(self.device)
         self.clustering = ClusteringConfig(

@@ -1,0 +1,125 @@
+"""Inference engines: the two halves of the network (frame backbone, clip heads) behind one face.
+
+The pipeline and the workers only call `frame_features` and `clip_heads`, so the network can
+run as eager PyTorch or as the exported ONNX graphs under ONNX Runtime (CPU, CUDA or its
+TensorRT execution provider). A backend that is not installed is reported, not crashed on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.model.presets import ModelConfig
+from service.model.stemseg import ClipOutputs, STEmSeg
+
+ENGINES = ("torch", "onnxruntime", "tensorrt")
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot run here, with a message meant for the user."""
+
+
+class Engine(Protocol):
+    cfg: ModelConfig
+    device: torch.device
+
+    def frame_features(self, images: Tensor) -> list[Tensor]: ...
+
+    def clip_heads(self, feats: list[Tensor]) -> ClipOutputs: ...
+
+
+class TorchEngine:
+    def __init__(self, model: STEmSeg, compile: bool = False) -> None:
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = next(model.parameters()).device
+        self._backbone = torch.compile(model.backbone, dynamic=True) if compile else model.backbone
+
+    def frame_features(self, images: Tensor) -> list[Tensor]:
+        return self._backbone(images)
+
+    def clip_heads(self, feats: list[Tensor]) -> ClipOutputs:
+        return self.model.clip_heads(feats)
+
+
+def _providers(kind: str, device: str, cache_dir: Path) -> list:
+    if kind == "tensorrt":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # The engine cache is keyed by ORT on GPU model, TensorRT version and graph, so reuse is safe.
+        trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+               "trt_timing_cache_enable": True}
+        return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeEngine:
+    """The exported graphs under ONNX Runtime; tensors cross as numpy arrays on the host."""
+
+    def __init__(self, onnx_dir: Path, device: str = "cpu", kind: str = "onnxruntime") -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EngineError("--engine onnxruntime needs the onnxruntime package: "
+                              "pip install 'stemseg-serve[export]' (or onnxruntime-gpu)") from None
+        onnx_dir = Path(onnx_dir)
+        paths = [onnx_dir / "backbone.onnx", onnx_dir / "heads.onnx"]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise EngineError(f"no exported graphs at {', '.join(missing)}: run `stemseg export onnx --out {onnx_dir}`")
+        providers = _providers(kind, device, onnx_dir / "trt-cache")
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if wanted not in ort.get_available_providers():
+            raise EngineError(f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())})")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._backbone = ort.InferenceSession(str(paths[0]), opts, providers=providers)
+        self._heads = ort.InferenceSession(str(paths[1]), opts, providers=providers)
+        meta = self._heads.get_modelmeta().custom_metadata_map
+        self.cfg = ModelConfig.from_json(meta["stemseg.preset"])
+        self.weights_sha256 = meta.get("stemseg.weights_sha256")
+        self.device = torch.device("cpu")  # inputs are staged on the host either way
+        self._head_outputs = [o.name for o in self._heads.get_outputs()]
+
+    def frame_features(self, images: Tensor) -> list[Tensor]:
+        outs = self._backbone.run(None, {"images": images.detach().cpu().numpy()})
+        return [torch.from_numpy(o) for o in outs]
+
+    def clip_heads(self, feats: list[Tensor]) -> ClipOutputs:
+        names = ("p4", "p8", "p16", "p32")
+        outs = dict(zip(self._head_outputs, self._heads.run(
+            None, {n: np.ascontiguousarray(f.detach().cpu().numpy()) for n, f in zip(names, feats)})))
+        t = {k: torch.from_numpy(v) for k, v in outs.items()}
+        return ClipOutputs(t["embeddings"], t["bandwidths"], t["seediness"], t.get("semseg_logits"))
+
+
+def graph_metadata(onnx_dir: Path) -> dict[str, str]:
+    import onnx
+
+    model = onnx.load(str(Path(onnx_dir) / "heads.onnx"), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def load_engine(kind: str, *, model: STEmSeg | None = None, onnx_dir: Path | None = None,
+                device: str = "cpu", compile: bool = False) -> Engine:
+    if kind == "torch":
+        if model is None:
+            raise EngineError("--engine torch needs weights")
+        return TorchEngine(model, compile=compile)
+    if kind in ("onnxruntime", "tensorrt"):
+        if onnx_dir is None:
+            raise EngineError(f"--engine {kind} needs --onnx DIR (make one with `stemseg export onnx --out DIR`)")
+        if kind == "tensorrt" and not device.startswith("cuda"):
+            raise EngineError("--engine tensorrt needs a CUDA GPU; none is in use here")
+        return OnnxRuntimeEngine(onnx_dir, device, kind)
+    raise EngineError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
+
+
+__all__ = ["ENGINES", "Engine", "EngineError", "OnnxRuntimeEngine", "TorchEngine", "graph_metadata",
+           "load_engine"]

@@ -1,0 +1,100 @@
+"""ONNX export and ONNX Runtime parity with the PyTorch network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
+ort = pytest.importorskip("onnxruntime")
+
+from model_export.onnx_export import export_onnx  # noqa: E402
+from service.model.checkpoint import load_model, state_dict_hash  # noqa: E402
+from service.model.engines import EngineError, OnnxRuntimeEngine, graph_metadata, load_engine  # noqa: E402
+from service.model.stemseg import stack_clip  # noqa: E402
+
+REF = Path(__file__).parent / "fixtures" / "reference"
+
+
+@pytest.fixture(scope="module")
+def exported(official_weights, tmp_path_factory):
+    """Each preset exported once for the module."""
+    made = {}
+
+    def get(preset: str):
+        if preset not in made:
+            model = load_model(official_weights(preset))
+            made[preset] = (model, export_onnx(model, tmp_path_factory.mktemp(f"onnx_{preset}")))
+        return made[preset]
+
+    return get
+
+
+@pytest.mark.parametrize("preset, vector", [("kitti_mots", "model_kitti_mots_2_s0.npz"),
+                                            ("youtube_vis", "model_youtube_vis_s0.npz"),
+                                            ("davis", "model_davis_2_s0.npz")])
+def test_onnxruntime_cpu_matches_torch(exported, preset: str, vector: str) -> None:
+    model, graphs = exported(preset)
+    engine = OnnxRuntimeEngine(graphs.backbone.parent, "cpu")
+    assert engine.cfg == model.cfg
+    images = torch.from_numpy(np.load(REF / vector)["input_images"])
+    with torch.inference_mode():
+        feats = model.frame_features(images)
+        ref = model.clip_heads([stack_clip(f) for f in feats])
+    ours_feats = engine.frame_features(images)
+    for a, b in zip(ours_feats, feats):
+        assert (a - b).abs().max() <= 1e-2 + 1e-4 * b.abs().max()
+    out = engine.clip_heads([stack_clip(f) for f in feats])
+    assert (out.embeddings - ref.embeddings).abs().max() <= 1e-4
+    assert (out.seediness - ref.seediness).abs().max() <= 1e-4
+    torch.testing.assert_close(out.bandwidths, ref.bandwidths, rtol=1e-4, atol=1e-4)
+    if ref.semseg_logits is not None:
+        torch.testing.assert_close(out.semseg_logits, ref.semseg_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_graphs_carry_metadata_and_pass_the_checker(exported) -> None:
+    model, graphs = exported("kitti_mots")
+    for path in (graphs.backbone, graphs.heads):
+        onnx.checker.check_model(str(path))
+    meta = graph_metadata(graphs.heads.parent)
+    assert json.loads(meta["stemseg.preset"])["name"] == "kitti_mots"
+    assert meta["stemseg.weights_sha256"] == state_dict_hash(model.state_dict())
+    assert json.loads(meta["stemseg.classes"]) == {"1": "car", "2": "pedestrian"}
+
+
+def test_dynamic_resolution_and_aspect(exported) -> None:
+    model, graphs = exported("kitti_mots")
+    engine = OnnxRuntimeEngine(graphs.backbone.parent, "cpu")
+    images = torch.randn(8, 3, 128, 64) * 50  # portrait, unlike the export sample
+    with torch.inference_mode():
+        feats = [stack_clip(f) for f in model.frame_features(images)]
+        ref = model.clip_heads(feats)
+    out = engine.clip_heads(feats)
+    assert (out.embeddings - ref.embeddings).abs().max() <= 1e-4
+
+
+def test_missing_graphs_and_backends_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="stemseg export onnx"):
+        load_engine("onnxruntime", onnx_dir=tmp_path)
+    with pytest.raises(EngineError, match="needs --onnx"):
+        load_engine("onnxruntime")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="CUDA"):
+            load_engine("tensorrt", onnx_dir=tmp_path, device="cpu")
+
+
+@pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU and ONNX Runtime with the TensorRT execution provider")
+def test_tensorrt_fp16_close_to_torch(exported) -> None:
+    model, graphs = exported("kitti_mots")
+    engine = load_engine("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda")
+    images = torch.from_numpy(np.load(REF / "model_kitti_mots_2_s0.npz")["input_images"])
+    with torch.inference_mode():
+        ref = model.clip_heads([stack_clip(f) for f in model.frame_features(images)])
+    out = engine.clip_heads([stack_clip(f) for f in engine.frame_features(images)])
+    assert (out.embeddings - ref.embeddings).abs().max() <= 2e-2
+    assert (out.seediness - ref.seediness).abs().max() <= 2e-2

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.pipeline.clips import clip_plan, last_use
+from service.pipeline.clips import clip_plan, context_range, last_use
 
 
 @pytest.mark.parametrize("n", [1, 3, 7])
@@ -41,3 +41,10 @@ def test_last_use() -> None:
 def test_invalid(n: int, t: int, o: int) -> None:
     with pytest.raises(ValueError):
         clip_plan(n, t, o)
+
+
+def test_context_range_covers_every_clip_sharing_a_frame() -> None:
+    plan = clip_plan(29, 8, 4)  # starts 0, 4, ..., 20 and a final clip at 21
+    assert context_range(plan, 0, 2) == range(0, 3)
+    assert context_range(plan, 4, 5) == range(3, 7)  # frame 23 is also in the anchored clip 6
+    assert context_range(plan, 6, 7) == range(4, 7)

@@ -30,3 +30,11 @@ def last_use(plan: list[list[int]]) -> dict[int, int]:
     The streaming pipeline drops a frame's dense state once that clip is done.
     """
     return {f: k for k, clip in enumerate(plan) for f in clip}
+
+
+def context_range(plan: list[list[int]], start: int, stop: int) -> range:
+    """Clips whose heads are needed to cluster clips [start, stop): every clip sharing a frame
+    with them, since a frame's foreground is averaged over all of its clips."""
+    frames = {f for clip in plan[start:stop] for f in clip}
+    touching = [k for k, clip in enumerate(plan) if frames.intersection(clip)]
+    return range(min(touching), max(touching) + 1)

@@ -1,23 +1,29 @@
 """A whole video as a stream of per-frame tracks.
 
-    segmenter = Segmenter(engine)  # an STEmSeg, or any Engine
+    segmenter = Segmenter(engine)
     for frame in segmenter.propagate(clip_windows, plan, height, width):
-        frame.index, frame.track_ids, frame.masks
+        frame.index, frame.track_ids, frame.masks()
     result = segmenter.result()
 
-Frames are processed in clip order. Backbone features are computed once per frame and shared
-by the clips that contain it; heads run per clip; a frame's semseg logits (or seediness, for
-DAVIS) are averaged over all its clips, so a clip is clustered only once every clip touching
-its frames has run. Each clip is then clustered and chained onto the previous one, which
-finalises its new frames: they are emitted and their dense state dropped. At most two clips'
-outputs and a clip and a half of frame features are alive at any time, whatever the length.
+Two stages, so the service can run the first on many workers and the second in one place:
+
+* `ClipProcessor` (network and clustering): backbone features are computed once per frame and
+  shared by the clips containing it; heads run per clip; a frame's semseg logits (seediness
+  for DAVIS) are averaged over all its clips, so a clip is clustered once every clip touching
+  its frames has run. It yields each clip's labels plus, for the frames the clip is the first
+  to contain, per-label statistics and full-size RLE masks. Dense state is dropped as soon as
+  no later clip needs it: memory does not grow with the video.
+* `Stitcher` (chaining and accumulation): links each clip to the previous one and folds the
+  renamed statistics into compact per-track accumulators.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,16 +42,55 @@ from service.pipeline.tracks import Track, VideoResult
 
 
 @dataclass
-class FrameTracks:
-    index: int
-    track_ids: list[int]
-    masks: Tensor  # [K, H, W] bool at the original frame size, on the CPU
-    track_map: Tensor  # [h, w] int64 at the clustering resolution: 0 bg, -1 unassigned, >0 track id
+class SegmenterOptions:
+    """Departures from the original, all off by default (reference behaviour)."""
+
+    secondary: str = "reference"  # "corrected": leftover pixels go to their most probable instance
+    min_iou: float | None = None  # clips link only at IoU >= this
+    fg_thresh: float | None = None  # override the preset's foreground threshold
 
 
 @dataclass
-class _FrameState:
-    """Evidence for one frame's foreground, summed over the clips that contain it."""
+class FrameStats:
+    """One frame's instances under some labelling: what the outputs need, nothing dense."""
+
+    index: int
+    labels: list[int]
+    pixels: list[int]  # at the clustering resolution
+    rles: list[dict]  # COCO RLE at the original frame size
+    logit_sums: np.ndarray | None = None  # [K, classes] summed class logits (no background)
+    votes: np.ndarray | None = None  # [K, classes] per-pixel argmax counts
+
+    def renamed(self, mapping: dict[int, int]) -> FrameStats:
+        return FrameStats(self.index, [mapping.get(label, label) for label in self.labels], self.pixels,
+                          self.rles, self.logit_sums, self.votes)
+
+
+@dataclass
+class ClusteredClip:
+    index: int
+    frames: list[int]
+    labels: Tensor  # [T, h, w] int64 on the CPU, instances numbered from 1
+    owned: list[FrameStats]  # the frames this clip is the first to contain, in frame order
+
+
+@dataclass
+class FrameTracks:
+    index: int
+    track_ids: list[int]
+    rles: list[dict]
+    track_map: Tensor  # [h, w] at the clustering resolution: 0 bg, -1 unassigned, >0 track id
+
+    def masks(self) -> np.ndarray:
+        """[K, H, W] bool at the original frame size."""
+        if not self.rles:
+            return np.zeros((0, 0, 0), dtype=bool)
+        return mask_utils.decode(self.rles).transpose(2, 0, 1).astype(bool)
+
+
+@dataclass
+class _Evidence:
+    """A frame's foreground evidence summed over the clips that contain it."""
 
     total: Tensor | None = None
     count: int = 0
@@ -65,55 +110,44 @@ class _Pending:
     outputs: ClipOutputs
 
 
-@dataclass
-class SegmenterOptions:
-    """Departures from the original, all off by default (reference behaviour)."""
+def first_clip(plan: Sequence[Sequence[int]]) -> dict[int, int]:
+    """For every frame, the first clip containing it: the clip that fixes its labels."""
+    owner: dict[int, int] = {}
+    for k, clip in enumerate(plan):
+        for f in clip:
+            owner.setdefault(f, k)
+    return owner
 
-    secondary: str = "reference"  # "corrected": leftover pixels go to their most probable instance
-    min_iou: float | None = None  # clips link only at IoU >= this
-    fg_thresh: float | None = None  # override the preset's foreground threshold
 
+class ClipProcessor:
+    """Network and clustering over clip windows; see the module docstring."""
 
-class Segmenter:
-    def __init__(
-        self,
-        model: Engine,
-        *,
-        device: torch.device | str | None = None,
-        options: SegmenterOptions | None = None,
-        timer: StageTimer | None = None,
-    ) -> None:
-        self.model = model
-        self.cfg = model.cfg
-        self.device = torch.device(device) if device is not None else model.device
+    def __init__(self, engine: Engine, *, device: torch.device | str | None = None,
+                 options: SegmenterOptions | None = None, timer: StageTimer | None = None) -> None:
+        self.engine = engine
+        self.cfg = engine.cfg
+        self.device = torch.device(device) if device is not None else engine.device
         self.options = options or SegmenterOptions()
         self.timer = timer or StageTimer(self.device)
         self.clustering = ClusteringConfig(
-            min_seediness_prob=self.cfg.min_seediness,
-            max_instances=self.cfg.max_instances,
-            free_dim_stds=tuple(self.cfg.free_dim_stds),
-            secondary=self.options.secondary,
+            min_seediness_prob=self.cfg.min_seediness, max_instances=self.cfg.max_instances,
+            free_dim_stds=tuple(self.cfg.free_dim_stds), secondary=self.options.secondary,
         )
-        self._tracks: dict[int, Track] = {}
-        self._geom: Geometry | None = None
-        self._num_frames = 0
+        self.geom: Geometry | None = None
 
-    # ----------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def propagate(
-        self, clips: Iterable[tuple[int, list]], plan: list[list[int]], height: int, width: int
-    ) -> Iterator[FrameTracks]:
-        """Consume clip windows `(clip index, frames)` (frames with `.index` and BGR `.image`)
-        in plan order and yield every frame's tracks once, in frame order."""
+    def run(self, clips: Iterable[tuple[int, list]], plan: list[list[int]], height: int, width: int,
+            cluster: range | None = None) -> Iterator[ClusteredClip]:
+        """Consume clip windows `(clip index, frames with .index and BGR .image)` in order and yield
+        the clips in `cluster` (default all) clustered. Clips outside it only lend evidence."""
         cfg, timer = self.cfg, self.timer
-        self._geom = geom = geometry(height, width, cfg.min_dim, cfg.max_dim)
-        self._num_frames = max(f for clip in plan for f in clip) + 1
-        self._tracks = {}
-        chainer = TrackChainer(min_iou=self.options.min_iou)
-        last = last_use(plan)
+        self.geom = geom = geometry(height, width, cfg.min_dim, cfg.max_dim)
+        cluster = cluster if cluster is not None else range(len(plan))
+        last, owner = last_use(plan), first_clip(plan)
         features: dict[int, list[Tensor]] = {}
-        evidence: dict[int, _FrameState] = {}
+        evidence: dict[int, _Evidence] = {}
         pending: deque[_Pending] = deque()
+        seen: int | None = None
 
         for k, frames in clips:
             indices = [f.index for f in frames]
@@ -122,49 +156,49 @@ class Segmenter:
             new = {f.index: f.image for f in frames if f.index not in features}
             if new:
                 with timer("preprocess"):
-                    batch = self._to_device(np.stack(list(new.values())))
-                    images = preprocess(batch, geom)
+                    images = preprocess(self._to_device(np.stack(list(new.values()))), geom)
                 with timer("backbone"):
-                    maps = self.model.frame_features(images)
+                    maps = self.engine.frame_features(images)
                 for i, f in enumerate(new):
                     features[f] = [m[i] for m in maps]
             with timer("heads"):
                 stacked = [torch.stack([features[f][lvl] for f in indices], 1).unsqueeze(0) for lvl in range(4)]
-                out = self.model.clip_heads(stacked)
+                out = self.engine.clip_heads(stacked)
                 for pos, f in enumerate(indices):
-                    evidence.setdefault(f, _FrameState()).add(self._fg_evidence(out, pos))
+                    evidence.setdefault(f, _Evidence()).add(self._fg_evidence(out, pos))
             for f in set(indices):
                 if last[f] == k:
                     del features[f]
-            pending.append(_Pending(k, indices, ClipOutputs(out.embeddings, out.bandwidths, out.seediness, None)))
+            if k in cluster:
+                pending.append(_Pending(k, indices, ClipOutputs(out.embeddings, out.bandwidths, out.seediness, None)))
+            seen = k
 
-            while pending and max(last[f] for f in pending[0].frames) <= k:
+            while pending and max(last[f] for f in pending[0].frames) <= seen:
                 clip = pending.popleft()
-                with timer("clustering"):
-                    labels = self._cluster(clip, evidence, chainer.next_track_id)
-                with timer("stitching"):
-                    finished = chainer.add_clip(clip.frames, labels)
-                for f, track_map in finished:
-                    with timer("output"):
-                        frame = self._emit(f, track_map, evidence[f])
-                    yield frame
+                yield self._finish(clip, evidence, owner)
                 still_needed = {f for p in pending for f in p.frames}
-                for f in [f for f in evidence if last[f] <= k and f not in still_needed]:
+                for f in [f for f in evidence if last[f] <= seen and f not in still_needed]:
                     del evidence[f]
-
-    def result(self, fps: float | None = None) -> VideoResult:
-        geom = self._geom
-        return VideoResult(
-            num_frames=self._num_frames,
-            height=geom.height if geom else 0,
-            width=geom.width if geom else 0,
-            fps=fps,
-            classes=dict(self.cfg.classes),
-            max_tracks=self.cfg.max_tracks,
-            tracks=list(self._tracks.values()),
-        )
+        if pending:
+            raise ValueError(f"clips {[p.index for p in pending]} lack the later clips their frames need")
 
     # ----------------------------------------------------------------------------------------
+    def _finish(self, clip: _Pending, evidence: dict[int, _Evidence], owner: dict[int, int]) -> ClusteredClip:
+        with self.timer("clustering"):
+            fg_by_frame = {f: self._foreground(evidence[f]) for f in set(clip.frames)}
+            fg = torch.stack([fg_by_frame[f] for f in clip.frames])
+            out = clip.outputs
+            labels = cluster_clip(
+                self._upsample(out.embeddings[0]), self._upsample(out.bandwidths[0]),
+                self._upsample(out.seediness[0]), fg, self.clustering, next_label=1,
+            )
+        with self.timer("output"):
+            # A clip shorter than the video repeats frame 0: its last copy is the real frame.
+            position = {f: i for i, f in enumerate(clip.frames)}
+            owned = [self._frame_stats(f, labels[position[f]], evidence[f])
+                     for f in sorted(position) if owner[f] == clip.index]
+            return ClusteredClip(clip.index, clip.frames, labels.cpu(), owned)
+
     def _to_device(self, frames: np.ndarray) -> Tensor:
         t = torch.from_numpy(frames)
         if self.device.type == "cuda":
@@ -185,56 +219,142 @@ class Segmenter:
                                  align_corners=False)[0]
         return x
 
-    def _frame_maps(self, state: _FrameState) -> Tensor:
+    def _frame_maps(self, ev: _Evidence) -> Tensor:
         """A frame's averaged evidence at the clustering resolution, [C, h, w]."""
-        mean = state.mean()
+        mean = ev.mean()
         if self.cfg.cluster_stride == 1:
             mean = F.interpolate(mean.unsqueeze(0), scale_factor=4.0, mode="bilinear", align_corners=False)[0]
         return mean
 
-    def _foreground(self, state: _FrameState) -> Tensor:
+    def _foreground(self, ev: _Evidence) -> Tensor:
         thresh = self.options.fg_thresh if self.options.fg_thresh is not None else self.cfg.foreground_thresh
-        maps = self._frame_maps(state)
+        maps = self._frame_maps(ev)
         if self.cfg.foreground == "seediness":
             return maps[0] > thresh
         return torch.sigmoid(maps[-1]) > thresh
 
-    def _cluster(self, clip: _Pending, evidence: dict[int, _FrameState], next_label: int) -> Tensor:
-        fg_by_frame = {f: self._foreground(evidence[f]) for f in set(clip.frames)}
-        fg = torch.stack([fg_by_frame[f] for f in clip.frames])
-        out = clip.outputs
-        return cluster_clip(
-            self._upsample(out.embeddings[0]), self._upsample(out.bandwidths[0]), self._upsample(out.seediness[0]),
-            fg, self.clustering, next_label=next_label,
-        )
-
-    def _emit(self, index: int, track_map: Tensor, state: _FrameState) -> FrameTracks:
-        cfg, geom = self.cfg, self._geom
-        ids_t = torch.unique(track_map)
-        ids = [int(i) for i in ids_t.tolist() if i > 0]
+    def _frame_stats(self, index: int, label_map: Tensor, ev: _Evidence) -> FrameStats:
+        cfg, geom = self.cfg, self.geom
+        ids = [int(i) for i in torch.unique(label_map).tolist() if i > 0]
         if not ids:
-            empty = torch.zeros(0, geom.height, geom.width, dtype=torch.bool)
-            return FrameTracks(index, [], empty, track_map.cpu())
-        onehot = track_map.unsqueeze(0) == torch.tensor(ids, device=track_map.device).view(-1, 1, 1)
-        pixels = onehot.flatten(1).sum(1)
-        logit_sums = votes = None
+            return FrameStats(index, [], [], [])
+        onehot = label_map.unsqueeze(0) == torch.tensor(ids, device=label_map.device).view(-1, 1, 1)
+        flat = onehot.flatten(1)
+        stats = FrameStats(index, ids, flat.sum(1).tolist(), [])
         if cfg.semseg_inter is not None:
             # Class channels only: 0 is background and the last is the foreground logit.
-            logits = self._frame_maps(state)[1:-1].flatten(1)
-            flat = onehot.flatten(1).to(logits.dtype)
-            logit_sums = (flat @ logits.T).double().cpu().numpy()
-            labels = F.one_hot(logits.argmax(0), logits.shape[0]).to(logits.dtype)
-            votes = (flat @ labels).round().long().cpu().numpy()
+            logits = self._frame_maps(ev)[1:-1].flatten(1)
+            weights = flat.to(logits.dtype)
+            stats.logit_sums = (weights @ logits.T).double().cpu().numpy()
+            votes = F.one_hot(logits.argmax(0), logits.shape[0]).to(logits.dtype)
+            stats.votes = (weights @ votes).round().long().cpu().numpy()
         masks = masks_to_frame(onehot, geom, cfg.cluster_stride).cpu()
-        rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
-        for j, (tid, n) in enumerate(zip(ids, pixels.tolist())):
-            track = self._tracks.get(tid)
+        stats.rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+        return stats
+
+
+class Stitcher:
+    """Chains clustered clips in order and folds them into per-track accumulators.
+
+    Its state (`to_bytes` / `from_bytes`) is small: the last clip's label maps, the next ids and
+    the accumulators, so that whichever worker finishes a clip can advance the job. With
+    `keep_masks=False` the per-frame RLEs are only returned, for the caller to store.
+    """
+
+    def __init__(self, min_iou: float | None = None, keep_masks: bool = True) -> None:
+        self.chainer = TrackChainer(min_iou=min_iou)
+        self.min_iou = min_iou
+        self.keep_masks = keep_masks
+        self.tracks: dict[int, Track] = {}
+        self.next_clip = 0
+
+    def add(self, clip: ClusteredClip) -> list[FrameTracks]:
+        if clip.index != self.next_clip:
+            raise ValueError(f"clip {clip.index} stitched out of order (expected {self.next_clip})")
+        # Number this clip's instances from the next free track id, as the original numbers them.
+        offset = self.chainer.next_track_id - 1
+        labels = torch.where(clip.labels > 0, clip.labels + offset, clip.labels)
+        finished = self.chainer.add_clip(clip.frames, labels)
+        self.next_clip += 1
+        owned = {s.index: s for s in clip.owned}
+        out = []
+        for f, track_map in finished:
+            mapping = {lab: self.chainer.last_mapping.get(lab + offset, lab + offset) for lab in owned[f].labels}
+            stats = owned[f].renamed(mapping)
+            self._accumulate(stats)
+            out.append(FrameTracks(f, stats.labels, stats.rles, track_map))
+        return out
+
+    def _accumulate(self, stats: FrameStats) -> None:
+        for j, tid in enumerate(stats.labels):
+            track = self.tracks.get(tid)
             if track is None:
-                track = self._tracks[tid] = Track(tid, first_frame=index, last_frame=index)
-            track.last_frame = index
-            track.pixels += n
-            if logit_sums is not None:
-                track.class_logit_sum = logit_sums[j] if track.class_logit_sum is None else track.class_logit_sum + logit_sums[j]
-                track.class_votes = votes[j] if track.class_votes is None else track.class_votes + votes[j]
-            track.masks[index] = rles[j]
-        return FrameTracks(index, ids, masks, track_map.cpu())
+                track = self.tracks[tid] = Track(tid, first_frame=stats.index, last_frame=stats.index)
+            track.last_frame = stats.index
+            track.pixels += stats.pixels[j]
+            if stats.logit_sums is not None:
+                s, v = stats.logit_sums[j], stats.votes[j]
+                track.class_logit_sum = s.copy() if track.class_logit_sum is None else track.class_logit_sum + s
+                track.class_votes = v.copy() if track.class_votes is None else track.class_votes + v
+            if self.keep_masks:
+                track.masks[stats.index] = stats.rles[j]
+
+    def to_bytes(self) -> bytes:
+        next_id, previous = self.chainer.state()
+        meta = {
+            "next_clip": self.next_clip, "next_track_id": next_id, "min_iou": self.min_iou,
+            "tracks": [{"id": t.id, "first": t.first_frame, "last": t.last_frame, "pixels": t.pixels,
+                        "logits": None if t.class_logit_sum is None else t.class_logit_sum.tolist(),
+                        "votes": None if t.class_votes is None else t.class_votes.tolist()}
+                       for t in self.tracks.values()],
+        }
+        buf = io.BytesIO()
+        np.savez_compressed(buf, meta=np.array(json.dumps(meta)),
+                            **{f"frame_{f}": m.numpy().astype(np.int32) for f, m in previous.items()})
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, keep_masks: bool = False) -> Stitcher:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = json.loads(z["meta"].item())
+            previous = {int(k[6:]): torch.from_numpy(z[k].astype(np.int64)) for k in z.files if k.startswith("frame_")}
+        st = cls(meta["min_iou"], keep_masks=keep_masks)
+        st.next_clip = meta["next_clip"]
+        st.chainer.load_state(meta["next_track_id"], previous)
+        for t in meta["tracks"]:
+            st.tracks[t["id"]] = Track(
+                t["id"], t["first"], t["last"], t["pixels"],
+                None if t["logits"] is None else np.array(t["logits"]),
+                None if t["votes"] is None else np.array(t["votes"], dtype=np.int64))
+        return st
+
+
+class Segmenter:
+    """ClipProcessor and Stitcher in one process: the CLI's pipeline."""
+
+    def __init__(self, engine: Engine, *, device: torch.device | str | None = None,
+                 options: SegmenterOptions | None = None, timer: StageTimer | None = None) -> None:
+        self.processor = ClipProcessor(engine, device=device, options=options, timer=timer)
+        self.options = self.processor.options
+        self.timer = self.processor.timer
+        self.cfg = engine.cfg
+        self._stitcher = Stitcher(self.options.min_iou)
+        self._num_frames = 0
+
+    def propagate(self, clips: Iterable[tuple[int, list]], plan: list[list[int]], height: int,
+                  width: int) -> Iterator[FrameTracks]:
+        """Every frame's tracks once, in frame order, as soon as its clip is chained."""
+        self._stitcher = Stitcher(self.options.min_iou)
+        self._num_frames = max(f for clip in plan for f in clip) + 1
+        for clip in self.processor.run(clips, plan, height, width):
+            with self.timer("stitching"):
+                frames = self._stitcher.add(clip)
+            yield from frames
+
+    def result(self, fps: float | None = None) -> VideoResult:
+        geom = self.processor.geom
+        return VideoResult(
+            num_frames=self._num_frames, height=geom.height if geom else 0, width=geom.width if geom else 0,
+            fps=fps, classes=dict(self.cfg.classes), max_tracks=self.cfg.max_tracks,
+            tracks=list(self._stitcher.tracks.values()),
+        )

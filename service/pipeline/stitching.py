@@ -48,6 +48,7 @@ class TrackChainer:
         self.min_iou = min_iou  # None: link every Hungarian pair, even at IoU 0 (the original)
         self._next = 1
         self._previous: dict[int, Tensor] = {}
+        self.last_mapping: dict[int, int] = {}  # the last clip's renamed labels -> track ids
 
     @property
     def next_track_id(self) -> int:
@@ -62,6 +63,7 @@ class TrackChainer:
         shared = [f for f in position if f in self._previous]
         fresh = sorted(f for f in position if f not in self._previous)
         out: list[tuple[int, Tensor]] = []
+        self.last_mapping = {}
         if fresh:
             if shared:
                 mapping = match_labels(
@@ -69,6 +71,7 @@ class TrackChainer:
                     torch.stack([labels[position[f]] for f in shared]),
                     self.min_iou,
                 )
+                self.last_mapping = mapping
                 lut_keys = torch.tensor(list(mapping), dtype=torch.int64, device=labels.device)
                 lut_vals = torch.tensor(list(mapping.values()), dtype=torch.int64, device=labels.device)
             for f in fresh:
@@ -82,3 +85,10 @@ class TrackChainer:
         if out:
             self._next = max(self._next, int(torch.stack([m for _, m in out]).max()) + 1)
         return out
+
+    def state(self) -> tuple[int, dict[int, Tensor]]:
+        """What the next clip needs: the next free id and the last clip's track maps."""
+        return self._next, dict(self._previous)
+
+    def load_state(self, next_track_id: int, previous: dict[int, Tensor]) -> None:
+        self._next, self._previous = next_track_id, dict(previous)

@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_p.add_argument("--opset", type=int, default=17)
     onnx_p.add_argument("--fp16", action="store_true", help="fp16 weights and activations, fp32 inputs/outputs")
 
+    srv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--with-worker", action="store_true", help="also run one worker in this process")
+
+    wrk = sub.add_parser("worker", help="take clip tasks from the Redis queue until SIGTERM")
+    wrk.add_argument("--check", action="store_true", help="exit 0 if Redis answers (container healthcheck)")
+
     syn = sub.add_parser("synth-weights", help="official-format .pth of synthetic weights (reference recipe)")
     syn.add_argument("--preset", required=True)
     syn.add_argument("--out", type=Path, required=True)
@@ -186,6 +194,48 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    import uvicorn
+
+    from service.api.main import create_app
+    from service.config import get_settings
+    from service.jobs.worker import Worker
+
+    settings = get_settings()
+    worker = None
+    if args.with_worker:
+        worker = Worker(settings)
+        threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True).start()
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.stopping.set()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    import redis
+
+    from service.config import get_settings
+    from service.jobs.worker import Worker
+
+    settings = get_settings()
+    if args.check:
+        try:
+            redis.Redis.from_url(settings.redis_url, socket_timeout=3).ping()
+        except redis.RedisError as e:
+            raise UsageError(f"Redis at {settings.redis_url} does not answer: {e}") from None
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Worker(settings).run()
+    return 0
+
+
 def cmd_synth_weights(args: argparse.Namespace) -> int:
     from service.model.presets import get_preset
     from service.model.synthetic import official_layout, save_official_checkpoint, synthetic_state_dict
@@ -206,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.model.engines import EngineError
 
-    handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export, "synth-weights": cmd_synth_weights}
+    handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export,
+                "serve": cmd_serve, "worker": cmd_worker, "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
     except (UsageError, CheckpointError, VideoError, EngineError) as e:

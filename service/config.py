@@ -18,6 +18,18 @@ class Settings(BaseSettings):
     max_frame_pixels: int = Field(4096 * 2160, description="Larger frames are refused (width x height)")
     data_dir: Path = Field(Path("./stemseg-data"), description="Uploads, clip results and outputs")
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("stemseg", description="Namespace of every Redis key")
+    api_keys: str = Field("", description="Comma-separated API keys; empty disables authentication")
+    max_upload_bytes: int = Field(2 * 1024**3, description="Uploads above this are refused (413)")
+    clips_per_task: int = Field(8, description="Consecutive clips one worker task processes")
+    visibility_timeout_s: float = Field(60.0, description="A task held this long without a heartbeat is redelivered")
+    max_deliveries: int = Field(3, description="Deliveries of one task before its job fails")
+    job_ttl_s: int = Field(7 * 24 * 3600, description="Jobs, their keys and files expire after this")
+    formats: str = Field("ytvis,davis,mots,overlay", description="Outputs the service writes per job")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
 
 @lru_cache

@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 
 from service.model.engines import Engine
+from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs
 from service.pipeline.clips import last_use
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
@@ -123,9 +124,10 @@ class ClipProcessor:
     """Network and clustering over clip windows; see the module docstring."""
 
     def __init__(self, engine: Engine, *, device: torch.device | str | None = None,
-                 options: SegmenterOptions | None = None, timer: StageTimer | None = None) -> None:
+                 options: SegmenterOptions | None = None, timer: StageTimer | None = None,
+                 cfg: ModelConfig | None = None) -> None:
         self.engine = engine
-        self.cfg = engine.cfg
+        self.cfg = cfg or engine.cfg  # e.g. the engine's preset with a job's own min_dim
         self.device = torch.device(device) if device is not None else engine.device
         self.options = options or SegmenterOptions()
         self.timer = timer or StageTimer(self.device)

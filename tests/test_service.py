@@ -1,0 +1,137 @@
+"""The service end to end against the real Redis: HTTP API and worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service_env import ServiceEnv, service_weights
+from videos import make_video
+
+pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
+
+
+@pytest.fixture(scope="module")
+def weights(official_weights, tmp_path_factory) -> Path:
+    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+
+
+@pytest.fixture
+def env(tmp_path: Path, weights: Path):
+    e = ServiceEnv(tmp_path, weights)
+    yield e
+    e.close()
+
+
+def _upload(env: ServiceEnv, path: Path, headers: dict | None = None, **params) -> httpx.Response:
+    with path.open("rb") as f:
+        return httpx.post(f"{env.base}/v1/jobs", files={"file": (path.name, f, "video/mp4")},
+                          params=params, headers=headers or {}, timeout=60)
+
+
+def _tracks(env: ServiceEnv, job_id: str, headers: dict | None = None) -> list[dict]:
+    r = httpx.get(f"{env.base}/v1/jobs/{job_id}/result", headers=headers or {}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["tracks"]
+
+
+def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weights: Path) -> None:
+    video = tmp_path / "clip.mp4"
+    make_video(video, 21, 64, 48)
+    env.start_api()
+    env.start_worker()
+    r = _upload(env, video, formats="ytvis,davis,mots,overlay")
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/v1/jobs/{job_id}"
+    job = env.wait(job_id)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["frames_done"] == job["progress"]["frames_total"] == 21
+    tracks = _tracks(env, job_id)
+    assert tracks and all(len(t["segmentations"]) == 21 and len(t["boxes"]) == 21 for t in tracks)
+
+    # The same video through `stemseg segment` gives the same tracks.
+    out = tmp_path / "cli"
+    from service.cli import main
+    assert main(["segment", str(video), "--weights", str(weights), "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    cli = json.loads((out / "results.json").read_text())
+    assert [(t["category_id"], t["segmentations"]) for t in tracks] == [
+        (c["category_id"], c["segmentations"]) for c in cli]
+
+    davis = httpx.get(f"{env.base}/v1/jobs/{job_id}/result", params={"format": "davis"})
+    assert davis.headers["content-type"] == "application/zip"
+    mots = httpx.get(f"{env.base}/v1/jobs/{job_id}/result", params={"format": "mots"})
+    assert mots.status_code == 200 and mots.text.strip()
+    overlay = httpx.get(f"{env.base}/v1/jobs/{job_id}/overlay.mp4")
+    assert overlay.status_code == 200 and overlay.headers["content-type"] == "video/mp4"
+
+    events = httpx.get(f"{env.base}/v1/jobs/{job_id}/events", timeout=30).text
+    assert "event: frame" in events and "event: end" in events
+    ready = httpx.get(f"{env.base}/readyz").json()
+    assert ready["workers"] >= 1
+    metrics = httpx.get(f"{env.base}/metrics").text
+    assert 'stemseg_jobs{state="succeeded"} 1.0' in metrics and "stemseg_queue_depth" in metrics
+
+
+def test_worker_killed_mid_clip_job_still_succeeds_with_same_tracks(env: ServiceEnv, tmp_path: Path) -> None:
+    video = tmp_path / "long.mp4"
+    make_video(video, 45, 64, 48)
+    env.start_api()
+    undisturbed_worker = env.start_worker()
+    first = env.wait(_upload(env, video).json()["id"])
+    assert first["status"] == "succeeded"
+    expected = _tracks(env, first["id"])
+    undisturbed_worker.terminate()
+    undisturbed_worker.wait(30)
+
+    victim = env.start_worker()
+    job_id = _upload(env, video).json()["id"]
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{env.base}/v1/jobs/{job_id}").json()["status"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(10)
+    env.start_worker()  # a restarted worker takes the orphaned task after the visibility timeout
+    job = env.wait(job_id)
+    assert job["status"] == "succeeded", job
+    assert _tracks(env, job_id) == expected
+
+
+def test_cancel_deletes_job_and_files(env: ServiceEnv, tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 13, 64, 48)
+    env.start_api()
+    job_id = _upload(env, video).json()["id"]  # no worker: stays queued
+    assert (env.data / "jobs" / job_id).is_dir()
+    assert httpx.delete(f"{env.base}/v1/jobs/{job_id}").status_code == 204
+    assert httpx.get(f"{env.base}/v1/jobs/{job_id}").status_code == 404
+    assert not (env.data / "jobs" / job_id).exists()
+    env.start_worker()  # its task is skipped, not resurrected
+    time.sleep(2)
+    assert httpx.get(f"{env.base}/v1/jobs/{job_id}").status_code == 404
+
+
+def test_twenty_concurrent_uploads(env: ServiceEnv, tmp_path: Path) -> None:
+    video = tmp_path / "short.mp4"
+    make_video(video, 9, 64, 48)
+    env.start_api()
+    env.start_worker()
+    env.start_worker()
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: _upload(env, video, formats="ytvis"), range(20)))
+    assert [r.status_code for r in responses] == [202] * 20
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 20
+    results = [env.wait(i, timeout=300) for i in ids]
+    assert all(j["status"] == "succeeded" for j in results)
+    listing = httpx.get(f"{env.base}/v1/jobs", params={"limit": 100}).json()
+    assert listing["total"] == 20

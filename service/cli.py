@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     wrk = sub.add_parser("worker", help="take clip tasks from the Redis queue until SIGTERM")
     wrk.add_argument("--check", action="store_true", help="exit 0 if Redis answers (container healthcheck)")
 
+    synth = sub.add_parser("synth", help="render a synthetic video dataset (MP4 + YouTube-VIS annotations)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--videos", type=int, required=True)
+    synth.add_argument("--seed", type=int, required=True)
+    synth.add_argument("--frames", type=int, default=24)
+    synth.add_argument("--size", default="128x160", help="HxW")
+
+    tr = sub.add_parser("train", help="train a preset on a synthetic dataset")
+    tr.add_argument("--data", type=Path, required=True)
+    tr.add_argument("--preset", default="lite")
+    tr.add_argument("--out", type=Path, required=True, help="weights file (.safetensors); resumes if its checkpoint exists")
+    tr.add_argument("--steps", type=int, default=4000)
+    tr.add_argument("--batch", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+
     syn = sub.add_parser("synth-weights", help="official-format .pth of synthetic weights (reference recipe)")
     syn.add_argument("--preset", required=True)
     syn.add_argument("--out", type=Path, required=True)
@@ -236,6 +253,45 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from service.training.synth import write_dataset
+
+    try:
+        h, w = (int(x) for x in args.size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size must be HxW, e.g. 128x160, not {args.size!r}") from None
+    if args.frames < 1 or args.videos < 1 or h < 32 or w < 32:
+        raise UsageError("--videos and --frames must be positive and the size at least 32x32")
+    write_dataset(args.out, args.videos, args.seed, args.frames, (h, w))
+    print(f"wrote {args.videos} videos and annotations.json to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.config import resolve_device
+    from service.model.presets import get_preset
+    from service.training.train import train
+
+    if not (args.data / "annotations.json").is_file():
+        raise UsageError(f"{args.data} has no annotations.json: make a dataset with `stemseg synth`")
+    try:
+        cfg, device = get_preset(args.preset), resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    with tqdm(total=args.steps, unit="step", file=sys.stderr) as bar:
+        def progress(step: int, row: dict) -> None:
+            bar.n = step
+            bar.set_postfix(loss=row["total"])
+            bar.refresh()
+
+        train(args.data, cfg, args.out, steps=args.steps, batch=args.batch, lr=args.lr, device=device,
+              seed=args.seed, progress=progress)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_synth_weights(args: argparse.Namespace) -> int:
     from service.model.presets import get_preset
     from service.model.synthetic import official_layout, save_official_checkpoint, synthetic_state_dict
@@ -257,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.model.engines import EngineError
 
     handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export,
-                "serve": cmd_serve, "worker": cmd_worker, "synth-weights": cmd_synth_weights}
+                "serve": cmd_serve, "worker": cmd_worker, "synth": cmd_synth, "train": cmd_train,
+                "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
     except (UsageError, CheckpointError, VideoError, EngineError) as e:

@@ -51,21 +51,22 @@ class Bottleneck(nn.Module):
 
 
 class Stem(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int = 64) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(F.relu_(self.bn1(self.conv1(x))), kernel_size=3, stride=2, padding=1)
 
 
 class ResNet(nn.Module):
-    def __init__(self, stage_blocks: tuple[int, int, int, int]) -> None:
+    def __init__(self, stage_blocks: tuple[int, int, int, int], width: int = 64) -> None:
         super().__init__()
-        self.stem = Stem()
-        in_ch = 64
-        for i, (blocks, width) in enumerate(zip(stage_blocks, (64, 128, 256, 512)), start=1):
+        self.stem = Stem(width)
+        in_ch = width
+        self.out_channels = tuple(width * 4 * m for m in (1, 2, 4, 8))
+        for i, (blocks, width) in enumerate(zip(stage_blocks, (width, width * 2, width * 4, width * 8)), start=1):
             out_ch = width * 4
             stride = 1 if i == 1 else 2
             layer = nn.Sequential(
@@ -104,10 +105,10 @@ class FPN(nn.Module):
 class ResNetFPN(nn.Module):
     """Per-frame backbone: [B, 3, H, W] (H, W multiples of 32) -> 4 maps of 256 channels."""
 
-    def __init__(self, stage_blocks: tuple[int, int, int, int]) -> None:
+    def __init__(self, stage_blocks: tuple[int, int, int, int], width: int = 64, fpn_channels: int = 256) -> None:
         super().__init__()
-        self.body = ResNet(stage_blocks)
-        self.fpn = FPN()
+        self.body = ResNet(stage_blocks, width)
+        self.fpn = FPN(self.body.out_channels, fpn_channels)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return self.fpn(self.body(images))

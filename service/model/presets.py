@@ -19,8 +19,12 @@ ForegroundRule = Literal["seediness", "semseg"]
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    # Backbone: ResNet depth (50 or 101) and the blocks per stage it implies.
+    # Backbone: ResNet depth (50 or 101) and the blocks per stage it implies, or explicit
+    # blocks; `width` is the stem's channels (bottleneck widths are 1, 2, 4, 8 times it).
     depth: int = 101
+    blocks: tuple[int, int, int, int] | None = None
+    width: int = 64
+    fpn_channels: int = 256
     # Clip plan.
     clip_len: int = 8
     overlap: int = 4
@@ -63,7 +67,7 @@ class ModelConfig:
 
     @property
     def stage_blocks(self) -> tuple[int, int, int, int]:
-        return {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[self.depth]
+        return self.blocks or {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[self.depth]
 
     def with_min_dim(self, min_dim: int) -> ModelConfig:
         """The original's `--min_dim`: max_dim scales by the same ratio."""
@@ -78,7 +82,7 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         d = json.loads(text)
         d["classes"] = {int(k): v for k, v in d["classes"].items()}
-        for key in ("free_dim_stds", "embedding_inter", "seediness_inter", "semseg_inter"):
+        for key in ("free_dim_stds", "embedding_inter", "seediness_inter", "semseg_inter", "blocks"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -107,6 +111,16 @@ PRESETS: dict[str, ModelConfig] = {
         foreground_thresh=0.5, cluster_stride=4, min_seediness=0.95, max_instances=20, max_tracks=None,
     ),
 }
+
+
+# Our small model, trained on `stemseg synth` videos: the same family at a fraction of the
+# size (1-block stages, 16-channel stem, 64-channel FPN, narrow decoders).
+PRESETS["lite"] = ModelConfig(
+    name="lite", blocks=(1, 1, 1, 1), width=16, fpn_channels=64, clip_len=8, overlap=4, min_dim=128, max_dim=256,
+    classes={1: "disc", 2: "square", 3: "triangle", 4: "star", 5: "cross", 6: "ring"},
+    embedding_mode="xyff", embedding_inter=(64, 64, 32, 32), semseg_inter=(64, 64, 32, 32), foreground="semseg",
+    foreground_thresh=0.5, cluster_stride=4, min_seediness=0.6, max_instances=20, max_tracks=10,
+)
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -51,7 +51,7 @@ def spatiotemporal_offsets(mode: str, t: int, h: int, w: int, time_scale: Tensor
 class EmbeddingHead(SqueezeExpandDecoder):
     # Heads subclass the decoder (rather than own one) so their keys match the checkpoints.
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg.clip_len, cfg.embedding_inter)
+        super().__init__(cfg.clip_len, cfg.embedding_inter, cfg.fpn_channels)
         self.mode = cfg.embedding_mode
         c = self.out_channels
         self.conv_embedding = nn.Conv3d(c, cfg.embedding_dim, 1, bias=False)
@@ -73,8 +73,8 @@ class EmbeddingHead(SqueezeExpandDecoder):
 class ConvOutHead(SqueezeExpandDecoder):
     """A squeeze-expand decoder and a 1x1x1 output conv (the seediness and semseg heads)."""
 
-    def __init__(self, clip_len: int, inter: tuple[int, int, int, int], out_channels: int) -> None:
-        super().__init__(clip_len, inter)
+    def __init__(self, clip_len: int, inter: tuple[int, int, int, int], out_channels: int, in_ch: int = 256) -> None:
+        super().__init__(clip_len, inter, in_ch)
         self.conv_out = nn.Conv3d(self.out_channels, out_channels, 1, bias=False)
 
     def forward(self, feats: list[Tensor]) -> Tensor:
@@ -85,13 +85,15 @@ class STEmSeg(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = ResNetFPN(cfg.stage_blocks)
+        self.backbone = ResNetFPN(cfg.stage_blocks, cfg.width, cfg.fpn_channels)
         self.embedding_head = EmbeddingHead(cfg)
         self.seediness_head = (
-            ConvOutHead(cfg.clip_len, cfg.seediness_inter, 1) if cfg.seediness_inter is not None else None
+            ConvOutHead(cfg.clip_len, cfg.seediness_inter, 1, cfg.fpn_channels)
+            if cfg.seediness_inter is not None else None
         )
         self.semseg_head = (
-            ConvOutHead(cfg.clip_len, cfg.semseg_inter, cfg.num_classes + 1) if cfg.semseg_inter is not None else None
+            ConvOutHead(cfg.clip_len, cfg.semseg_inter, cfg.num_classes + 1, cfg.fpn_channels)
+            if cfg.semseg_inter is not None else None
         )
 
     @property

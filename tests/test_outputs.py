@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -9,74 +10,169 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service.outputs import write_outputs
-from service.outputs.mots import mots_lines
+from service.outputs import (
+    davis_palette,
+    mots_lines,
+    track_boxes,
+    write_davis,
+    write_mots,
+    write_outputs,
+    write_overlay,
+    write_ytvis,
+    ytvis_entries,
+)
 from service.pipeline.tracks import Track, VideoResult
 
 H, W, N = 37, 50, 6
+GREY = 100
 
 
 def _rle(mask: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
-def _box(y0, y1, x0, x1) -> np.ndarray:
-    m = np.zeros((H, W), bool)
+def _box(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> np.ndarray:
+    m = np.zeros((h, w), bool)
     m[y0:y1, x0:x1] = True
     return m
 
 
+A, B, C = _box(0, 20, 0, 20), _box(10, 30, 10, 30), _box(15, 37, 15, 50)  # C overlaps A on [15:20, 15:20]
+
+
+def _fit(m: np.ndarray, h: int, w: int) -> np.ndarray:
+    out = np.zeros((h, w), bool)
+    out[: min(h, H), : min(w, W)] = m[:h, :w]
+    return out
+
+
+def _result(h: int = H, w: int = W, fps: float | None = 10.0) -> VideoResult:
+    # Lifetimes 5, 1, 3: with max_tracks=2, track 2 goes although it is not the smallest by pixels.
+    a = Track(1, 0, 5, pixels=600, class_logit_sum=np.array([5.0, 1.0]), class_votes=np.array([10, 2]),
+              masks={f: _rle(_fit(A, h, w)) for f in range(6)})
+    b = Track(2, 1, 2, pixels=100, class_logit_sum=np.array([0.0, 9.0]), class_votes=np.array([0, 5]),
+              masks={f: _rle(_fit(B, h, w)) for f in (1, 2)})
+    c = Track(3, 2, 5, pixels=300, class_logit_sum=np.array([1.0, 2.0]), class_votes=np.array([3, 1]),
+              masks={f: _rle(_fit(C, h, w)) for f in (2, 4, 5)})  # no mask on frame 3
+    return VideoResult(N, h, w, fps, {1: "car", 2: "pedestrian"}, max_tracks=2, tracks=[a, b, c])
+
+
 @pytest.fixture
 def result() -> VideoResult:
-    a = Track(1, 0, 5, pixels=600, class_logit_sum=np.array([5.0, 1.0]), class_votes=np.array([10, 2]),
-              masks={f: _rle(_box(0, 20, 0, 20)) for f in range(6)})
-    b = Track(2, 1, 2, pixels=100, class_logit_sum=np.array([0.0, 9.0]), class_votes=np.array([0, 5]),
-              masks={f: _rle(_box(10, 30, 10, 30)) for f in (1, 2)})
-    c = Track(3, 2, 5, pixels=300, class_logit_sum=np.array([1.0, 2.0]), class_votes=np.array([3, 1]),
-              masks={f: _rle(_box(25, 37, 30, 50)) for f in (2, 4, 5)})
-    return VideoResult(N, H, W, 10.0, {1: "car", 2: "pedestrian"}, max_tracks=2, tracks=[a, b, c])
+    return _result()
+
+
+def _decode(rle: dict) -> np.ndarray:
+    counts = rle["counts"]
+    return mask_utils.decode({"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
+
+
+def _frames(h: int = H, w: int = W) -> list[np.ndarray]:
+    return [np.full((h, w, 3), GREY, np.uint8) for _ in range(N)]
+
+
+def _read_mp4(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
 def test_selection_scores_and_categories(result: VideoResult) -> None:
     kept = result.kept()
-    assert [t.id for t in kept] == [1, 3]  # longest lifetimes; track 2 (lifetime 1) dropped
+    assert [t.id for t in kept] == [1, 3]
     assert result.scores(kept) == [1.0, 0.5]
     assert [t.category() for t in kept] == [1, 2]
     assert kept[1].voted_category() == 1  # majority vote can differ from the mean-logit rule
 
 
-def test_all_formats_round_trip(result: VideoResult, tmp_path: Path) -> None:
-    frames = [np.full((H, W, 3), 100, np.uint8) for _ in range(N)]
-    out = tmp_path / "out"
-    paths = write_outputs(result, out, ["ytvis", "davis", "mots", "overlay"], frames_for_overlay=lambda: iter(frames))
-    entries = json.loads(paths["ytvis"].read_text())
-    assert [(e["track_id"], e["category_id"], e["category_name"], e["score"]) for e in entries] == [
-        (1, 1, "car", 1.0), (3, 2, "pedestrian", 0.5)]
-    seg = entries[1]["segmentations"]
-    assert seg[0] is None and seg[1] is None and seg[3] is None
-    decoded = mask_utils.decode({"size": seg[2]["size"], "counts": seg[2]["counts"].encode()})
-    assert decoded.shape == (H, W) and np.array_equal(decoded.astype(bool), _box(25, 37, 30, 50))
+def test_ytvis(result: VideoResult, tmp_path: Path) -> None:
+    write_ytvis(result, tmp_path / "r.json", video_id=7)
+    entries = json.loads((tmp_path / "r.json").read_text())
+    assert entries == ytvis_entries(result, 7)
+    assert [(e["video_id"], e["track_id"], e["category_id"], e["category_name"], e["score"]) for e in entries] == [
+        (7, 1, 1, "car", 1.0), (7, 3, 2, "pedestrian", 0.5)]
+    for e, mask, frames in ((entries[0], A, range(6)), (entries[1], C, (2, 4, 5))):
+        seg = e["segmentations"]
+        assert len(seg) == N
+        for f in range(N):
+            if f in frames:
+                assert seg[f]["size"] == [H, W] and isinstance(seg[f]["counts"], str)
+                assert np.array_equal(_decode(seg[f]).astype(bool), mask)
+            else:
+                assert seg[f] is None
 
-    pngs = sorted(paths["davis"].glob("*.png"))
-    assert len(pngs) == N
-    img = Image.open(pngs[2])
-    assert img.mode == "P" and img.getpalette()[3:6] == [128, 0, 0]
-    idx = np.array(img)
-    assert idx[5, 5] == 1 and idx[30, 40] == 2 and idx[22, 22] == 0  # track 2 was not kept
 
-    lines = paths["mots"].read_text().splitlines()
+def test_track_boxes(result: VideoResult) -> None:
+    boxes = track_boxes(result.kept()[1], N)
+    assert boxes == [None, None, [15.0, 15.0, 35.0, 22.0], None, [15.0, 15.0, 35.0, 22.0], [15.0, 15.0, 35.0, 22.0]]
+
+
+def test_davis_palette_is_the_voc_colour_map() -> None:
+    p = np.array(davis_palette()).reshape(256, 3)
+    assert p[:5].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
+    assert p[255].tolist() == [224, 224, 192]
+
+
+def test_davis(result: VideoResult, tmp_path: Path) -> None:
+    write_davis(result, tmp_path / "d")
+    pngs = sorted((tmp_path / "d").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{f:05d}.png" for f in range(N)]
+    for f, png in enumerate(pngs):
+        img = Image.open(png)
+        assert img.mode == "P" and img.size == (W, H) and img.getpalette() == davis_palette()
+        expected = np.zeros((H, W), np.uint8)
+        expected[A] = 1
+        if f in (2, 4, 5):
+            expected[C] = 2  # later kept track wins the overlap
+        assert np.array_equal(np.array(img), expected)  # track 2 (not kept) never painted
+
+
+def test_mots(result: VideoResult, tmp_path: Path) -> None:
+    write_mots(result, tmp_path / "m.txt")
+    lines = (tmp_path / "m.txt").read_text().splitlines()
     assert lines == mots_lines(result)
-    first = lines[0].split(" ")
-    assert first[:5] == ["0", "1001", "1", str(H), str(W)]
-    rle = {"size": [H, W], "counts": first[5].encode()}
-    assert np.array_equal(mask_utils.decode(rle).astype(bool), _box(0, 20, 0, 20))
-    assert any(line.startswith("2 1002 1 ") for line in lines)  # track 3 votes class 1 -> 1*1000 + rank 2
+    rows = [line.split(" ") for line in lines]
+    keys = [(int(r[0]), int(r[1])) for r in rows]
+    # Track 1 votes class 1, index 1 -> 1001; track 3 votes class 1, index 2 -> 1002; frame 3 has only track 1.
+    assert keys == sorted(keys) == [(0, 1001), (1, 1001), (2, 1001), (2, 1002), (3, 1001), (4, 1001), (4, 1002),
+                                    (5, 1001), (5, 1002)]
+    for r in rows:
+        assert r[2] == "1" and r[3:5] == [str(H), str(W)]
+        decoded = _decode({"size": [H, W], "counts": r[5]}).astype(bool)
+        assert np.array_equal(decoded, A if r[1] == "1001" else C)
 
-    with av.open(str(paths["overlay"])) as c:
-        decoded_frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    assert len(decoded_frames) == N and decoded_frames[0].shape == (H + 1, W, 3)  # padded to even
-    assert np.abs(decoded_frames[0][5, 5].astype(int) - 100).max() > 20  # painted
-    assert np.abs(decoded_frames[0][30, 5].astype(int) - 100).max() < 12  # untouched
+
+@pytest.mark.parametrize("h,w,fps", [(H, W, 10.0), (H, W + 1, 30000 / 1001), (36, 50, None)])
+def test_overlay(h: int, w: int, fps: float | None, tmp_path: Path) -> None:
+    result = _result(h, w, fps)
+    n = write_overlay(result, iter(_frames(h, w)), tmp_path / "o.mp4", fps)
+    assert n == N
+    decoded = _read_mp4(tmp_path / "o.mp4")
+    assert len(decoded) == N
+    assert decoded[0].shape == (h + h % 2, w + w % 2, 3)
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert c.streams.video[0].average_rate == Fraction(fps or 25).limit_denominator(1001)
+    red = (0.5 * GREY + 0.5 * np.array([128, 0, 0]))  # track 1, DAVIS colour 1, half alpha
+    green = (0.5 * GREY + 0.5 * np.array([0, 128, 0]))
+    for f, frame in enumerate(decoded):
+        px = frame[17, 8].astype(float)  # inside A, clear of its outline and label
+        assert np.abs(px - red).max() < 12
+        assert np.abs(frame[30, 5].astype(float) - GREY).max() < 12  # outside every mask
+        if f in (2, 4, 5):
+            assert np.abs(frame[30, 40].astype(float) - green).max() < 12
+        else:
+            assert np.abs(frame[30, 40].astype(float) - GREY).max() < 12
+
+
+def test_write_outputs(result: VideoResult, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    paths = write_outputs(result, out, ["ytvis", "davis", "mots", "overlay"], frames_for_overlay=lambda: iter(_frames()))
+    assert paths == {"ytvis": out / "results.json", "davis": out / "davis", "mots": out / "mots.txt",
+                     "overlay": out / "overlay.mp4"}
+    assert sorted(p.name for p in out.iterdir()) == ["davis", "mots.txt", "overlay.mp4", "results.json"]
+    assert json.loads(paths["ytvis"].read_text()) == ytvis_entries(result)
+    assert len(list(paths["davis"].glob("*.png"))) == N
+    assert len(_read_mp4(paths["overlay"])) == N
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_failed_write_leaves_nothing(result: VideoResult, tmp_path: Path) -> None:
@@ -84,16 +180,40 @@ def test_failed_write_leaves_nothing(result: VideoResult, tmp_path: Path) -> Non
         raise RuntimeError("decoder died")
 
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="decoder died"):
         write_outputs(result, out, ["ytvis", "overlay"], frames_for_overlay=broken)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="overlay got 4 frames"):  # a short second decoding pass
+        write_outputs(result, out, ["mots", "overlay"], frames_for_overlay=lambda: iter(_frames()[:4]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rewrite_keeps_previous_output(result: VideoResult, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_outputs(result, out, ["mots"])
+    before = (out / "mots.txt").read_text()
+
+    def broken():
+        raise RuntimeError("decoder died")
+
+    with pytest.raises(RuntimeError):
+        write_outputs(result, out, ["ytvis", "overlay"], frames_for_overlay=broken)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["mots.txt"] and (out / "mots.txt").read_text() == before
 
 
 def test_rewrite_replaces_existing_output(result: VideoResult, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    write_outputs(result, out, ["ytvis", "mots"])
+    write_outputs(result, out, ["ytvis", "davis"])
     write_outputs(result, out, ["mots"])
     assert sorted(p.name for p in out.iterdir()) == ["mots.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    with pytest.raises(ValueError, match="unknown output format"):
-        write_outputs(result, out, ["gif"])
+
+
+def test_bad_formats(result: VideoResult, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="unknown output format 'gif'"):
+        write_outputs(result, out, ["ytvis", "gif"])
+    with pytest.raises(ValueError, match="needs the video's frames"):
+        write_outputs(result, out, ["overlay"])
+    assert list(tmp_path.iterdir()) == []

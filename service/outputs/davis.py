@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,13 @@ from pycocotools import mask as mask_utils
 
 from service.pipeline.tracks import VideoResult
 
+log = logging.getLogger(__name__)
+
+MAX_INDEX = 255  # a "P" PNG holds 8-bit indices
+
 
 def davis_palette() -> list[int]:
-    """The PASCAL VOC / DAVIS colour map: bits of the index spread over R, G and B."""
+    """The PASCAL VOC / DAVIS colour map, flat [r, g, b] * 256: bits of the index spread over R, G and B."""
     palette = []
     for i in range(256):
         r = g = b = 0
@@ -27,8 +32,14 @@ def davis_palette() -> list[int]:
 
 
 def write_davis(result: VideoResult, out_dir: Path) -> None:
+    """Track k of result.kept() (0-based) gets index k + 1; 0 is background."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = result.kept()
+    if len(kept) > MAX_INDEX:
+        # Only reachable with max_tracks=None; failing the whole job over it would lose the
+        # other formats, and kept() is longest-lived first, so the dropped tracks matter least.
+        log.warning("DAVIS PNGs hold %d tracks; %d shortest-lived not painted", MAX_INDEX, len(kept) - MAX_INDEX)
+        kept = kept[:MAX_INDEX]
     palette = davis_palette()
     for f in range(result.num_frames):
         canvas = np.zeros((result.height, result.width), dtype=np.uint8)

@@ -1,12 +1,33 @@
 """Streaming video decoding with PyAV.
 
-Frames come out in presentation order, one per decoded picture (no resampling to a constant
-rate, so variable-frame-rate videos keep every frame exactly once), as 8-bit BGR with the
-container's rotation applied. Nothing holds more than the frames a clip window needs.
+Frames are numbered 0.. in presentation order, one per decoded picture: no resampling to a
+constant rate, so a variable-frame-rate video keeps every frame exactly once. Images are 8-bit
+BGR with the container's rotation applied. Nothing holds more than a clip window of frames.
+
+Frame count. ``probe`` counts the video packets in one demux pass (no decoding), leaving out
+packets the demuxer marks as discarded (an MP4 edit list that starts mid-GOP: the decoder
+drops those frames too). Packet count and decoded count can still disagree at the start of a
+stream (a file cut mid-GOP: H.264/HEVC decoders skip everything before the first keyframe or
+drop RASL pictures; a stream without reorder info may lose an out-of-order picture), so the
+first ``_VERIFY_PACKETS`` packets are decoded and their frames' pts compared with the packets'
+pts. If they differ (also AVI with B-frames, whose pts are made up), or packets lack pts (raw
+streams), the whole video is decoded once to count frames and note their pts; ``read_frames``
+then decodes from the start instead of seeking. The count is the number of frames ``iter_frames`` yields.
+
+Damaged and truncated files are refused, never passed off as a shorter video: a demux error,
+a container that lists more frames (MP4/MOV sample tables) or a longer video track (Matroska
+DURATION tag) than the file holds, a cut-off last packet, or a decoding error. A truncated
+file whose container states neither (e.g. WebM from MediaRecorder) cannot be told from a
+complete one and is used as far as it decodes.
+
+Rotation: the display matrix, which FFmpeg attaches to every decoded frame (PyAV's
+``VideoFrame.rotation``, degrees counterclockwise), rounded to a multiple of 90 and applied
+with ``np.rot90``; mirroring in the matrix is ignored.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,7 +37,16 @@ from pathlib import Path
 import av
 import numpy as np
 
+try:
+    from av.stream import Disposition
+
+    _ATTACHED_PIC = Disposition.attached_pic
+except ImportError:  # PyAV < 13: dispositions are plain ints
+    _ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC
+
 DEFAULT_MAX_PIXELS = 4096 * 2160
+_VERIFY_PACKETS = 48  # enough to cover the start-of-stream cases above, cheap to decode
+_NO_PTS = np.iinfo(np.int64).min
 
 
 class VideoError(Exception):
@@ -28,186 +58,408 @@ class VideoInfo:
     path: str
     width: int  # display size, after rotation
     height: int
-    num_frames: int
-    fps: float | None
-    rotation: int  # degrees counterclockwise, applied to every frame
+    num_frames: int  # exactly the number of frames iter_frames yields
+    fps: float | None  # average
+    rotation: int  # degrees counterclockwise applied to every frame: 0, 90, 180 or 270
     codec: str
     pix_fmt: str | None
-    duration_s: float | None
+    duration_s: float | None  # of the video track
 
 
 @dataclass
 class Frame:
-    index: int
-    pts_seconds: float | None
-    image: np.ndarray  # [H, W, 3] uint8 BGR
+    index: int  # 0-based, presentation order
+    pts_seconds: float | None  # the decoder's; AVI with B-frames has no true ones (order is still right)
+    image: np.ndarray  # [H, W, 3] uint8 BGR, rotated for display
 
 
-def _open(path: str | Path) -> av.container.InputContainer:
+@dataclass(frozen=True)
+class _Index:
+    """What probe learns about a stream; read_frames uses it to seek."""
+
+    pts: np.ndarray  # [N] pts of frame i as iter_frames numbers it
+    seekable: bool  # pts are the sorted, unique packet pts verified against decoding
+    pos: np.ndarray  # [N] demux position of frame i's packet (seekable only)
+    all_pts: np.ndarray  # [P] pts of every packet in demux order, to place a seek's landing
+    key_pos: np.ndarray  # keyframe packets: demux position, pts, dts (_NO_PTS if none)
+    key_pts: np.ndarray
+    key_dts: np.ndarray
+    width: int  # decoded size, before rotation
+    height: int
+
+
+def _reason(e: BaseException) -> str:
+    return (str(getattr(e, "strerror", None) or e).splitlines() or [type(e).__name__])[0]
+
+
+def _check_path(path: str | Path) -> os.stat_result:
     p = Path(path)
     if not p.exists():
         raise VideoError(f"{p}: no such file")
     if not p.is_file():
         raise VideoError(f"{p}: not a file")
-    if p.stat().st_size == 0:
+    st = p.stat()
+    if st.st_size == 0:
         raise VideoError(f"{p}: the file is empty")
+    return st
+
+
+def _open(path: str | Path) -> av.container.InputContainer:
+    p = Path(path)
+    _check_path(p)
     try:
         return av.open(str(p), mode="r")
-    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        raise VideoError(f"{p}: not a readable video ({_reason(e)})") from None
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
+        raise VideoError(f"{p}: not a readable video, or damaged/truncated ({_reason(e)})") from None
 
 
-def _reason(e: Exception) -> str:
-    return str(getattr(e, "strerror", None) or e).splitlines()[0]
+def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
+    # A cover picture (audio files with artwork) is a one-packet "video" stream: not a video.
+    videos = [s for s in container.streams.video if not s.disposition & _ATTACHED_PIC]
+    if not videos:
+        kinds = sorted({s.type for s in container.streams} & {"audio", "subtitle"})
+        if not kinds:  # also what a cut-off MP4 header leaves: a stream of unknown type
+            raise VideoError(f"{path}: no video stream found (not a video, or the file is damaged or "
+                             "truncated)")
+        extra = " and a cover picture" if container.streams.video else ""
+        raise VideoError(f"{path}: no video stream (the file has only {' and '.join(kinds)} streams{extra})")
+    return videos[0]
 
 
-def _stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["no"]
-        raise VideoError(f"{path}: no video stream (the file has {', '.join(kinds)} streams)")
-    return container.streams.video[0]
-
-
-def _rotation(frame: av.VideoFrame) -> int:
-    return int(round(getattr(frame, "rotation", 0) or 0)) % 360
-
-
-def _to_bgr(frame: av.VideoFrame) -> np.ndarray:
-    image = frame.to_ndarray(format="bgr24")
-    rot = _rotation(frame)
-    if rot:
-        # The display matrix gives the counterclockwise turn needed for display.
-        image = np.ascontiguousarray(np.rot90(image, k=rot // 90))
-    return image
-
-
-@lru_cache(maxsize=64)
-def _presentation_pts(path: str, mtime_ns: int, size: int) -> tuple[tuple[int, ...], bool]:
-    """Every video packet's pts in presentation order, from a demux pass (no decoding);
-    the flag says whether all packets had one."""
-    with _open(path) as container:
-        stream = _stream(container, path)
-        pts, complete = [], True
+def _rotation(frame: av.VideoFrame, stream: av.video.stream.VideoStream) -> int:
+    r = getattr(frame, "rotation", None)
+    if r is None:  # PyAV without frame side data: the demuxers' legacy tag, clockwise
         try:
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue  # the demuxer's end-of-stream flush packet
-                if packet.pts is None:
-                    complete = False
-                else:
-                    pts.append(packet.pts)
-        except av.FFmpegError as e:
-            raise VideoError(f"{path}: the file is damaged ({_reason(e)})") from None
-    return tuple(sorted(pts)), complete
+            r = -float(stream.metadata.get("rotate", 0) or 0)
+        except ValueError:
+            r = 0
+    return round(r / 90) * 90 % 360
 
 
-def _pts_table(path: str | Path) -> tuple[tuple[int, ...], bool]:
-    st = os.stat(path)
-    return _presentation_pts(str(path), st.st_mtime_ns, st.st_size)
+def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
+    image = frame.to_ndarray(format="bgr24")  # any pix_fmt/bit depth/range -> 8-bit BGR via swscale
+    if rotation:
+        image = np.rot90(image, k=rotation // 90)  # counterclockwise, as the display matrix
+    return np.ascontiguousarray(image)  # odd widths come back with padded rows
+
+
+def _check_size(path: str | Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise VideoError(f"{path}: frames of {width}x{height} exceed the limit of {max_pixels} pixels")
+
+
+def _seconds(ts: int | None, tb) -> float | None:
+    return None if ts is None or tb is None else float(ts * tb)
+
+
+def _declared_end(stream: av.video.stream.VideoStream) -> float | None:
+    """End of the video track as the container states it, in seconds, where it does."""
+    tag = stream.metadata.get("DURATION")  # Matroska/WebM, written at the end of muxing
+    if tag:
+        try:
+            h, m, s = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(s)
+        except ValueError:
+            return None
+    return None
+
+
+def _decode_all(container, stream, path, limit: int | None) -> tuple[tuple | None, list[int]]:
+    """Decode the first `limit` packets (all if None) and drain the decoder. Returns the first
+    frame's (width, height, rotation, pix_fmt) and the pts of every frame (None as _NO_PTS)."""
+    first, pts, fed, cut = None, [], 0, False
+
+    def take(frame: av.VideoFrame) -> None:
+        nonlocal first
+        if first is None:
+            first = (frame.width, frame.height, _rotation(frame, stream), frame.format.name)
+        pts.append(_NO_PTS if frame.pts is None else frame.pts)
+
+    try:
+        for packet in container.demux(stream):
+            if limit is not None and fed >= limit:
+                cut = True
+                break
+            fed += bool(packet.size)
+            for frame in packet.decode():  # the size-0 packets at the end drain the decoder
+                take(frame)
+        if cut:
+            for frame in stream.decode(None):
+                take(frame)
+    except av.FFmpegError as e:
+        raise VideoError(f"{path}: the video cannot be decoded past frame {len(pts)} "
+                         f"(damaged or truncated: {_reason(e)})") from None
+    return first, pts
+
+
+@dataclass
+class _Packets:
+    """One demux pass over the video stream, in demux order."""
+
+    pts: np.ndarray  # _NO_PTS where missing
+    dts: np.ndarray
+    duration: np.ndarray  # 0 where unknown
+    key: np.ndarray
+    kept: np.ndarray  # not marked discard (edit lists): the decoder outputs these
+    corrupt_last: bool
+
+
+def _demux_pass(container, stream, path) -> _Packets:
+    pts, dts, dur, key, discard, corrupt = [], [], [], [], [], False
+    try:
+        for p in container.demux(stream):
+            if not p.size:
+                continue  # the demuxer's end-of-stream flush packet
+            pts.append(_NO_PTS if p.pts is None else p.pts)
+            dts.append(_NO_PTS if p.dts is None else p.dts)
+            dur.append(p.duration or 0)
+            key.append(p.is_keyframe)
+            discard.append(p.is_discard)
+            corrupt = p.is_corrupt
+    except av.FFmpegError as e:
+        raise VideoError(f"{path}: the file is damaged: reading stopped after {len(pts)} video packets "
+                         f"({_reason(e)})") from None
+    ints = [np.array(a, dtype=np.int64) for a in (pts, dts, dur)]
+    return _Packets(*ints, np.array(key, dtype=bool), ~np.array(discard, dtype=bool), corrupt)
+
+
+def _check_complete(path, packets: _Packets, declared: int, declared_end: float | None, tb) -> float | None:
+    """Refuse a file that holds fewer frames than its container states; returns the end of the
+    video track in seconds where the packets tell."""
+    if packets.corrupt_last:
+        raise VideoError(f"{path}: the file is truncated (its last video packet is cut off)")
+    if declared > packets.pts.size:
+        raise VideoError(f"{path}: the file is truncated or damaged: the container lists {declared} "
+                         f"frames, only {packets.pts.size} are present")
+    pts = packets.pts[packets.kept]
+    if not pts.size:
+        hint = " (the file is truncated)" if declared or declared_end else ""
+        raise VideoError(f"{path}: the video stream has no frames{hint}")
+    if (pts == _NO_PTS).any() or tb is None:
+        return None
+    steps = np.diff(np.sort(pts))
+    step = int(np.median(steps)) if steps.size else 0
+    durations = packets.duration[packets.kept]
+    end = float((pts + np.where(durations > 0, durations, step)).max() * tb)  # unknown: a typical one
+    # More than about a frame short of what the container states: frames are missing.
+    if declared_end is not None and step and declared_end - end > 1.5 * float(step * tb) + 1e-3:
+        raise VideoError(f"{path}: the file is truncated: the video track should last {declared_end:.2f} s, "
+                         f"it ends at {end:.2f} s")
+    return end
+
+
+def _decoded(path: str, limit: int | None = None) -> tuple[tuple | None, list[int]]:
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"  # as iter_frames, so the frames counted are the frames it yields
+        return _decode_all(container, stream, path, limit)
+
+
+def _scan(path: str, max_pixels: int) -> tuple[_Index, VideoInfo]:
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        cc = stream.codec_context
+        if cc.width and cc.height:  # refuse before decoding anything huge
+            _check_size(path, cc.width, cc.height, max_pixels)
+        packets = _demux_pass(container, stream, path)
+        tb = stream.time_base
+        # Only MP4/MOV sample tables count frames; AVI's "frames" are time-base ticks.
+        declared = (stream.frames or 0) if "mp4" in container.format.name.split(",") else 0
+        end = _check_complete(path, packets, declared, _declared_end(stream), tb)
+        codec = cc.name
+        fps = float(stream.average_rate) if stream.average_rate else None
+        container_duration = container.duration / av.time_base if container.duration else None
+
+    # Packets are frames if the decoder agrees where streams tend to differ: at the start.
+    frame_pts = np.sort(packets.pts[packets.kept])
+    seekable, first, got = False, None, None
+    if end is not None and np.unique(frame_pts).size == frame_pts.size:
+        limit = min(_VERIFY_PACKETS, packets.pts.size)
+        first, got = _decoded(path, limit)
+        expect = np.sort(packets.pts[:limit][packets.kept[:limit]])
+        seekable = np.array_equal(np.array(got, dtype=np.int64), expect)
+        if not seekable and limit < packets.pts.size:
+            got = None
+    if not seekable:
+        if got is None:
+            first, got = _decoded(path)
+        frame_pts = np.array(got, dtype=np.int64)
+    if first is None or frame_pts.size == 0:
+        raise VideoError(f"{path}: the video stream has no decodable frames")
+    width, height, rotation, pix_fmt = first
+    _check_size(path, width, height, max_pixels)
+
+    n = int(frame_pts.size)
+    if end is not None:
+        duration = end - float(frame_pts.min() * tb)
+    elif n > 1 and (frame_pts != _NO_PTS).all():
+        duration = float((frame_pts.max() - frame_pts.min()) * tb) * n / (n - 1)
+    else:
+        duration = container_duration
+    if fps is None and duration:
+        fps = n / duration
+    keys = np.flatnonzero(packets.key)
+    order = np.flatnonzero(packets.kept)[np.argsort(packets.pts[packets.kept], kind="stable")]
+    index = _Index(pts=frame_pts, seekable=seekable, pos=order if seekable else np.zeros(0, np.int64),
+                   all_pts=packets.pts, key_pos=keys, key_pts=packets.pts[keys], key_dts=packets.dts[keys],
+                   width=width, height=height)
+    for a in (index.pts, index.pos, index.all_pts, index.key_pos, index.key_pts, index.key_dts):
+        a.flags.writeable = False  # shared through the cache
+    w, h = (height, width) if rotation in (90, 270) else (width, height)
+    info = VideoInfo(str(path), w, h, n, fps, rotation, codec, pix_fmt,
+                     duration if duration is not None and math.isfinite(duration) else None)
+    return index, info
+
+
+@lru_cache(maxsize=16)
+def _scan_cached(path: str, mtime_ns: int, size: int, max_pixels: int) -> tuple[_Index, VideoInfo]:
+    return _scan(path, max_pixels)
+
+
+def _index(path: str | Path, max_pixels: int) -> tuple[_Index, VideoInfo]:
+    st = _check_path(path)
+    return _scan_cached(str(path), st.st_mtime_ns, st.st_size, max_pixels)
 
 
 def probe(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
-    """Validate a video and count its frames (one per packet: checked against decoding in the
-    tests for H.264 with B-frames, VP9, MPEG-4 part 2). The first frame is decoded too, so a
-    file whose pictures cannot be decoded is refused here rather than halfway through a job."""
-    with _open(path) as container:
-        stream = _stream(container, path)
-        try:
-            first = next(container.decode(stream), None)
-        except av.FFmpegError as e:
-            raise VideoError(f"{path}: the video stream cannot be decoded ({_reason(e)})") from None
-        if first is None:
-            raise VideoError(f"{path}: the video stream has no frames")
-        rotation = _rotation(first)
-        w, h = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
-        if w * h > max_pixels:
-            raise VideoError(f"{path}: frames of {w}x{h} exceed the limit of {max_pixels} pixels")
-        fps = float(stream.average_rate) if stream.average_rate else None
-        duration = float(container.duration / av.time_base) if container.duration else None
-        codec, pix_fmt = stream.codec_context.name, stream.codec_context.pix_fmt
-    pts, _ = _pts_table(path)
-    num = len(pts)
-    if num == 0:
-        raise VideoError(f"{path}: the video stream has no frames")
-    return VideoInfo(str(path), w, h, num, fps, rotation, codec, pix_fmt, duration)
+    """Validate a video and count its frames exactly (see the module docstring for how), so a
+    clip plan can be made up front and bad files are refused before any work starts."""
+    return _index(path, max_pixels)[1]
 
 
 def iter_frames(path: str | Path, *, threads: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
                 expected: int | None = None) -> Iterator[Frame]:
-    """Every frame in presentation order. With `expected`, a video that ends early (a damaged
-    or truncated file) raises VideoError instead of passing for a shorter one."""
-    n = 0
+    """Every frame in presentation order, decoded on the fly. With `expected` (probe's count),
+    a video that ends early raises VideoError instead of passing for a shorter one; without it
+    a truncated file that ``probe`` would refuse is decoded as far as it goes."""
+    n, size = 0, None
     with _open(path) as container:
-        stream = _stream(container, path)
+        stream = _video_stream(container, path)
         if threads:
             stream.thread_type = "AUTO"
         tb = stream.time_base
         try:
             for frame in container.decode(stream):
-                if n == 0 and frame.width * frame.height > max_pixels:
-                    raise VideoError(f"{path}: frames of {frame.width}x{frame.height} exceed the limit "
-                                     f"of {max_pixels} pixels")
-                pts = float(frame.pts * tb) if frame.pts is not None and tb is not None else None
-                yield Frame(n, pts, _to_bgr(frame))
+                if size is None:
+                    size = (frame.width, frame.height)
+                    _check_size(path, *size, max_pixels)
+                elif (frame.width, frame.height) != size:
+                    raise VideoError(f"{path}: the frame size changes from {size[0]}x{size[1]} to "
+                                     f"{frame.width}x{frame.height} at frame {n}, which is not supported")
+                yield Frame(n, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 n += 1
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed at frame {n} ({_reason(e)})") from None
+            raise VideoError(f"{path}: decoding failed at frame {n} "
+                             f"(damaged or truncated: {_reason(e)})") from None
+    if n == 0:
+        raise VideoError(f"{path}: the video stream has no decodable frames")
     if expected is not None and n < expected:
         raise VideoError(f"{path}: the video ends at frame {n} of {expected} (damaged or truncated)")
 
 
 def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, threads: bool = True,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, list[Frame]]]:
-    """(clip index, its frames in plan order), decoding once and keeping only the frames that
-    the current or a later clip still needs."""
+    """(clip index, its frames in plan order), decoding once and holding only the frames that
+    the current or a later clip still needs. Clips must not go back before frames already
+    dropped, as clip_plan's never do."""
+    if not plan:
+        return
     last = {f: k for k, clip in enumerate(plan) for f in clip}
-    expected = max(last) + 1
+    frames = iter_frames(path, threads=threads, max_pixels=max_pixels, expected=max(last) + 1)
     held: dict[int, Frame] = {}
-    frames = iter_frames(path, threads=threads, max_pixels=max_pixels, expected=expected)
-    for k, clip in enumerate(plan):
-        while max(clip) not in held:
-            frame = next(frames, None)
-            if frame is None:
-                raise VideoError(f"{path}: the video ends before frame {max(clip)}")
-            held[frame.index] = frame
-        yield k, [held[f] for f in clip]
-        for f in [f for f in held if last.get(f, -1) <= k]:
-            del held[f]
-    frames.close()
+    try:
+        for k, clip in enumerate(plan):
+            for f in clip:
+                while f not in held:
+                    frame = next(frames, None)
+                    if frame is None or frame.index > f:
+                        raise VideoError(f"{path}: frame {f} is not available (the video ends or the plan "
+                                         "goes back to a frame already dropped)")
+                    if frame.index in last:
+                        held[frame.index] = frame
+            yield k, [held[f] for f in clip]
+            for f in [f for f in held if last[f] <= k]:
+                del held[f]
+    finally:
+        frames.close()
 
 
-def read_frames(path: str | Path, indices: Sequence[int], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Frame]:
-    """The frames at these indices (as numbered by iter_frames), by seeking to the keyframe
-    before the first one and decoding forward: what a worker needs for its clips."""
-    wanted = sorted(set(indices))
-    if not wanted:
+def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = True,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Frame]:
+    """The frames at these indices (as iter_frames numbers them, same pixels), in the order
+    asked, by seeking to a keyframe before the earliest one and decoding forward."""
+    if not len(indices):
         return []
-    pts_list, complete = _pts_table(path)
-    if not complete or wanted[-1] >= len(pts_list):
-        # Without a pts for every frame the index of a decoded frame is only known by counting.
-        if wanted[-1] >= len(pts_list):
-            raise VideoError(f"{path}: frame {wanted[-1]} asked for, the video has {len(pts_list)}")
-        keep = set(wanted)
-        return [f for f in iter_frames(path, max_pixels=max_pixels) if f.index in keep]
-    index_of = {p: i for i, p in enumerate(pts_list)}
-    out: dict[int, Frame] = {}
-    with _open(path) as container:
-        stream = _stream(container, path)
-        stream.thread_type = "AUTO"
-        container.seek(pts_list[wanted[0]], stream=stream, backward=True, any_frame=False)
-        tb = stream.time_base
+    index, info = _index(path, max_pixels)
+    wanted = sorted({int(i) for i in indices})
+    if wanted[0] < 0:
+        raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
+    if wanted[-1] >= info.num_frames:
+        raise VideoError(f"{path}: frame {wanted[-1]} asked for, the video has {info.num_frames}")
+    got = None
+    if index.seekable:
+        got = _read_seeking(path, index, wanted, threads)
+    if got is None:  # no reliable pts-to-index map, or the seek landed too late: count from the start
+        keep, got = set(wanted), {}
+        frames = iter_frames(path, threads=threads, max_pixels=max_pixels)
         try:
-            for frame in container.decode(stream):
-                i = index_of.get(frame.pts)
-                if i is None or i < wanted[0]:
-                    continue
-                if i in wanted and i not in out:
-                    out[i] = Frame(i, float(frame.pts * tb), _to_bgr(frame))
-                if i >= wanted[-1]:
-                    break
-        except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed ({_reason(e)})") from None
-    missing = [i for i in wanted if i not in out]
+            for frame in frames:
+                if frame.index in keep:
+                    got[frame.index] = frame
+                    if len(got) == len(keep):
+                        break
+        finally:
+            frames.close()
+    missing = [i for i in wanted if i not in got]
     if missing:
         raise VideoError(f"{path}: could not decode frames {missing[:5]} (damaged file)")
-    return [out[i] for i in wanted]
+    return [got[i] for i in indices]
+
+
+def _read_seeking(path: str | Path, index: _Index, wanted: list[int],
+                  threads: bool) -> dict[int, Frame] | None:
+    # Start at the last keyframe that is decoded before every wanted frame and shown no later
+    # than the first one: then no wanted frame is a leading picture of it (open GOPs).
+    target_pts = index.pts[wanted[0]]
+    min_pos = index.pos[wanted].min()
+    ok = np.flatnonzero((index.key_pos <= min_pos) & (index.key_pts <= target_pts))
+    start = int(ok[-1]) if ok.size else None
+    keep, got = set(wanted), {}
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        if threads:
+            stream.thread_type = "AUTO"
+        tb = stream.time_base
+        start_pos = 0
+        if start is not None and index.key_pos[start] > 0:
+            start_pos = int(index.key_pos[start])
+            # Demuxers index by dts (MP4) or pts (Matroska): the smaller one never lands late.
+            ts = int(index.key_pts[start])
+            if index.key_dts[start] != _NO_PTS:
+                ts = min(ts, int(index.key_dts[start]))
+            try:
+                container.seek(ts, stream=stream, backward=True, any_frame=False)
+            except av.FFmpegError:
+                return None
+        landed = False
+        try:
+            for packet in container.demux(stream):
+                if packet.size and not landed:
+                    if packet.pts is None:
+                        return None
+                    at = np.flatnonzero(index.all_pts == packet.pts)
+                    if not at.size or at.max() > start_pos:
+                        return None  # landed after the keyframe we need
+                    landed = True
+                for frame in packet.decode():
+                    i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
+                    if 0 <= i < index.pts.size and index.pts[i] == frame.pts and i in keep and i not in got:
+                        if (frame.width, frame.height) != (index.width, index.height):
+                            raise VideoError(f"{path}: the frame size changes at frame {i}, "
+                                             "which is not supported")
+                        got[i] = Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
+                if len(got) == len(keep):
+                    break
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: decoding failed (damaged or truncated: {_reason(e)})") from None
+    return got

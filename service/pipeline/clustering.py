@@ -1,13 +1,18 @@
 """Instance clustering of a clip's spatio-temporal embeddings, as the original does it.
 
 Seeds are taken greedily by seediness; each claims the unassigned foreground pixels whose
-Gaussian probability under the seed's embedding and bandwidth exceeds a threshold. Everything
-is vectorised over pixels; the loop runs once per instance with a single host read (the seed's
-seediness, which decides whether to stop).
+Gaussian probability under the seed's embedding and bandwidth exceeds a threshold. The work is
+vectorised over pixels and the loop runs once per instance with a single host read (whether the
+next seed is good enough), so the same code runs on CPU and CUDA.
+
+Float semantics follow the original (float32 torch): thresholds are compared in the tensors'
+dtype (torch casts a Python scalar to it), the free dims' bandwidths are computed in float32, and
+the distance is evaluated with the same op sequence, so decisions match bit for bit on CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,10 +32,17 @@ class ClusteringConfig:
     secondary: Literal["reference", "corrected"] = "reference"
 
 
-def _probs(emb: Tensor, centers: Tensor, bandwidths: Tensor) -> Tensor:
-    """[P, E] pixels against [K, E] instances -> [P, K] probabilities exp(-0.5 * distance)."""
-    d = ((emb.unsqueeze(1) - centers.unsqueeze(0)).pow(2) * bandwidths.unsqueeze(0)).sum(-1).sqrt()
-    return torch.exp(-0.5 * d)
+def free_dim_bandwidths(stds: Sequence[float], dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> Tensor:
+    """1 / std^2 per free dim, computed in `dtype` as the original does (for std 0.2 that is
+    24.999998, not 25: the difference flips decisions at the threshold)."""
+    return 1.0 / torch.tensor(list(stds), dtype=dtype, device=device) ** 2
+
+
+def _distance(emb: Tensor, center: Tensor, bandwidth: Tensor) -> Tensor:
+    # The original's exact op sequence; the sum over the few embedding dims is per-row, so
+    # evaluating all pixels instead of only the unassigned ones gives the same values.
+    return (torch.pow(emb - center, 2) * bandwidth).sum(dim=-1).sqrt()
 
 
 def cluster_clip(
@@ -41,53 +53,55 @@ def cluster_clip(
     cfg: ClusteringConfig,
     next_label: int = 1,
 ) -> Tensor:
-    """Label a clip's pixels: [E|V|1, T, h, w] maps and a [T, h, w] foreground mask -> [T, h, w]
-    int64 with 0 background, -1 foreground left unassigned, instances numbered from next_label."""
+    """Label a clip's pixels from [E, T, h, w] embeddings, [V, T, h, w] bandwidths, [1, T, h, w]
+    (or [T, h, w]) seediness and a [T, h, w] foreground mask. Returns [T, h, w] int64: 0 background,
+    -1 foreground left unassigned, instances numbered next_label, next_label + 1, ..."""
     device = embeddings.device
     fg = fg_mask.to(device=device, dtype=torch.bool)
-    labels = torch.zeros(fg.shape, dtype=torch.int64, device=device)
-    labels[fg] = -1
-    if not bool(fg.any()):
-        return labels
+    out = torch.zeros(fg.shape, dtype=torch.int64, device=device)
+    # Foreground pixels in (t, y, x) order, like the original's per-frame concatenation: the
+    # order decides seediness ties (argmax takes the first).
     emb = embeddings.permute(1, 2, 3, 0)[fg]  # [P, E]
+    num = emb.shape[0]
+    if num == 0:
+        return out
     bw = bandwidths.permute(1, 2, 3, 0)[fg]  # [P, V]
     seed = seediness.reshape(fg.shape)[fg]  # [P]
-    if cfg.free_dim_stds:
-        free = torch.tensor([1.0 / s**2 for s in cfg.free_dim_stds], dtype=bw.dtype, device=device)
-        bw = torch.cat((bw, free.expand(bw.shape[0], -1)), 1)
+    free = free_dim_bandwidths(cfg.free_dim_stds, bw.dtype, device)
 
-    pix_labels = torch.full((emb.shape[0],), -1, dtype=torch.int64, device=device)
-    unassigned = torch.ones(emb.shape[0], dtype=torch.bool, device=device)
-    centers, widths = [], []
+    labels = torch.full((num,), -1, dtype=torch.int64, device=device)
+    unassigned = torch.ones(num, dtype=torch.bool, device=device)
+    available = unassigned
+    # Secondary-pass candidate per pixel, kept as a running extreme over instances instead of
+    # the original's stack of distance maps. Strict comparisons keep the first instance on
+    # ties, as torch's max(dim) does.
+    pick_dist = torch.full((num,), float("-inf") if cfg.secondary == "reference" else float("inf"),
+                           dtype=emb.dtype, device=device)
+    pick_label = torch.full((num,), -1, dtype=torch.int64, device=device)
     neg_inf = torch.tensor(float("-inf"), dtype=seed.dtype, device=device)
-    while True:
+    count = 0
+    while cfg.max_instances is None or count < cfg.max_instances:
+        # The original's secondary pass uses the unassigned set from the start of its last
+        # pass: after the cap that still includes the pixels the last instance took.
+        available = unassigned
         masked = torch.where(unassigned, seed, neg_inf)
         idx = torch.argmax(masked)
-        # The one host read per instance: stop when no unassigned pixel is seed-worthy.
-        if float(masked[idx]) < cfg.min_seediness_prob:
+        # The one host read per instance. Compared in the seediness dtype as the original does
+        # (0.95 is 0.94999999 in float32); -inf when nothing is left also stops.
+        if bool(masked[idx] < cfg.min_seediness_prob):
             break
-        center, width = emb[idx], bw[idx]
-        claim = unassigned & (_probs(emb, center[None], width[None])[:, 0] > cfg.primary_prob_thresh)
-        pix_labels[claim] = next_label + len(centers)
-        centers.append(center)
-        widths.append(width)
-        if cfg.max_instances is not None and len(centers) >= cfg.max_instances:
-            # The original stops before updating its unassigned set, so the secondary pass
-            # below still sees (and may relabel) the pixels this last instance just took.
-            break
-        unassigned &= ~claim  # when none are left, the next seediness read is -inf and stops
+        label = next_label + count
+        dist = _distance(emb, emb[idx], torch.cat((bw[idx], free)))
+        claim = unassigned & (torch.exp(-0.5 * dist) > cfg.primary_prob_thresh)
+        labels = torch.where(claim, label, labels)
+        better = dist > pick_dist if cfg.secondary == "reference" else dist < pick_dist
+        pick_dist = torch.where(better, dist, pick_dist)
+        pick_label = torch.where(better, label, pick_label)
+        unassigned = unassigned & ~claim
+        count += 1
 
-    if centers and bool(unassigned.any()):
-        left = unassigned.nonzero()[:, 0]
-        probs = _probs(emb[left], torch.stack(centers), torch.stack(widths))  # [L, K]
-        if cfg.secondary == "reference":
-            # Largest distance = smallest probability: the original's bug, reproduced.
-            pick = torch.argmin(probs, 1)
-        else:
-            pick = torch.argmax(probs, 1)
-        best = probs.gather(1, pick[:, None])[:, 0]
-        ok = best > cfg.secondary_prob_thresh
-        pix_labels[left[ok]] = next_label + pick[ok]
-
-    labels[fg] = pix_labels
-    return labels
+    if count:
+        # Reference: the largest distance (the original's bug); corrected: the smallest.
+        second = available & (torch.exp(-0.5 * pick_dist) > cfg.secondary_prob_thresh)
+        labels = torch.where(second, pick_label, labels)
+    return out.masked_scatter_(fg, labels)

@@ -1,40 +1,77 @@
 """Clip-to-clip track chaining, online: each clip's labels are matched to the tracks on the
 frames it shares with the previous clip, by IoU and the Hungarian solver, as the original does.
+
+Details that decide identities on ties, reproduced from the original:
+- rows and columns of the assignment are ordered as Python iterates the set of ids the original
+  builds (`label_order`), which for ints is not sorted order and depends on the values;
+- IoU is float32 and the cost is float32 `1 - IoU`;
+- a clip's instances are numbered from one more than the highest track id in any frame
+  finalised so far (`next_track_id`): ids of new labels that were renamed onto existing tracks
+  are given out again, so later ids, and with them the set order, follow the original's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 
-def _ids(labels: Tensor) -> list[int]:
-    # Rows and columns follow the iteration order of the Python set the original builds:
-    # ties in the assignment are decided by it, and for ints it is not sorted order.
-    return list(set(torch.unique(labels).tolist()) - {-1, 0})
+def label_order(labels: Tensor) -> list[int]:
+    """The ids in `labels` (0 and -1 left out) in the order the original's assignment uses.
+
+    The original builds `set(sorted unique labels of the foreground pixels) - {-1}`. Set
+    iteration order depends on the table's size and history, so the set is built from exactly
+    that list: foreground pixels never carry 0, and putting 0 in would change the order.
+    """
+    ids = [i for i in torch.unique(labels).tolist() if i != 0]
+    return list(set(ids) - {-1})
 
 
-def match_labels(
-    previous: Tensor, current: Tensor, min_iou: float | None = None
-) -> dict[int, int]:
-    """new label -> existing track id, from the same frames labelled by both clips."""
-    old_ids, new_ids = _ids(previous), _ids(current)
+def _index_in(values: Tensor, ids: list[int]) -> Tensor:
+    """Position of each value in `ids`, -1 where absent."""
+    keys = torch.tensor(ids, dtype=values.dtype, device=values.device)
+    order = torch.argsort(keys)
+    pos = torch.searchsorted(keys[order], values).clamp(max=len(ids) - 1)
+    return torch.where(keys[order][pos] == values, order[pos], -1)
+
+
+def match_labels(previous: Tensor, current: Tensor, min_iou: float | None = None) -> dict[int, int]:
+    """new label -> existing track id, from the same frames labelled by both clips.
+
+    With `min_iou` None every pair the Hungarian solver returns is linked, even at IoU 0 (the
+    original); otherwise pairs below it stay apart.
+    """
+    old_ids, new_ids = label_order(previous), label_order(current)
     if not old_ids or not new_ids:
         return {}
-    old = previous.reshape(1, -1) == torch.tensor(old_ids, device=previous.device).view(-1, 1)
-    new = current.reshape(1, -1) == torch.tensor(new_ids, device=current.device).view(-1, 1)
-    inter = (old.float() @ new.float().T).cpu().numpy()
-    union = old.sum(1).cpu().numpy()[:, None] + new.sum(1).cpu().numpy()[None, :] - inter
+    n_old, n_new = len(old_ids), len(new_ids)
+    p = _index_in(previous.reshape(-1), old_ids)
+    c = _index_in(current.reshape(-1), new_ids)
+    # Exact integer counts: intersections per pair (the extra last bin collects the rest).
+    pair = torch.where((p >= 0) & (c >= 0), p * n_new + c, n_old * n_new)
+    inter = torch.bincount(pair, minlength=n_old * n_new + 1)[:-1].view(n_old, n_new)
+    area_old = torch.bincount(p + 1, minlength=n_old + 1)[1:]
+    area_new = torch.bincount(c + 1, minlength=n_new + 1)[1:]
+    union = area_old[:, None] + area_new[None, :] - inter
     # float32 like the original: ties in 1 - IoU decide identities.
-    iou = (inter / union).astype(np.float32)
-    rows, cols = linear_sum_assignment(np.float32(1) - iou)
-    return {
-        new_ids[c]: old_ids[r] for r, c in zip(rows, cols) if min_iou is None or iou[r, c] >= min_iou
-    }
+    iou = inter.to(torch.float32) / union.to(torch.float32)
+    cost = (1.0 - iou).cpu().numpy()
+    iou = iou.cpu().numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return {new_ids[j]: old_ids[i] for i, j in zip(rows.tolist(), cols.tolist())
+            if min_iou is None or iou[i, j] >= min_iou}
+
+
+def _rename(labels: Tensor, mapping: dict[int, int]) -> Tensor:
+    if not mapping:
+        return labels
+    keys = sorted(mapping)
+    vals = torch.tensor([mapping[k] for k in keys], dtype=labels.dtype, device=labels.device)
+    idx = _index_in(labels, keys)
+    return torch.where(idx >= 0, vals[idx.clamp(min=0)], labels)
 
 
 class TrackChainer:
@@ -52,38 +89,40 @@ class TrackChainer:
 
     @property
     def next_track_id(self) -> int:
+        """The id to number the next clip's instances from (cluster_clip's next_label)."""
         return self._next
 
     def add_clip(self, frame_indices: Sequence[int], labels: Tensor) -> list[tuple[int, Tensor]]:
-        """labels: [T, h, w] from cluster_clip(next_label=next_track_id) for these frames."""
+        """labels: [T, h, w] from cluster_clip(next_label=next_track_id) for these frames.
+
+        Returns (frame index, [h, w] int64 track map) for the frames this clip is the first to
+        contain, in frame order.
+        """
         frames = list(frame_indices)
-        # A clip shorter than the video pads with copies of frame 0: the last copy is the frame
-        # at its real place in the sequence.
+        if len(frames) != labels.shape[0]:
+            raise ValueError(f"{len(frames)} frame indices for {labels.shape[0]} label maps")
+        # A video shorter than a clip is padded in front with copies of frame 0: the last copy
+        # sits at frame 0's real place in the sequence, and the original keeps its labels too
+        # (it writes every copy in turn).
         position = {f: i for i, f in enumerate(frames)}
         shared = [f for f in position if f in self._previous]
         fresh = sorted(f for f in position if f not in self._previous)
-        out: list[tuple[int, Tensor]] = []
         self.last_mapping = {}
+        if shared and fresh:
+            self.last_mapping = match_labels(
+                torch.stack([self._previous[f] for f in shared]),
+                torch.stack([labels[position[f]] for f in shared]),
+                self.min_iou,
+            )
+        out: list[tuple[int, Tensor]] = []
         if fresh:
-            if shared:
-                mapping = match_labels(
-                    torch.stack([self._previous[f] for f in shared]),
-                    torch.stack([labels[position[f]] for f in shared]),
-                    self.min_iou,
-                )
-                self.last_mapping = mapping
-                lut_keys = torch.tensor(list(mapping), dtype=torch.int64, device=labels.device)
-                lut_vals = torch.tensor(list(mapping.values()), dtype=torch.int64, device=labels.device)
-            for f in fresh:
-                m = labels[position[f]]
-                if shared and len(mapping):
-                    hit = m.unsqueeze(-1) == lut_keys
-                    m = torch.where(hit.any(-1), (hit.long() * lut_vals).sum(-1), m)
-                out.append((f, m))
+            # Every position of a fresh frame, padded copies included, counts towards the next
+            # id, as the original's track container sees them all.
+            is_fresh = torch.tensor([f not in self._previous for f in frames], device=labels.device)
+            renamed = _rename(labels, self.last_mapping)
+            self._next = max(self._next, int(renamed[is_fresh].max()) + 1)
+            out = [(f, renamed[position[f]]) for f in fresh]
         self._previous = {f: self._previous[f] for f in shared} | dict(out)
-        # Ids of labels that were renamed onto existing tracks are free again, as in the original.
-        if out:
-            self._next = max(self._next, int(torch.stack([m for _, m in out]).max()) + 1)
         return out
 
     def state(self) -> tuple[int, dict[int, Tensor]]:

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -112,6 +110,8 @@ def render_video(seed: int, frames: int = 24, size: tuple[int, int] = (128, 160)
 
 
 def _write_mp4(path: Path, video: np.ndarray, fps: int = 10) -> None:
+    import av  # only encoding needs PyAV; rendering runs anywhere
+
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.height, stream.width = video.shape[1:3]

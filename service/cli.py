@@ -22,7 +22,8 @@ class UsageError(Exception):
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
-    p.add_argument("--weights", type=Path, help="official .pth or our .safetensors (env STEMSEG_WEIGHTS)")
+    p.add_argument("--weights", type=Path,
+                   help="official .pth or our .safetensors (env STEMSEG_WEIGHTS; default: the shipped lite model)")
     p.add_argument("--preset", help="davis, youtube_vis or kitti_mots (default: inferred from the weights)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda (default auto)")
     p.add_argument("--min-dim", type=int, help="inference short side; max side scales with it")
@@ -58,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     onnx_p.add_argument("--out", type=Path, default=Path("onnx"), help="output directory (default ./onnx)")
     onnx_p.add_argument("--opset", type=int, default=17)
     onnx_p.add_argument("--fp16", action="store_true", help="fp16 weights and activations, fp32 inputs/outputs")
+
+    ev = sub.add_parser("eval", help="YouTube-VIS AP, DAVIS J&F and MOTS HOTA/sMOTSA against ground truth")
+    ev.add_argument("--gt", type=Path, required=True,
+                    help="YouTube-VIS annotation JSON, or a `stemseg synth` folder (annotations.json + videos)")
+    ev.add_argument("--pred", type=Path, help="YouTube-VIS results JSON (default: run the model over the videos)")
+    ev.add_argument("--metric", nargs="+", default=["ytvis", "davis", "mots"], choices=["ytvis", "davis", "mots"])
+    ev.add_argument("--json", type=Path, help="also write the numbers here")
+    ev.add_argument("--save-pred", type=Path, help="write the predictions made here as YouTube-VIS results JSON")
+    ev.add_argument("--weights", type=Path, help="weights to run (default: the shipped lite model)")
+    ev.add_argument("--preset")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--min-dim", type=int)
+    ev.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    ev.add_argument("--onnx", type=Path)
+    ev.add_argument("--secondary", default="reference", choices=["reference", "corrected"])
+    ev.add_argument("--min-iou", type=float, default=None)
+    ev.add_argument("--no-progress", action="store_true")
 
     srv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     srv.add_argument("--host", default="127.0.0.1")
@@ -97,7 +115,7 @@ def _load(args: argparse.Namespace):
     from service.model.engines import load_engine
 
     settings = get_settings()
-    weights = args.weights or settings.weights
+    weights = args.weights or settings.weights_path
     try:
         device = resolve_device(args.device or settings.device)
     except ValueError as e:
@@ -109,7 +127,8 @@ def _load(args: argparse.Namespace):
         return engine, engine.device, settings
     if weights is None:
         raise UsageError("no weights: pass --weights PATH (an official davis/youtube_vis/kitti_mots .pth "
-                         "or a .safetensors file) or set STEMSEG_WEIGHTS")
+                         "or a .safetensors file) or set STEMSEG_WEIGHTS (the shipped weights/lite.safetensors "
+                         "is missing from this installation)")
     model = load_model(weights, args.preset or settings.preset, device=device)
     if args.min_dim:
         if args.min_dim < 32:
@@ -199,7 +218,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.model.checkpoint import load_model
 
-    weights = args.weights or get_settings().weights
+    weights = args.weights or get_settings().weights_path
     if weights is None:
         raise UsageError("no weights: pass --weights PATH or set STEMSEG_WEIGHTS")
     try:
@@ -208,6 +227,45 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"export needs the onnx package ({e.name} missing): pip install 'stemseg-serve[export]'") from None
     graphs = export_onnx(load_model(weights, args.preset), args.out, opset=args.opset, fp16=args.fp16)
     print(f"wrote {graphs.backbone} and {graphs.heads}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.evaluation.run import evaluate, load_ground_truth, predict
+
+    try:
+        gt, root = load_ground_truth(args.gt)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if args.pred is not None:
+        try:
+            predictions = json.loads(args.pred.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{args.pred}: cannot read YouTube-VIS results ({e})") from None
+        if not isinstance(predictions, list):
+            raise UsageError(f"{args.pred}: YouTube-VIS results are a JSON list of entries")
+    else:
+        from service.pipeline.runner import SegmenterOptions
+
+        model, device, _ = _load(args)
+        frames = sum(v["length"] for v in gt["videos"])
+        with tqdm(total=frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
+            predictions = predict(gt, root, model, device=device, progress=bar.update,
+                                  options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou))
+        if args.save_pred:
+            args.save_pred.write_text(json.dumps(predictions))
+    try:
+        report = evaluate(gt, predictions, args.metric)
+    except RuntimeError as e:
+        raise UsageError(str(e)) from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"malformed results entry or annotation ({type(e).__name__}: {e})") from None
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
     return 0
 
 
@@ -313,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.model.engines import EngineError
 
     handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export,
-                "serve": cmd_serve, "worker": cmd_worker, "synth": cmd_synth, "train": cmd_train,
+                "eval": cmd_eval, "serve": cmd_serve, "worker": cmd_worker, "synth": cmd_synth, "train": cmd_train,
                 "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)

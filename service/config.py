@@ -6,13 +6,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
+
+# The model we train and ship (weights/MODEL_CARD.md); used when no weights are configured.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "lite.safetensors"
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEMSEG_", env_file=".env", extra="ignore")
 
-    weights: Path | None = Field(None, description="Weights file used when none is given (.pth or .safetensors)")
+    weights: Path | None = Field(None, description="Weights file (.pth or .safetensors); default: the shipped lite model")
     preset: str | None = Field(None, description="Preset name; inferred from the weights when unset")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_frame_pixels: int = Field(4096 * 2160, description="Larger frames are refused (width x height)")
@@ -26,6 +29,13 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(3, description="Deliveries of one task before its job fails")
     job_ttl_s: int = Field(7 * 24 * 3600, description="Jobs, their keys and files expire after this")
     formats: str = Field("ytvis,davis,mots,overlay", description="Outputs the service writes per job")
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The configured weights, else the shipped default model when this checkout has it."""
+        if self.weights is not None:
+            return self.weights
+        return SHIPPED_WEIGHTS if SHIPPED_WEIGHTS.is_file() else None
 
     @property
     def api_key_list(self) -> list[str]:

@@ -21,3 +21,13 @@ def official_weights(tmp_path_factory: pytest.TempPathFactory):
         return made[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lite_weights() -> Path:
+    """The shipped default model (weights/lite.safetensors): tests run what users get."""
+    from service.config import SHIPPED_WEIGHTS
+
+    if not SHIPPED_WEIGHTS.is_file():
+        pytest.fail(f"{SHIPPED_WEIGHTS} is missing: the repository ships it (see weights/MODEL_CARD.md)")
+    return SHIPPED_WEIGHTS

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -c .ci/constraints.txt -e '.[test,export,server]'
+.venv/bin/pip install --quiet --disable-pip-version-check -c .ci/constraints.txt -e '.[test,export,server,eval]'
 exec .venv/bin/python -m pytest "$@"

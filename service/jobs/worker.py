@@ -38,10 +38,11 @@ log = logging.getLogger("stemseg.worker")
 
 
 def load_service_engine(settings: Settings) -> Engine:
-    if settings.weights is None:
+    weights = settings.weights_path
+    if weights is None:
         raise EngineError("the worker needs weights: set STEMSEG_WEIGHTS")
     device = resolve_device(settings.device)
-    return load_engine("torch", model=load_model(settings.weights, settings.preset, device=device))
+    return load_engine("torch", model=load_model(weights, settings.preset, device=device))
 
 
 class Worker:

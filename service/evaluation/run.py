@@ -1,0 +1,72 @@
+"""`stemseg eval`: ground truth in, benchmark numbers out.
+
+The ground truth is a YouTube-VIS annotation document (or a `stemseg synth` folder holding
+one as annotations.json, with the videos it names). Predictions are YouTube-VIS results
+entries: read from a file, or made here by running a model over the dataset's videos with the
+same pipeline `stemseg segment` uses. Every metric is computed from those entries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from service.evaluation.tracking import evaluate_davis, evaluate_mots
+from service.evaluation.ytvis import evaluate_ytvis
+
+METRICS = ("ytvis", "davis", "mots")
+
+
+def load_ground_truth(path: Path) -> tuple[dict, Path]:
+    """The annotation document and the folder its video file names are relative to."""
+    file = path / "annotations.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no YouTube-VIS annotation file (expected annotations.json)")
+    try:
+        doc = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a JSON document ({e})") from None
+    missing = [k for k in ("videos", "annotations", "categories") if k not in doc]
+    if missing:
+        raise ValueError(f"{file}: not a YouTube-VIS annotation document (no {', '.join(missing)})")
+    return doc, file.parent
+
+
+def predict(gt: dict, root: Path, engine, *, device, options=None,
+            progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Run the pipeline over every video of the dataset; YouTube-VIS results entries."""
+    from service.outputs.ytvis import ytvis_entries
+    from service.pipeline.clips import clip_plan
+    from service.pipeline.runner import Segmenter
+    from service.video import iter_clip_windows, probe
+
+    entries: list[dict] = []
+    for video in gt["videos"]:
+        path = root / video["file_name"]
+        info = probe(path)
+        plan = clip_plan(info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
+        seg = Segmenter(engine, device=device, options=options)
+        for _ in seg.propagate(iter_clip_windows(path, plan), plan, info.height, info.width):
+            if progress:
+                progress(1)
+        entries.extend(ytvis_entries(seg.result(fps=info.fps), video_id=video["id"]))
+    return entries
+
+
+def evaluate(gt: dict, predictions: Iterable[dict], metrics: Iterable[str] = METRICS) -> dict:
+    predictions = list(predictions)
+    out: dict = {}
+    if "ytvis" in metrics:
+        out.update(evaluate_ytvis(gt, predictions))
+    if "davis" in metrics:
+        out.update(evaluate_davis(gt, predictions))
+    if "mots" in metrics:
+        mots = evaluate_mots(gt, predictions)
+        out.update({k: v for k, v in mots.items() if k != "per_class"})
+        out["per_class_mots"] = mots["per_class"]
+    out["videos"] = len(gt["videos"])
+    return out
+
+
+__all__ = ["METRICS", "evaluate", "load_ground_truth", "predict"]

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from service.config import ENGINES
+
 EXIT_BAD_INPUT = 2
 FORMATS = ("ytvis", "davis", "mots", "overlay")
 
@@ -27,8 +29,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="davis, youtube_vis or kitti_mots (default: inferred from the weights)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda (default auto)")
     p.add_argument("--min-dim", type=int, help="inference short side; max side scales with it")
-    p.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
-                   help="torch (eager), onnxruntime or tensorrt (ONNX Runtime's TensorRT provider, fp16)")
+    p.add_argument("--engine", default="torch", choices=list(ENGINES),
+                   help="torch (eager); onnxruntime (CPU, or CUDA with --device cuda); onnxruntime-trt "
+                        "(ONNX Runtime's TensorRT provider, fp16); tensorrt (native fp16 engines, cached)")
     p.add_argument("--onnx", type=Path, help="directory with backbone.onnx and heads.onnx (stemseg export onnx)")
     p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
                    help="secondary clustering pass: as the original (default) or fixed")
@@ -71,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset")
     ev.add_argument("--device", default=None)
     ev.add_argument("--min-dim", type=int)
-    ev.add_argument("--engine", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    ev.add_argument("--engine", default="torch", choices=list(ENGINES))
     ev.add_argument("--onnx", type=Path)
     ev.add_argument("--secondary", default="reference", choices=["reference", "corrected"])
     ev.add_argument("--min-iou", type=float, default=None)
     ev.add_argument("--no-progress", action="store_true")
+
+    trt_p = exp_sub.add_parser("tensorrt", help="native TensorRT engines from the ONNX graphs (cached per GPU)")
+    trt_p.add_argument("--onnx", type=Path, default=Path("onnx"), help="directory of `stemseg export onnx`")
+    trt_p.add_argument("--buckets", nargs="+", metavar="HxW",
+                       help="optimisation profiles' preferred padded sizes (default: 16:9 both ways at the preset's size)")
+    trt_p.add_argument("--fp32", action="store_true", help="build fp32 engines (default fp16)")
+    trt_p.add_argument("--cache", type=Path, help="engine cache directory (default ONNX_DIR/trt-engines)")
 
     srv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
     srv.add_argument("--host", default="127.0.0.1")
@@ -218,6 +228,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from service.config import get_settings
     from service.model.checkpoint import load_model
 
+    if args.target == "tensorrt":
+        return _export_tensorrt(args)
     weights = args.weights or get_settings().weights_path
     if weights is None:
         raise UsageError("no weights: pass --weights PATH or set STEMSEG_WEIGHTS")
@@ -227,6 +239,33 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"export needs the onnx package ({e.name} missing): pip install 'stemseg-serve[export]'") from None
     graphs = export_onnx(load_model(weights, args.preset), args.out, opset=args.opset, fp16=args.fp16)
     print(f"wrote {graphs.backbone} and {graphs.heads}")
+    return 0
+
+
+def _export_tensorrt(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.model.engines import graph_metadata
+    from service.model.presets import ModelConfig
+
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise UsageError("export tensorrt needs the tensorrt package: pip install 'stemseg-serve[gpu]'") from None
+    if not torch.cuda.is_available():
+        raise UsageError("export tensorrt needs a CUDA GPU: engines are built for the GPU they run on")
+    from model_export.tensorrt_build import Bucket, build_or_load
+
+    if not (args.onnx / "heads.onnx").is_file():
+        raise UsageError(f"no exported graphs in {args.onnx}: run `stemseg export onnx --out {args.onnx}` first")
+    try:
+        buckets = [Bucket.parse(b) for b in args.buckets] if args.buckets else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cfg = ModelConfig.from_json(graph_metadata(args.onnx)["stemseg.preset"])
+    start = time.perf_counter()
+    paths = build_or_load(args.onnx, cfg, buckets=buckets, fp16=not args.fp32, cache_dir=args.cache)
+    print(f"engines {paths['backbone']} and {paths['heads']} ready in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -83,18 +83,74 @@ def test_missing_graphs_and_backends_are_clear(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="needs --onnx"):
         load_engine("onnxruntime")
     if not torch.cuda.is_available():
-        with pytest.raises(EngineError, match="CUDA"):
-            load_engine("tensorrt", onnx_dir=tmp_path, device="cpu")
+        for kind in ("onnxruntime-trt", "tensorrt"):
+            with pytest.raises(EngineError, match="CUDA"):
+                load_engine(kind, onnx_dir=tmp_path, device="cpu")
 
 
 @pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and ONNX Runtime with the TensorRT execution provider")
-def test_tensorrt_fp16_close_to_torch(exported) -> None:
+def test_onnxruntime_tensorrt_provider_fp16_close_to_torch(exported) -> None:
     model, graphs = exported("kitti_mots")
-    engine = load_engine("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda")
+    engine = load_engine("onnxruntime-trt", onnx_dir=graphs.backbone.parent, device="cuda")
     images = torch.from_numpy(np.load(REF / "model_kitti_mots_2_s0.npz")["input_images"])
     with torch.inference_mode():
         ref = model.clip_heads([stack_clip(f) for f in model.frame_features(images)])
     out = engine.clip_heads([stack_clip(f) for f in engine.frame_features(images)])
     assert (out.embeddings - ref.embeddings).abs().max() <= 2e-2
     assert (out.seediness - ref.seediness).abs().max() <= 2e-2
+
+
+def _tensorrt_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "needs the tensorrt package"
+    return None
+
+
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
+def test_native_tensorrt_fp16_close_to_torch_and_cached(exported) -> None:
+    model, graphs = exported("kitti_mots")
+    engine = load_engine("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda")
+    images = torch.from_numpy(np.load(REF / "model_kitti_mots_2_s0.npz")["input_images"])
+    cuda_model = model.to("cuda")
+    with torch.inference_mode():
+        ref = cuda_model.clip_heads([stack_clip(f) for f in cuda_model.frame_features(images.cuda())])
+        out = engine.clip_heads([stack_clip(f) for f in engine.frame_features(images.cuda())])
+    assert out.embeddings.device.type == "cuda"
+    assert (out.embeddings - ref.embeddings).abs().max() <= 2e-2
+    assert (out.seediness - ref.seediness).abs().max() <= 2e-2
+    engines = sorted((graphs.backbone.parent / "trt-engines").glob("*.engine"))
+    assert len(engines) == 2
+    load_engine("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda")  # second load: from the cache
+    assert sorted((graphs.backbone.parent / "trt-engines").glob("*.engine")) == engines
+
+
+def test_tensorrt_profiles_cover_every_preset_and_key_the_cache(tmp_path: Path) -> None:
+    """What can be checked without a GPU: each profile's min <= opt <= max on every input, the
+    buckets parse strictly, and the cache key changes with GPU, TensorRT version and graph."""
+    from model_export.tensorrt_build import Bucket, _shapes, cache_key, default_buckets
+    from service.model.presets import PRESETS
+
+    for cfg in PRESETS.values():
+        for graph in ("backbone", "heads"):
+            for bucket in default_buckets(cfg):
+                for name, (lo, opt, hi) in _shapes(graph, cfg, bucket).items():
+                    assert all(a <= b <= c for a, b, c in zip(lo, opt, hi)), (cfg.name, graph, name)
+    assert Bucket.parse("480x864") == Bucket(480, 864)
+    for bad in ("480", "479x864", "axb"):
+        with pytest.raises(ValueError, match="multiples of 32"):
+            Bucket.parse(bad)
+    graph = tmp_path / "heads.onnx"
+    graph.write_bytes(b"graph one")
+    key = dict(gpu="NVIDIA H100 sm90", trt_version="10.13.0", fp16=True, buckets=[Bucket(480, 864)])
+    base = cache_key(graph, **key)
+    assert cache_key(graph, **key) == base
+    for change in ({"gpu": "NVIDIA L4 sm89"}, {"trt_version": "10.14.1"}, {"fp16": False},
+                   {"buckets": [Bucket(864, 480)]}):
+        assert cache_key(graph, **{**key, **change}) != base, change
+    graph.write_bytes(b"graph two")
+    assert cache_key(graph, **key) != base

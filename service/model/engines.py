@@ -1,8 +1,9 @@
 """Inference engines: the two halves of the network (frame backbone, clip heads) behind one face.
 
 The pipeline and the workers only call `frame_features` and `clip_heads`, so the network can
-run as eager PyTorch or as the exported ONNX graphs under ONNX Runtime (CPU, CUDA or its
-TensorRT execution provider). A backend that is not installed is reported, not crashed on.
+run as eager PyTorch, as the exported ONNX graphs under ONNX Runtime (CPU, CUDA or its
+TensorRT execution provider), or as native TensorRT engines built from those graphs. A
+backend that is not installed is reported, not crashed on.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.config import ENGINES
 from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs, STEmSeg
 
-ENGINES = ("torch", "onnxruntime", "tensorrt")
 
 
 class EngineError(RuntimeError):
@@ -48,7 +49,7 @@ class TorchEngine:
 
 
 def _providers(kind: str, device: str, cache_dir: Path) -> list:
-    if kind == "tensorrt":
+    if kind == "onnxruntime-trt":
         cache_dir.mkdir(parents=True, exist_ok=True)
         # The engine cache is keyed by ORT on GPU model, TensorRT version and graph, so reuse is safe.
         trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
@@ -99,6 +100,76 @@ class OnnxRuntimeEngine:
         return ClipOutputs(t["embeddings"], t["bandwidths"], t["seediness"], t.get("semseg_logits"))
 
 
+class TensorRTEngine:
+    """Native TensorRT engines (fp16 by default) built from the exported graphs and cached.
+
+    Tensors stay on the GPU: inputs and outputs are torch CUDA tensors whose memory TensorRT
+    reads and writes directly, on torch's current stream, so no copy or sync is added."""
+
+    def __init__(self, onnx_dir: Path, device: str = "cuda", fp16: bool = True, buckets: list | None = None) -> None:
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise EngineError("--engine tensorrt needs the tensorrt package (pip install 'stemseg-serve[gpu]')") from None
+        from model_export.tensorrt_build import build_or_load, default_buckets
+
+        onnx_dir = Path(onnx_dir)
+        missing = [str(onnx_dir / f"{g}.onnx") for g in ("backbone", "heads") if not (onnx_dir / f"{g}.onnx").is_file()]
+        if missing:
+            raise EngineError(f"no exported graphs at {', '.join(missing)}: run `stemseg export onnx --out {onnx_dir}`")
+        self.cfg = ModelConfig.from_json(graph_metadata(onnx_dir)["stemseg.preset"])
+        self.device = torch.device(device)
+        self.buckets = buckets or default_buckets(self.cfg)
+        paths = build_or_load(onnx_dir, self.cfg, buckets=self.buckets, fp16=fp16)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._trt = trt
+        self._graphs = {}
+        for graph, path in paths.items():
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            # One context per profile: switching a context's profile would re-plan on every call.
+            contexts = []
+            for p in range(engine.num_optimization_profiles):
+                ctx = engine.create_execution_context()
+                ctx.set_optimization_profile_async(p, torch.cuda.current_stream(self.device).cuda_stream)
+                contexts.append(ctx)
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            self._graphs[graph] = (engine, contexts, outputs)
+
+    def _profile(self, height: int, width: int) -> int:
+        """The bucket closest in area and shape to the padded input size."""
+        costs = [abs(b.height - height) + abs(b.width - width) for b in self.buckets]
+        return costs.index(min(costs))
+
+    def _run(self, graph: str, inputs: dict[str, Tensor], height: int, width: int) -> dict[str, Tensor]:
+        engine, contexts, outputs = self._graphs[graph]
+        ctx = contexts[self._profile(height, width)]
+        keep = {}
+        for name, t in inputs.items():
+            t = t.to(self.device, torch.float32).contiguous()
+            keep[name] = t
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        out = {}
+        for name in outputs:
+            dtype = torch.from_numpy(np.empty(0, self._trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=self.device)
+            ctx.set_tensor_address(name, out[name].data_ptr())
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError(f"TensorRT failed to run the {graph} engine for inputs {[tuple(t.shape) for t in keep.values()]}")
+        return out
+
+    def frame_features(self, images: Tensor) -> list[Tensor]:
+        out = self._run("backbone", {"images": images}, images.shape[-2], images.shape[-1])
+        return [out[n].float() for n in ("p4", "p8", "p16", "p32")]
+
+    def clip_heads(self, feats: list[Tensor]) -> ClipOutputs:
+        h, w = feats[0].shape[-2] * 4, feats[0].shape[-1] * 4
+        t = self._run("heads", dict(zip(("p4", "p8", "p16", "p32"), feats)), h, w)
+        t = {k: v.float() for k, v in t.items()}
+        return ClipOutputs(t["embeddings"], t["bandwidths"], t["seediness"], t.get("semseg_logits"))
+
+
 def graph_metadata(onnx_dir: Path) -> dict[str, str]:
     import onnx
 
@@ -112,14 +183,16 @@ def load_engine(kind: str, *, model: STEmSeg | None = None, onnx_dir: Path | Non
         if model is None:
             raise EngineError("--engine torch needs weights")
         return TorchEngine(model, compile=compile)
-    if kind in ("onnxruntime", "tensorrt"):
+    if kind in ("onnxruntime", "onnxruntime-trt", "tensorrt"):
         if onnx_dir is None:
             raise EngineError(f"--engine {kind} needs --onnx DIR (make one with `stemseg export onnx --out DIR`)")
-        if kind == "tensorrt" and not device.startswith("cuda"):
-            raise EngineError("--engine tensorrt needs a CUDA GPU; none is in use here")
+        if kind != "onnxruntime" and not device.startswith("cuda"):
+            raise EngineError(f"--engine {kind} needs a CUDA GPU; none is in use here")
+        if kind == "tensorrt":
+            return TensorRTEngine(onnx_dir, device)
         return OnnxRuntimeEngine(onnx_dir, device, kind)
     raise EngineError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Engine", "EngineError", "OnnxRuntimeEngine", "TorchEngine", "graph_metadata",
+__all__ = ["ENGINES", "Engine", "EngineError", "OnnxRuntimeEngine", "TensorRTEngine", "TorchEngine", "graph_metadata",
            "load_engine"]

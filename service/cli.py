@@ -405,9 +405,8 @@ def cmd_synth_weights(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from service.model.checkpoint import CheckpointError
-    from service.video import VideoError
-
     from service.model.engines import EngineError
+    from service.video import VideoError
 
     handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export,
                 "eval": cmd_eval, "serve": cmd_serve, "worker": cmd_worker, "synth": cmd_synth, "train": cmd_train,

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from service_env import REDIS_URL
+from videos import make_audio_only, make_video
 
 from service.api.main import create_app
 from service.config import Settings
 from service.model.presets import get_preset
-from service_env import REDIS_URL
-from videos import make_audio_only, make_video
 
 
 @pytest.fixture
@@ -83,9 +83,8 @@ def test_empty_and_oversize_and_wrong_type(settings, tmp_path: Path) -> None:
 def test_frame_size_limit(settings, tmp_path: Path) -> None:
     video = tmp_path / "big.mp4"
     make_video(video, 3, 128, 96)
-    with _client(settings, max_frame_pixels=64 * 48) as c:
-        with video.open("rb") as f:
-            _assert_problem(c.post("/v1/jobs", files={"file": ("big.mp4", f, "video/mp4")}), 400)
+    with _client(settings, max_frame_pixels=64 * 48) as c, video.open("rb") as f:
+        _assert_problem(c.post("/v1/jobs", files={"file": ("big.mp4", f, "video/mp4")}), 400)
     _nothing_left(settings)
 
 

@@ -11,15 +11,15 @@ import av
 import numpy as np
 import pytest
 import torch
+from service_env import service_weights
+from test_pipeline import direct_track_maps
+from videos import make_audio_only, make_video
 
 from service.cli import main
 from service.model.checkpoint import load_model
 from service.pipeline.clips import clip_plan
 from service.pipeline.runner import Segmenter
 from service.video import iter_clip_windows, iter_frames
-from service_env import service_weights
-from test_pipeline import direct_track_maps
-from videos import make_audio_only, make_video
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +98,12 @@ def test_bad_video_exit_2_one_line(small_weights, bad_inputs, kind: str, tmp_pat
 def test_frame_size_limit_and_weights_errors_in_a_real_process(small_weights, bad_inputs, tmp_path: Path) -> None:
     env = {"STEMSEG_MAX_FRAME_PIXELS": str(32 * 32), "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-m", "service.cli", "segment", str(bad_inputs["good"]), "--weights",
-                        str(small_weights)], capture_output=True, text=True, env=env, timeout=120)
+                        str(small_weights)], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert p.returncode == 2 and "exceed the limit" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     not_weights = tmp_path / "w.pth"
     not_weights.write_bytes(b"garbage" * 10)
     p = subprocess.run([sys.executable, "-m", "service.cli", "segment", str(bad_inputs["good"]), "--weights",
-                        str(not_weights)], capture_output=True, text=True, timeout=120)
+                        str(not_weights)], capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 2 and "not a PyTorch checkpoint" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -45,6 +45,6 @@ def test_invalid(n: int, t: int, o: int) -> None:
 
 def test_context_range_covers_every_clip_sharing_a_frame() -> None:
     plan = clip_plan(29, 8, 4)  # starts 0, 4, ..., 20 and a final clip at 21
-    assert context_range(plan, 0, 2) == range(0, 3)
+    assert context_range(plan, 0, 2) == range(3)
     assert context_range(plan, 4, 5) == range(3, 7)  # frame 23 is also in the anchored clip 6
     assert context_range(plan, 6, 7) == range(4, 7)

@@ -110,7 +110,7 @@ def _entries(masks: list[np.ndarray], cats: list[int], scores: list[float]) -> l
 
 
 def test_video_iou_sums_over_frames():
-    gt, masks = _video_gt()
+    _, masks = _video_gt()
     half = masks[0].copy()
     half[3:] = False  # the prediction stops halfway: I = 3 frames' area, U = 6 frames' area
     iou = video_iou([[mask_utils.encode(np.asfortranarray(f.astype(np.uint8))) if f.any() else None for f in half]],
@@ -159,7 +159,7 @@ def test_davis_matches_proposals_and_penalises_misses():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_eval_cli_with_predictions_file(tmp_path):

@@ -12,10 +12,10 @@ import torch
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
 ort = pytest.importorskip("onnxruntime")
 
-from model_export.onnx_export import export_onnx  # noqa: E402
-from service.model.checkpoint import load_model, state_dict_hash  # noqa: E402
-from service.model.engines import EngineError, OnnxRuntimeEngine, graph_metadata, load_engine  # noqa: E402
-from service.model.stemseg import stack_clip  # noqa: E402
+from model_export.onnx_export import export_onnx
+from service.model.checkpoint import load_model, state_dict_hash
+from service.model.engines import EngineError, OnnxRuntimeEngine, graph_metadata, load_engine
+from service.model.stemseg import stack_clip
 
 REF = Path(__file__).parent / "fixtures" / "reference"
 
@@ -146,7 +146,7 @@ def test_tensorrt_profiles_cover_every_preset_and_key_the_cache(tmp_path: Path) 
             Bucket.parse(bad)
     graph = tmp_path / "heads.onnx"
     graph.write_bytes(b"graph one")
-    key = dict(gpu="NVIDIA H100 sm90", trt_version="10.13.0", fp16=True, buckets=[Bucket(480, 864)])
+    key = {"gpu": "NVIDIA H100 sm90", "trt_version": "10.13.0", "fp16": True, "buckets": [Bucket(480, 864)]}
     base = cache_key(graph, **key)
     assert cache_key(graph, **key) == base
     for change in ({"gpu": "NVIDIA L4 sm89"}, {"trt_version": "10.14.1"}, {"fp16": False},

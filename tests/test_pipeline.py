@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from frames import moving_frames
 
 from service.model.checkpoint import load_model
 from service.pipeline.clips import clip_plan, context_range
@@ -16,7 +17,6 @@ from service.pipeline.clustering import ClusteringConfig, cluster_clip
 from service.pipeline.preprocess import geometry, preprocess
 from service.pipeline.runner import ClipProcessor, Segmenter, Stitcher
 from service.pipeline.stitching import TrackChainer
-from frames import moving_frames
 
 
 class _Frame:

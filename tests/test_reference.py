@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from reference_checks import assert_same_up_to_renaming, run_chain_vector, track_stats
+
 from service.model.checkpoint import load_model
 from service.model.stemseg import stack_clip
 from service.model.synthetic import save_official_checkpoint, synthetic_state_dict

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from service_env import ServiceEnv, service_weights
 from videos import make_video
 

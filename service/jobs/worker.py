@@ -125,7 +125,7 @@ class Worker:
                 self._held = task.id
                 try:
                     self.execute(task)
-                except Exception:  # noqa: BLE001 - left unacknowledged: redelivered, then bounded
+                except Exception:
                     log.exception("task %s of job %s failed", task.id, task.job_id)
                     self._held = None
                     continue

@@ -66,11 +66,11 @@ class ResNet(nn.Module):
         self.stem = Stem(width)
         in_ch = width
         self.out_channels = tuple(width * 4 * m for m in (1, 2, 4, 8))
-        for i, (blocks, width) in enumerate(zip(stage_blocks, (width, width * 2, width * 4, width * 8)), start=1):
-            out_ch = width * 4
+        for i, (blocks, mid) in enumerate(zip(stage_blocks, (width, width * 2, width * 4, width * 8)), start=1):
+            out_ch = mid * 4
             stride = 1 if i == 1 else 2
             layer = nn.Sequential(
-                *(Bottleneck(in_ch if b == 0 else out_ch, width, out_ch, stride if b == 0 else 1) for b in range(blocks))
+                *(Bottleneck(in_ch if b == 0 else out_ch, mid, out_ch, stride if b == 0 else 1) for b in range(blocks))
             )
             self.add_module(f"layer{i}", layer)
             in_ch = out_ch

@@ -65,7 +65,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], ModelConfig | None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a safetensors file ({e})") from None
     cfg = ModelConfig.from_json(meta["preset"]) if "preset" in meta else None

@@ -20,7 +20,6 @@ from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs, STEmSeg
 
 
-
 class EngineError(RuntimeError):
     """An engine that cannot run here, with a message meant for the user."""
 

@@ -62,7 +62,7 @@ class EmbeddingHead(SqueezeExpandDecoder):
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
         x = super().forward(feats)
-        n, _, t, h, w = x.shape
+        _, _, t, h, w = x.shape
         emb = torch.tanh(0.25 * self.conv_embedding(x))
         emb = emb + spatiotemporal_offsets(self.mode, t, h, w, self.time_scale.to(emb.dtype)).unsqueeze(0)
         bandwidths = self.conv_variance(x).exp() * 10.0

@@ -45,9 +45,10 @@ class LossWeights:
 
 
 def clip_losses(emb: Tensor, bw: Tensor, seed: Tensor, semseg: Tensor, instances: Tensor, classes: Tensor,
-                free_dim_stds: tuple[float, ...], w: LossWeights = LossWeights()) -> dict[str, Tensor]:
+                free_dim_stds: tuple[float, ...], w: LossWeights | None = None) -> dict[str, Tensor]:
     """emb [E,T,h,w], bw [V,T,h,w] (exp(x)*10), seed [1,T,h,w], semseg [C+1,T,h,w];
     instances [T,h,w] (0 background, k>0 instance), classes [T,h,w] (0 background)."""
+    w = w or LossWeights()
     E = emb.shape[0]
     e = emb.reshape(E, -1).T  # [P, E]
     b = bw.reshape(bw.shape[0], -1).T

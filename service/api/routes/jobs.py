@@ -110,7 +110,7 @@ async def _receive_upload(request: Request, svc: Services, job_id: str) -> str |
                 if size > limit:
                     raise Problem(413, f"the upload is larger than the limit of {limit} bytes")
                 out.write(chunk)
-    elif ctype.startswith("video/") or ctype.startswith("application/octet-stream"):
+    elif ctype.startswith(("video/", "application/octet-stream")):
         name = request.headers.get("x-filename")
         with target.open("wb") as out:
             async for chunk in request.stream():

@@ -4,6 +4,7 @@ and MOTS measures respond to the errors they are meant to see; the command end t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -159,7 +160,9 @@ def test_davis_matches_proposals_and_penalises_misses():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "STEMSEG_WEIGHTS"}  # the default model, whatever the caller set
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600,
+                          check=False, env=env)
 
 
 def test_eval_cli_with_predictions_file(tmp_path):
@@ -182,11 +185,11 @@ def test_eval_cli_bad_ground_truth_is_one_line(tmp_path, content):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("stemseg: error:") and "Traceback" not in r.stderr
 
 
-def test_eval_cli_runs_a_model_over_a_synth_dataset(tmp_path, lite_weights):
-    """With only --gt a `stemseg synth` folder, the model runs over the videos and is scored."""
+def test_eval_cli_runs_the_default_model_over_a_synth_dataset(tmp_path, lite_weights):
+    """With only --gt a `stemseg synth` folder, the shipped model runs over the videos and is scored."""
     r = _cli("synth", "--out", str(tmp_path / "data"), "--videos", "2", "--seed", "99", "--frames", "10")
     assert r.returncode == 0, r.stderr
-    r = _cli("eval", "--gt", str(tmp_path / "data"), "--weights", str(lite_weights), "--no-progress",
+    r = _cli("eval", "--gt", str(tmp_path / "data"), "--no-progress",
              "--save-pred", str(tmp_path / "pred.json"), "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr
     numbers = json.loads((tmp_path / "m.json").read_text())

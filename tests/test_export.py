@@ -154,3 +154,18 @@ def test_tensorrt_profiles_cover_every_preset_and_key_the_cache(tmp_path: Path) 
         assert cache_key(graph, **{**key, **change}) != base, change
     graph.write_bytes(b"graph two")
     assert cache_key(graph, **key) != base
+
+
+def test_onnxruntime_cpu_matches_torch_on_the_shipped_weights(lite_weights, tmp_path: Path) -> None:
+    from service.pipeline.preprocess import IMAGE_MEAN_BGR
+    from service.training.synth import render_video
+
+    model = load_model(lite_weights)
+    engine = OnnxRuntimeEngine(export_onnx(model, tmp_path).backbone.parent, "cpu")
+    frames, _ = render_video(seed=4242, frames=model.cfg.clip_len, size=(128, 160))
+    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() - torch.tensor(IMAGE_MEAN_BGR).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        ref = model.clip_heads([stack_clip(f) for f in model.frame_features(images)])
+    out = engine.clip_heads([stack_clip(f) for f in engine.frame_features(images)])
+    assert (out.embeddings - ref.embeddings).abs().max() <= 1e-4
+    assert (out.seediness - ref.seediness).abs().max() <= 1e-4

@@ -16,9 +16,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_export.onnx_export import LEVELS
 from service.model.presets import ModelConfig
 
-LEVELS = ("p4", "p8", "p16", "p32")
 STRIDES = (4, 8, 16, 32)
 
 

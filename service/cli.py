@@ -24,6 +24,11 @@ class UsageError(Exception):
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
+    _add_model_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which network runs, where and how: shared by every command that runs the model."""
     p.add_argument("--weights", type=Path,
                    help="official .pth or our .safetensors (env STEMSEG_WEIGHTS; default: the shipped lite model)")
     p.add_argument("--preset", help="davis, youtube_vis or kitti_mots (default: inferred from the weights)")
@@ -70,14 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metric", nargs="+", default=["ytvis", "davis", "mots"], choices=["ytvis", "davis", "mots"])
     ev.add_argument("--json", type=Path, help="also write the numbers here")
     ev.add_argument("--save-pred", type=Path, help="write the predictions made here as YouTube-VIS results JSON")
-    ev.add_argument("--weights", type=Path, help="weights to run (default: the shipped lite model)")
-    ev.add_argument("--preset")
-    ev.add_argument("--device", default=None)
-    ev.add_argument("--min-dim", type=int)
-    ev.add_argument("--engine", default="torch", choices=list(ENGINES))
-    ev.add_argument("--onnx", type=Path)
-    ev.add_argument("--secondary", default="reference", choices=["reference", "corrected"])
-    ev.add_argument("--min-iou", type=float, default=None)
+    _add_model_options(ev)
     ev.add_argument("--no-progress", action="store_true")
 
     trt_p = exp_sub.add_parser("tensorrt", help="native TensorRT engines from the ONNX graphs (cached per GPU)")
@@ -145,6 +143,13 @@ def _load(args: argparse.Namespace):
             raise UsageError(f"--min-dim must be at least 32, got {args.min_dim}")
         model.cfg = model.cfg.with_min_dim(args.min_dim)
     return load_engine("torch", model=model), device, settings
+
+
+def _print_json(report: dict, path: Path | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")
 
 
 def _segmenter(model, device, args, timer):
@@ -217,10 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "tracks": len(seg.result().tracks),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    _print_json(report, args.json)
     return 0
 
 
@@ -301,10 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except (KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"malformed results entry or annotation ({type(e).__name__}: {e})") from None
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    _print_json(report, args.json)
     return 0
 
 

@@ -6,13 +6,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Ways to run the network (service.model.engines), listed here so the CLI need not import torch.
 ENGINES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt")
 
 # The model we train and ship (weights/MODEL_CARD.md); used when no weights are configured.
 SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "lite.safetensors"
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):

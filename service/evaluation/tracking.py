@@ -43,8 +43,8 @@ def _sequence(length: int, gts: Sequence[dict], dts: Sequence[dict], *, with_mas
     data: dict = {"num_timesteps": length, "num_gt_ids": len(gts), "num_tracker_ids": len(dts),
                   "gt_ids": [], "tracker_ids": [], "gt_dets": [], "tracker_dets": [], "similarity_scores": []}
     for t in range(length):
-        g_idx = [i for i, r in enumerate(g_rles) if r is not None and r[t] is not None]
-        d_idx = [i for i, r in enumerate(d_rles) if r is not None and r[t] is not None]
+        g_idx = [i for i, r in enumerate(g_rles) if r[t] is not None]
+        d_idx = [i for i, r in enumerate(d_rles) if r[t] is not None]
         g_t, d_t = [g_rles[i][t] for i in g_idx], [d_rles[i][t] for i in d_idx]
         data["gt_ids"].append(np.array(g_idx, int))
         data["tracker_ids"].append(np.array(d_idx, int))
@@ -85,14 +85,13 @@ def evaluate_mots(gt: dict, predictions: Iterable[dict]) -> dict:
     hota, clear = HOTA(), CLEAR({"PRINT_CONFIG": False})
     videos = _by_video(gt, predictions)
     per_class = {}
-    for c in gt["categories"]:
+    scored = {a["category_id"] for a in gt["annotations"]}
+    for c in (c for c in gt["categories"] if c["id"] in scored):
         h_res, c_res = {}, {}
         for vid, (video, gts, dts) in videos.items():
             data = _sequence(video["length"], [a for a in gts if a["category_id"] == c["id"]],
                              [p for p in dts if p["category_id"] == c["id"]], with_masks=False)
             h_res[vid], c_res[vid] = hota.eval_sequence(data), clear.eval_sequence(data)
-        if not any(a["category_id"] == c["id"] for a in gt["annotations"]):
-            continue
         h, m = hota.combine_sequences(h_res), clear.combine_sequences(c_res)
         per_class[c["name"]] = {"HOTA": float(np.mean(h["HOTA"])), "DetA": float(np.mean(h["DetA"])),
                                 "AssA": float(np.mean(h["AssA"])), "sMOTSA": float(m["sMOTA"]),

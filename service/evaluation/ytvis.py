@@ -38,7 +38,6 @@ def video_iou(dets: Sequence[Sequence[dict | None]], gts: Sequence[Sequence[dict
     if not dets or not gts:
         return out
     inter = np.zeros_like(out)
-    union = np.zeros_like(out)
     frames = len(gts[0])
     det_area = np.array([[mask_utils.area(r) if r is not None else 0 for r in d] for d in dets], float)
     gt_area = np.array([[mask_utils.area(r) if r is not None else 0 for r in g] for g in gts], float)
@@ -51,7 +50,7 @@ def video_iou(dets: Sequence[Sequence[dict | None]], gts: Sequence[Sequence[dict
             # IoU = I / (A + B - I) gives I back; pixel counts are integers, so rounding makes the
             # division below the same exact double that pycocotools computes for one frame.
             inter[np.ix_(d_idx, g_idx)] += np.rint(iou * (a_d + a_g) / (1.0 + iou))
-    union += det_area.sum(1)[:, None] + gt_area.sum(1)[None, :] - inter
+    union = det_area.sum(1)[:, None] + gt_area.sum(1)[None, :] - inter
     np.divide(inter, union, out=out, where=union > 0)
     return out
 

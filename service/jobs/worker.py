@@ -125,7 +125,7 @@ class Worker:
                 self._held = task.id
                 try:
                     self.execute(task)
-                except Exception:
+                except Exception:  # left unacknowledged: redelivered, and the deliveries are bounded
                     log.exception("task %s of job %s failed", task.id, task.job_id)
                     self._held = None
                     continue

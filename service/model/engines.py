@@ -47,6 +47,15 @@ class TorchEngine:
         return self.model.clip_heads(feats)
 
 
+def _graph_paths(onnx_dir: Path) -> list[Path]:
+    """backbone.onnx and heads.onnx of an export directory, or a clear error."""
+    paths = [onnx_dir / "backbone.onnx", onnx_dir / "heads.onnx"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise EngineError(f"no exported graphs at {', '.join(missing)}: run `stemseg export onnx --out {onnx_dir}`")
+    return paths
+
+
 def _providers(kind: str, device: str, cache_dir: Path) -> list:
     if kind == "onnxruntime-trt":
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -69,10 +78,7 @@ class OnnxRuntimeEngine:
             raise EngineError("--engine onnxruntime needs the onnxruntime package: "
                               "pip install 'stemseg-serve[export]' (or onnxruntime-gpu)") from None
         onnx_dir = Path(onnx_dir)
-        paths = [onnx_dir / "backbone.onnx", onnx_dir / "heads.onnx"]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise EngineError(f"no exported graphs at {', '.join(missing)}: run `stemseg export onnx --out {onnx_dir}`")
+        paths = _graph_paths(onnx_dir)
         providers = _providers(kind, device, onnx_dir / "trt-cache")
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if wanted not in ort.get_available_providers():
@@ -113,9 +119,7 @@ class TensorRTEngine:
         from model_export.tensorrt_build import build_or_load, default_buckets
 
         onnx_dir = Path(onnx_dir)
-        missing = [str(onnx_dir / f"{g}.onnx") for g in ("backbone", "heads") if not (onnx_dir / f"{g}.onnx").is_file()]
-        if missing:
-            raise EngineError(f"no exported graphs at {', '.join(missing)}: run `stemseg export onnx --out {onnx_dir}`")
+        _graph_paths(onnx_dir)
         self.cfg = ModelConfig.from_json(graph_metadata(onnx_dir)["stemseg.preset"])
         self.device = torch.device(device)
         self.buckets = buckets or default_buckets(self.cfg)
@@ -136,7 +140,7 @@ class TensorRTEngine:
             self._graphs[graph] = (engine, contexts, outputs)
 
     def _profile(self, height: int, width: int) -> int:
-        """The bucket closest in area and shape to the padded input size."""
+        """The bucket nearest the padded input size (sum of height and width differences)."""
         costs = [abs(b.height - height) + abs(b.width - width) for b in self.buckets]
         return costs.index(min(costs))
 

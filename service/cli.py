@@ -41,6 +41,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
                    help="secondary clustering pass: as the original (default) or fixed")
     p.add_argument("--min-iou", type=float, default=None, help="link clips only at IoU >= this (default: always)")
+    p.add_argument("--masks", choices=["reference", "soft"], default=None,
+                   help="mask outlines: upsampled stride-4 labels as the original, or drawn by the upsampled "
+                        "foreground score (default: the preset's; soft for lite)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
+    tr.add_argument("--init", type=Path, help="fine-tune these weights (.safetensors of the same preset) "
+                                              "instead of starting from scratch")
 
     syn = sub.add_parser("synth-weights", help="official-format .pth of synthetic weights (reference recipe)")
     syn.add_argument("--preset", required=True)
@@ -156,7 +161,7 @@ def _segmenter(model, device, args, timer):
     from service.pipeline.runner import Segmenter, SegmenterOptions
 
     return Segmenter(model, device=device, timer=timer,
-                     options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou))
+                     options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -294,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         frames = sum(v["length"] for v in gt["videos"])
         with tqdm(total=frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
             predictions = predict(gt, root, model, device=device, progress=bar.update,
-                                  options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou))
+                                  options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks))
         if args.save_pred:
             args.save_pred.write_text(json.dumps(predictions))
     try:
@@ -367,6 +372,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from service.config import resolve_device
+    from service.model.checkpoint import load_model
     from service.model.presets import get_preset
     from service.training.train import train
 
@@ -374,7 +380,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.data} has no annotations.json: make a dataset with `stemseg synth`")
     try:
         cfg, device = get_preset(args.preset), resolve_device(args.device)
-    except ValueError as e:
+        init = load_model(args.init, preset=cfg) if args.init else None
+    except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     with tqdm(total=args.steps, unit="step", file=sys.stderr) as bar:
         def progress(step: int, row: dict) -> None:
@@ -383,7 +390,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar.refresh()
 
         train(args.data, cfg, args.out, steps=args.steps, batch=args.batch, lr=args.lr, device=device,
-              seed=args.seed, progress=progress)
+              seed=args.seed, init=init, progress=progress)
     print(f"wrote {args.out}")
     return 0
 

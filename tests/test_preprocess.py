@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.pipeline.preprocess import IMAGE_MEAN_BGR, geometry, masks_to_frame, preprocess, resized_size
+from service.pipeline.preprocess import (
+    IMAGE_MEAN_BGR,
+    geometry,
+    masks_to_frame,
+    preprocess,
+    resized_size,
+    soft_masks_to_frame,
+)
 
 
 @pytest.mark.parametrize(
@@ -55,3 +62,29 @@ def test_masks_back_to_frame_size() -> None:
     out = masks_to_frame(masks, g, stride=4)
     assert out.shape == (3, 45, 70) and out.dtype == torch.bool
     assert out[:, :20, :30].all() and not out[:, 28:, :].any() and not out[:, :, 40:].any()
+
+
+def test_soft_masks_follow_the_foreground_score_between_grid_points() -> None:
+    """An edge the stride-4 grid cannot place: the foreground score ramps across columns and
+    crosses the threshold inside a cell. Hard labels put the outline on the grid; soft masks
+    put it where the upsampled score crosses."""
+    g = geometry(32, 64, 32, 1000)  # no resize, no padding: stride-4 maps are 8x16
+    score = torch.linspace(1.0, -0.5, 16).clamp_min(0).expand(8, 16).contiguous()
+    labels = (score > 0.5).unsqueeze(0)
+    soft = soft_masks_to_frame(labels, score, 0.5, g, stride=4)
+    full = F.interpolate(score[None, None], scale_factor=4.0, mode="bilinear", align_corners=False)[0, 0]
+    hard = masks_to_frame(labels.float(), g, stride=4)
+    assert torch.equal(soft[0, 0], (full > 0.5)[0])
+    assert int(soft[0, 0].sum()) != int(hard[0, 0].sum())  # the two rules really differ here
+
+
+def test_soft_masks_split_foreground_between_instances_and_skip_unowned() -> None:
+    g = geometry(32, 64, 32, 1000)
+    labels = torch.zeros(8, 16, dtype=torch.long)
+    labels[:, 0:6], labels[:, 6:10] = 1, 2  # columns 10-15: foreground nobody claimed
+    onehot = torch.stack([labels == 1, labels == 2])
+    soft = soft_masks_to_frame(onehot, torch.ones(8, 16), 0.5, g, stride=4)
+    assert soft.shape == (2, 32, 64) and soft.dtype == torch.bool
+    assert not (soft[0] & soft[1]).any()  # one owner per pixel
+    assert soft[0][:, :22].all() and soft[1][:, 26:38].all()
+    assert not soft[:, :, 44:].any()  # foreground with no instance within reach stays empty

@@ -14,6 +14,7 @@ from typing import Literal
 
 EmbeddingMode = Literal["xyt", "xyff"]
 ForegroundRule = Literal["seediness", "semseg"]
+MaskUpsampling = Literal["reference", "soft"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class ModelConfig:
     foreground_thresh: float = 0.5
     # Stride of the maps clustering runs on: 4 (decoder output) or 1 (upsampled to input size).
     cluster_stride: int = 4
+    # How stride-4 instance labels become frame-size masks: "reference" upsamples the hard
+    # labels (the original); "soft" lets the upsampled foreground score draw the outline.
+    mask_upsampling: MaskUpsampling = "reference"
     min_seediness: float = 0.8
     max_instances: int = 20
     max_tracks: int | None = 10
@@ -119,7 +123,8 @@ PRESETS["lite"] = ModelConfig(
     name="lite", blocks=(1, 1, 1, 1), width=16, fpn_channels=64, clip_len=8, overlap=4, min_dim=128, max_dim=256,
     classes={1: "disc", 2: "square", 3: "triangle", 4: "star", 5: "cross", 6: "ring"},
     embedding_mode="xyff", embedding_inter=(64, 64, 32, 32), semseg_inter=(64, 64, 32, 32), foreground="semseg",
-    foreground_thresh=0.5, cluster_stride=4, min_seediness=0.6, max_instances=20, max_tracks=10,
+    foreground_thresh=0.5, cluster_stride=4, mask_upsampling="soft", min_seediness=0.6, max_instances=20,
+    max_tracks=10,
 )
 
 

@@ -36,7 +36,7 @@ from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs
 from service.pipeline.clips import last_use
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
-from service.pipeline.preprocess import Geometry, geometry, masks_to_frame, preprocess
+from service.pipeline.preprocess import Geometry, geometry, masks_to_frame, preprocess, soft_masks_to_frame
 from service.pipeline.stitching import TrackChainer
 from service.pipeline.timing import StageTimer
 from service.pipeline.tracks import Track, VideoResult
@@ -49,6 +49,7 @@ class SegmenterOptions:
     secondary: str = "reference"  # "corrected": leftover pixels go to their most probable instance
     min_iou: float | None = None  # clips link only at IoU >= this
     fg_thresh: float | None = None  # override the preset's foreground threshold
+    mask_upsampling: str | None = None  # override the preset's ("reference" or "soft")
 
 
 @dataclass
@@ -228,12 +229,17 @@ class ClipProcessor:
             mean = F.interpolate(mean.unsqueeze(0), scale_factor=4.0, mode="bilinear", align_corners=False)[0]
         return mean
 
-    def _foreground(self, ev: _Evidence) -> Tensor:
+    def _foreground_score(self, ev: _Evidence) -> tuple[Tensor, float]:
+        """A frame's foreground score at the clustering resolution and the threshold it must pass."""
         thresh = self.options.fg_thresh if self.options.fg_thresh is not None else self.cfg.foreground_thresh
         maps = self._frame_maps(ev)
         if self.cfg.foreground == "seediness":
-            return maps[0] > thresh
-        return torch.sigmoid(maps[-1]) > thresh
+            return maps[0], thresh
+        return torch.sigmoid(maps[-1]), thresh
+
+    def _foreground(self, ev: _Evidence) -> Tensor:
+        score, thresh = self._foreground_score(ev)
+        return score > thresh
 
     def _frame_stats(self, index: int, label_map: Tensor, ev: _Evidence) -> FrameStats:
         cfg, geom = self.cfg, self.geom
@@ -250,7 +256,11 @@ class ClipProcessor:
             stats.logit_sums = (weights @ logits.T).double().cpu().numpy()
             votes = F.one_hot(logits.argmax(0), logits.shape[0]).to(logits.dtype)
             stats.votes = (weights @ votes).round().long().cpu().numpy()
-        masks = masks_to_frame(onehot, geom, cfg.cluster_stride).cpu()
+        if (self.options.mask_upsampling or cfg.mask_upsampling) == "soft":
+            score, thresh = self._foreground_score(ev)
+            masks = soft_masks_to_frame(onehot, score, thresh, geom, cfg.cluster_stride).cpu()
+        else:
+            masks = masks_to_frame(onehot, geom, cfg.cluster_stride).cpu()
         stats.rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
         return stats
 

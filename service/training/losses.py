@@ -44,10 +44,21 @@ class LossWeights:
     foreground: float = 1.0
 
 
+def _foreground_loss(logit: Tensor, classes: Tensor, full: Tensor | None) -> Tensor:
+    if full is None:
+        return F.binary_cross_entropy_with_logits(logit.reshape(-1), (classes.reshape(-1) > 0).float())
+    up = F.interpolate(logit.unsqueeze(1), scale_factor=4.0, mode="bilinear", align_corners=False)[:, 0]
+    return F.binary_cross_entropy_with_logits(up, full.to(up.dtype))
+
+
 def clip_losses(emb: Tensor, bw: Tensor, seed: Tensor, semseg: Tensor, instances: Tensor, classes: Tensor,
-                free_dim_stds: tuple[float, ...], w: LossWeights | None = None) -> dict[str, Tensor]:
+                free_dim_stds: tuple[float, ...], w: LossWeights | None = None,
+                foreground: Tensor | None = None) -> dict[str, Tensor]:
     """emb [E,T,h,w], bw [V,T,h,w] (exp(x)*10), seed [1,T,h,w], semseg [C+1,T,h,w];
-    instances [T,h,w] (0 background, k>0 instance), classes [T,h,w] (0 background)."""
+    instances [T,h,w] (0 background, k>0 instance), classes [T,h,w] (0 background).
+
+    `foreground` [T,4h,4w] bool, when given, is the full-size target of the foreground logit
+    upsampled x4 as inference does: it teaches outlines finer than the stride-4 grid."""
     w = w or LossWeights()
     E = emb.shape[0]
     e = emb.reshape(E, -1).T  # [P, E]
@@ -78,8 +89,7 @@ def clip_losses(emb: Tensor, bw: Tensor, seed: Tensor, semseg: Tensor, instances
         "seediness": w.seediness * F.mse_loss(seed_flat, seed_target),
         "smoothness": w.smoothness * (torch.stack(smooth).mean() if smooth else zero),
         "semseg": w.semseg * F.cross_entropy(semseg[:-1].reshape(semseg.shape[0] - 1, -1).T, classes.reshape(-1)),
-        "foreground": w.foreground * F.binary_cross_entropy_with_logits(semseg[-1].reshape(-1),
-                                                                         (classes.reshape(-1) > 0).float()),
+        "foreground": w.foreground * _foreground_loss(semseg[-1], classes, foreground),
     }
     out["total"] = sum(out.values())
     return out

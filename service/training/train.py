@@ -83,6 +83,16 @@ def trainable(cfg: ModelConfig) -> STEmSeg:
     return model
 
 
+def unfrozen_copy(model: STEmSeg) -> STEmSeg:
+    """The trainable form of inference weights (the inverse of `frozen_copy`), to fine-tune them."""
+    out = trainable(model.cfg)
+    sd = {k: v - 1e-5 if k.endswith("running_var") else v for k, v in model.state_dict().items()}
+    missing, unexpected = out.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise ValueError(f"weights do not fit preset {model.cfg.name!r}: missing {missing}, unexpected {unexpected}")
+    return out
+
+
 def frozen_copy(model: STEmSeg) -> STEmSeg:
     """Fold trained batch norms into the frozen, epsilon-0 form of the inference network."""
     out = STEmSeg(model.cfg)
@@ -101,17 +111,21 @@ def _batch(ds: Dataset, rng: random.Random, cfg: ModelConfig, n: int, device: to
     x = frames.permute(0, 1, 4, 2, 3).float() - torch.tensor(IMAGE_MEAN_BGR, device=device).view(1, 1, 3, 1, 1)
     inst = torch.from_numpy(np.stack([c[1] for c in clips])).to(device)
     cls = torch.from_numpy(np.stack([c[2] for c in clips])).to(device)
-    return x, inst[..., 2::4, 2::4], cls[..., 2::4, 2::4]  # labels at the stride-4 output grid
+    # Labels at the stride-4 output grid, and the full-size foreground the upsampled
+    # foreground logit is trained against (inference draws mask outlines from it).
+    return x, inst[..., 2::4, 2::4], cls[..., 2::4, 2::4], cls > 0
 
 
 def train(data: Path, cfg: ModelConfig, out: Path, steps: int = 4000, batch: int = 4, lr: float = 2e-3,
           device: str = "cpu", seed: int = 0, log_every: int = 50, save_every: int = 500,
-          progress: Callable[[int, dict], None] | None = None) -> Path:
+          init: STEmSeg | None = None, progress: Callable[[int, dict], None] | None = None) -> Path:
+    """Train `cfg` on a `stemseg synth` folder; resumes from `out`'s checkpoint when there is one,
+    else starts from `init` (inference weights to fine-tune) or from scratch."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     dev = torch.device(device)
     ds = Dataset(data)
-    model = trainable(cfg).to(dev).train()
+    model = (unfrozen_copy(init) if init is not None else trainable(cfg)).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
@@ -128,13 +142,13 @@ def train(data: Path, cfg: ModelConfig, out: Path, steps: int = 4000, batch: int
     log = out.with_suffix(".log.jsonl").open("a")
     start = time.time()
     while step < steps:
-        x, inst, cls = _batch(ds, rng, cfg, batch, dev)
+        x, inst, cls, fg = _batch(ds, rng, cfg, batch, dev)
         n, t = x.shape[:2]
         feats = model.frame_features(x.flatten(0, 1))
         stacked = [f.unflatten(0, (n, t)).permute(0, 2, 1, 3, 4) for f in feats]
         outs = model.clip_heads(stacked)
         losses = [clip_losses(outs.embeddings[i], outs.bandwidths[i], outs.seediness[i], outs.semseg_logits[i],
-                              inst[i], cls[i], tuple(cfg.free_dim_stds)) for i in range(n)]
+                              inst[i], cls[i], tuple(cfg.free_dim_stds), foreground=fg[i]) for i in range(n)]
         total = torch.stack([l_["total"] for l_ in losses]).mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -158,4 +172,4 @@ def train(data: Path, cfg: ModelConfig, out: Path, steps: int = 4000, batch: int
     return out
 
 
-__all__ = ["Dataset", "frozen_copy", "train", "trainable"]
+__all__ = ["Dataset", "frozen_copy", "train", "trainable", "unfrozen_copy"]

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", default="128x160", help="HxW")
 
     tr = sub.add_parser("train", help="train a preset on a synthetic dataset")
-    tr.add_argument("--data", type=Path, required=True)
+    tr.add_argument("--data", type=Path, nargs="+", required=True, help="one or more `stemseg synth` folders")
     tr.add_argument("--preset", default="lite")
     tr.add_argument("--out", type=Path, required=True, help="weights file (.safetensors); resumes if its checkpoint exists")
     tr.add_argument("--steps", type=int, default=4000)
@@ -376,8 +376,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from service.model.presets import get_preset
     from service.training.train import train
 
-    if not (args.data / "annotations.json").is_file():
-        raise UsageError(f"{args.data} has no annotations.json: make a dataset with `stemseg synth`")
+    for folder in args.data:
+        if not (folder / "annotations.json").is_file():
+            raise UsageError(f"{folder} has no annotations.json: make a dataset with `stemseg synth`")
     try:
         cfg, device = get_preset(args.preset), resolve_device(args.device)
         init = load_model(args.init, preset=cfg) if args.init else None

@@ -14,7 +14,7 @@ from frames import moving_frames
 from service.model.checkpoint import load_model
 from service.pipeline.clips import clip_plan, context_range
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
-from service.pipeline.preprocess import geometry, preprocess
+from service.pipeline.preprocess import geometry, masks_to_frame, preprocess
 from service.pipeline.runner import ClipProcessor, Segmenter, Stitcher
 from service.pipeline.stitching import TrackChainer
 
@@ -114,3 +114,33 @@ def test_chunked_processing_with_saved_stitcher_state_equals_one_pass(official_w
     final = Stitcher.from_bytes(state)
     assert {t.id: (t.pixels, t.first_frame, t.last_frame) for t in final.tracks.values()} == {
         t.id: (t.pixels, t.first_frame, t.last_frame) for t in one.result().tracks}
+
+
+def test_lite_outlines_follow_the_foreground_not_the_stride_4_grid(lite_weights) -> None:
+    """On a synthetic video the shipped model knows: `reference` masks are upsampled stride-4
+    labels (a pixel at offset (1, 1) in its 4x4 cell carries the cell's label, so resampling
+    those pixels reproduces the mask); `soft` ones (the lite default) are not, and fit the
+    objects better."""
+    from service.pipeline.runner import SegmenterOptions
+    from service.training.synth import render_video
+
+    model = load_model(lite_weights, preset="lite")
+    video, objects = render_video(31, frames=12, size=(128, 160))
+    plan = clip_plan(len(video), model.cfg.clip_len, model.cfg.overlap)
+    ious = {}
+    for mode in ("reference", "soft"):
+        seg = Segmenter(model, options=SegmenterOptions(mask_upsampling=mode))
+        frames = list(seg.propagate(_windows(video, plan), plan, 128, 160))
+        geom = geometry(128, 160, model.cfg.min_dim, model.cfg.max_dim)
+        blocky = all(np.array_equal(masks_to_frame(torch.from_numpy(m[1::4, 1::4]), geom, 4).numpy(), m)
+                     for fr in frames for m in fr.masks())
+        assert blocky == (mode == "reference"), mode
+        best = []  # each object's best mask IoU per frame
+        for fr in frames:
+            masks = fr.masks()
+            for o in objects:
+                gt = o["masks"][fr.index]
+                if gt.any() and len(masks):
+                    best.append(max((m & gt).sum() / (m | gt).sum() for m in masks))
+        ious[mode] = float(np.mean(best))
+    assert ious["soft"] > ious["reference"], ious

@@ -150,3 +150,16 @@ def test_train_cli_refuses_weights_of_another_preset(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "bad.safetensors" in err
 
+
+
+def test_dataset_reads_several_folders_with_compact_labels(tmp_path: Path) -> None:
+    from service.training.train import Dataset
+
+    a = write_dataset(tmp_path / "a", videos=2, seed=11, frames=6, size=(64, 96))
+    b = write_dataset(tmp_path / "b", videos=1, seed=12, frames=6, size=(64, 96))
+    ds = Dataset([a, b])
+    assert len(ds.videos) == 3
+    frames, inst, cls = ds.videos[2]
+    assert frames.shape == (6, 64, 96, 3) and inst.dtype == cls.dtype == np.uint8
+    _, objects = render_video(12 * 100003, frames=6, size=(64, 96))
+    assert set(np.unique(cls)) == {0} | {o["category_id"] for o in objects if o["masks"].any()}

@@ -229,16 +229,15 @@ class ClipProcessor:
             mean = F.interpolate(mean.unsqueeze(0), scale_factor=4.0, mode="bilinear", align_corners=False)[0]
         return mean
 
-    def _foreground_score(self, ev: _Evidence) -> tuple[Tensor, float]:
-        """A frame's foreground score at the clustering resolution and the threshold it must pass."""
+    def _foreground_score(self, maps: Tensor) -> tuple[Tensor, float]:
+        """The foreground score in a frame's maps and the threshold it must pass."""
         thresh = self.options.fg_thresh if self.options.fg_thresh is not None else self.cfg.foreground_thresh
-        maps = self._frame_maps(ev)
         if self.cfg.foreground == "seediness":
             return maps[0], thresh
         return torch.sigmoid(maps[-1]), thresh
 
     def _foreground(self, ev: _Evidence) -> Tensor:
-        score, thresh = self._foreground_score(ev)
+        score, thresh = self._foreground_score(self._frame_maps(ev))
         return score > thresh
 
     def _frame_stats(self, index: int, label_map: Tensor, ev: _Evidence) -> FrameStats:
@@ -249,15 +248,16 @@ class ClipProcessor:
         onehot = label_map.unsqueeze(0) == torch.tensor(ids, device=label_map.device).view(-1, 1, 1)
         flat = onehot.flatten(1)
         stats = FrameStats(index, ids, flat.sum(1).tolist(), [])
+        maps = self._frame_maps(ev)
         if cfg.semseg_inter is not None:
             # Class channels only: 0 is background and the last is the foreground logit.
-            logits = self._frame_maps(ev)[1:-1].flatten(1)
+            logits = maps[1:-1].flatten(1)
             weights = flat.to(logits.dtype)
             stats.logit_sums = (weights @ logits.T).double().cpu().numpy()
             votes = F.one_hot(logits.argmax(0), logits.shape[0]).to(logits.dtype)
             stats.votes = (weights @ votes).round().long().cpu().numpy()
         if (self.options.mask_upsampling or cfg.mask_upsampling) == "soft":
-            score, thresh = self._foreground_score(ev)
+            score, thresh = self._foreground_score(maps)
             masks = soft_masks_to_frame(onehot, score, thresh, geom, cfg.cluster_stride).cpu()
         else:
             masks = masks_to_frame(onehot, geom, cfg.cluster_stride).cpu()

@@ -11,7 +11,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +31,27 @@ from service.training.synth import render_video
 class Dataset:
     """Frames and per-frame instance/class maps of every video, held in memory (small videos)."""
 
-    def __init__(self, root: Path) -> None:
-        doc = json.loads((root / "annotations.json").read_text())
+    def __init__(self, roots: Path | Sequence[Path]) -> None:
+        # Label maps as uint8 (a video has far fewer than 256 objects and classes): a thousand
+        # videos then fit in a few GB, and more videos is what closes the gap to held-out data.
         self.videos: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for root in [roots] if isinstance(roots, Path) else roots:
+            self._load(root)
+
+    def _load(self, root: Path) -> None:
+        doc = json.loads((root / "annotations.json").read_text())
         info = doc.get("info", {})
         by_video: dict[int, list[dict]] = {}
         for a in doc["annotations"]:
             by_video.setdefault(a["video_id"], []).append(a)
         for i, v in enumerate(doc["videos"]):
             frames = self._frames(root / v["file_name"], info, i, v)
-            inst = np.zeros((v["length"], v["height"], v["width"]), np.int64)
+            objects = by_video.get(v["id"], [])
+            if len(objects) > 255:
+                raise ValueError(f"{root}: video {v['id']} has {len(objects)} objects; at most 255 fit")
+            inst = np.zeros((v["length"], v["height"], v["width"]), np.uint8)
             cls = np.zeros_like(inst)
-            for k, a in enumerate(by_video.get(v["id"], []), start=1):
+            for k, a in enumerate(objects, start=1):
                 for t, rle in enumerate(a["segmentations"]):
                     if rle is not None:
                         m = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
@@ -109,17 +118,17 @@ def _batch(ds: Dataset, rng: random.Random, cfg: ModelConfig, n: int, device: to
     clips = [ds.sample(rng, cfg.clip_len) for _ in range(n)]
     frames = torch.from_numpy(np.stack([c[0] for c in clips])).to(device)  # [N, T, H, W, 3]
     x = frames.permute(0, 1, 4, 2, 3).float() - torch.tensor(IMAGE_MEAN_BGR, device=device).view(1, 1, 3, 1, 1)
-    inst = torch.from_numpy(np.stack([c[1] for c in clips])).to(device)
-    cls = torch.from_numpy(np.stack([c[2] for c in clips])).to(device)
+    inst = torch.from_numpy(np.stack([c[1] for c in clips])).to(device).long()
+    cls = torch.from_numpy(np.stack([c[2] for c in clips])).to(device).long()
     # Labels at the stride-4 output grid, and the full-size foreground the upsampled
     # foreground logit is trained against (inference draws mask outlines from it).
     return x, inst[..., 2::4, 2::4], cls[..., 2::4, 2::4], cls > 0
 
 
-def train(data: Path, cfg: ModelConfig, out: Path, steps: int = 4000, batch: int = 4, lr: float = 2e-3,
-          device: str = "cpu", seed: int = 0, log_every: int = 50, save_every: int = 500,
+def train(data: Path | Sequence[Path], cfg: ModelConfig, out: Path, steps: int = 4000, batch: int = 4,
+          lr: float = 2e-3, device: str = "cpu", seed: int = 0, log_every: int = 50, save_every: int = 500,
           init: STEmSeg | None = None, progress: Callable[[int, dict], None] | None = None) -> Path:
-    """Train `cfg` on a `stemseg synth` folder; resumes from `out`'s checkpoint when there is one,
+    """Train `cfg` on one or more `stemseg synth` folders; resumes from `out`'s checkpoint when there is one,
     else starts from `init` (inference weights to fine-tune) or from scratch."""
     torch.manual_seed(seed)
     rng = random.Random(seed)

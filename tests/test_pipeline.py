@@ -124,7 +124,8 @@ def test_lite_outlines_follow_the_foreground_not_the_stride_4_grid(lite_weights)
     from service.pipeline.runner import SegmenterOptions
     from service.training.synth import render_video
 
-    model = load_model(lite_weights, preset="lite")
+    model = load_model(lite_weights)
+    assert model.cfg.mask_upsampling == "soft"
     video, objects = render_video(31, frames=12, size=(128, 160))
     plan = clip_plan(len(video), model.cfg.clip_len, model.cfg.overlap)
     ious = {}

@@ -1,7 +1,9 @@
 """The shipped model's card, written from the weights file and `stemseg eval --json` reports,
 so no number in it is typed by hand:
 
-    python -m service.training.model_card WEIGHTS HELDOUT.json "how it was trained" [VAL.json]
+    python -m service.training.model_card WEIGHTS HELDOUT.json TRAINING.md [VAL.json]
+
+TRAINING.md is the story of how the weights were made (data, commands, times), in Markdown.
 """
 
 from __future__ import annotations
@@ -35,18 +37,18 @@ real videos use an official checkpoint (`--weights youtube_vis.pth`).
 | --- | --- |
 | file | `weights/lite.safetensors`, {weights.stat().st_size / 2**20:.1f} MiB, {params:,} parameters |
 | sha256 | `{sha}` |
-| preset | `{cfg.name}`: blocks {list(cfg.blocks)}, width {cfg.width}, FPN {cfg.fpn_channels} channels, clip {cfg.clip_len} frames / overlap {cfg.overlap}, min/max dim {cfg.min_dim}/{cfg.max_dim}, clustering at stride {cfg.cluster_stride}, min seediness {cfg.min_seediness}, at most {cfg.max_tracks} tracks |
+| preset | `{cfg.name}`: blocks {list(cfg.blocks)}, width {cfg.width}, FPN {cfg.fpn_channels} channels, clip {cfg.clip_len} frames / overlap {cfg.overlap}, min/max dim {cfg.min_dim}/{cfg.max_dim}, clustering at stride {cfg.cluster_stride}, min seediness {cfg.min_seediness}, mask outlines `{cfg.mask_upsampling}`, at most {cfg.max_tracks} tracks |
 | classes | {", ".join(f"{k} {v}" for k, v in cfg.classes.items())} |
 
 ## Training
 
-Data: `stemseg synth --out train --videos 300 --seed 1` (24 frames, 128x160 each).
 {training}
+
 Losses (`service/training/losses.py`): Lovász hinge on each instance's probability map
 from embedding distances and bandwidths, seediness regression, bandwidth smoothness, semseg
-cross-entropy, foreground BCE. AdamW, lr 2e-3 with warm-up and cosine decay, batch 6 clips
-of 8 frames, random flips and time reversal; batch norms trained, then folded into the
-frozen (epsilon 0) form of the inference network. CPU only (2 cores), seed 0.
+cross-entropy, foreground BCE. AdamW with warm-up and cosine decay, batch 6 clips of 8
+frames, random flips and time reversal; batch norms trained, then folded into the frozen
+(epsilon 0) form of the inference network.
 
 ## Evaluation
 
@@ -73,9 +75,9 @@ Per-class AP:
 """
     if val:
         card += f"""
-A separate validation set (`--seed 3`, 12 videos) was used to compare inference settings
-(clustering stride, minimum seediness, secondary pass, minimum linking IoU); none beat the
-preset's, which are kept. This model scores AP {_f(val["AP"])}, AP50 {_f(val["AP50"])} there.
+A separate validation set (`stemseg synth --out val --videos 12 --seed 3`) was used to choose
+between checkpoints and inference settings; this model scores AP {_f(val["AP"])}, AP50
+{_f(val["AP50"])} there.
 """
     card += """
 sMOTSA and MOTSA are low because MOTS counts every output track, and the YouTube-VIS output
@@ -91,6 +93,6 @@ above for where this model stands.
 if __name__ == "__main__":
     args = sys.argv[1:]
     weights = Path(args[0])
-    card = model_card(weights, json.loads(Path(args[1]).read_text()), args[2],
+    card = model_card(weights, json.loads(Path(args[1]).read_text()), Path(args[2]).read_text().strip(),
                       json.loads(Path(args[3]).read_text()) if len(args) > 3 else None)
     (weights.parent / "MODEL_CARD.md").write_text(card)

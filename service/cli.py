@@ -157,11 +157,17 @@ def _print_json(report: dict, path: Path | None) -> None:
         path.write_text(text + "\n")
 
 
-def _segmenter(model, device, args, timer):
-    from service.pipeline.runner import Segmenter, SegmenterOptions
+def _options(args: argparse.Namespace):
+    """The pipeline options `_add_model_options` parsed."""
+    from service.pipeline.runner import SegmenterOptions
 
-    return Segmenter(model, device=device, timer=timer,
-                     options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks))
+    return SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks)
+
+
+def _segmenter(model, device, args, timer):
+    from service.pipeline.runner import Segmenter
+
+    return Segmenter(model, device=device, timer=timer, options=_options(args))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -293,13 +299,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not isinstance(predictions, list):
             raise UsageError(f"{args.pred}: YouTube-VIS results are a JSON list of entries")
     else:
-        from service.pipeline.runner import SegmenterOptions
-
         model, device, _ = _load(args)
         frames = sum(v["length"] for v in gt["videos"])
         with tqdm(total=frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
-            predictions = predict(gt, root, model, device=device, progress=bar.update,
-                                  options=SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks))
+            predictions = predict(gt, root, model, device=device, progress=bar.update, options=_options(args))
         if args.save_pred:
             args.save_pred.write_text(json.dumps(predictions))
     try:

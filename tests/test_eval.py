@@ -193,7 +193,7 @@ def test_eval_cli_runs_the_default_model_over_a_synth_dataset(tmp_path, lite_wei
              "--save-pred", str(tmp_path / "pred.json"), "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr
     numbers = json.loads((tmp_path / "m.json").read_text())
-    assert numbers["videos"] == 2
+    assert numbers["videos"] == 2 and numbers["dataset"]["seed"] == 99  # the report says which set it scored
     for key in ("AP", "AP50", "AP75", "AR1", "AR10", "J&F", "HOTA", "sMOTSA", "MOTSA"):
         assert key in numbers
     assert 0.0 <= numbers["AP"] <= 1.0

@@ -34,3 +34,25 @@ def test_finds_objects_in_unseen_videos(lite_weights: Path, tmp_path: Path) -> N
     engine = load_engine("torch", model=load_model(lite_weights))
     report = evaluate(gt, predict(gt, data, engine, device="cpu"), metrics=("ytvis",))
     assert report["AP50"] >= 0.3, report
+
+
+def test_model_card_names_each_sets_seed_and_judges_the_targets(lite_weights: Path) -> None:
+    """The card is written from eval reports: every set is named by the seed its report says
+    it scored, metrics a set was not scored with show as '-', and the target verdict follows
+    the numbers (AP exactly at the bar counts as met)."""
+    from service.training.model_card import model_card
+
+    classes = {name: 0.5 for name in CLASSES.values()}
+    full = {"AP": 0.61, "AP50": 0.86, "AP75": 0.7, "AR1": 0.5, "AR10": 0.6, "J&F": 0.8, "J-Mean": 0.75,
+            "F-Mean": 0.85, "HOTA": 0.65, "sMOTSA": 0.1, "MOTSA": 0.2, "per_class_AP": classes,
+            "videos": 16, "dataset": {"seed": 2}}
+    ytvis_only = {"AP": 0.6, "AP50": 0.849, "AP75": 0.7, "AR1": 0.5, "AR10": 0.6, "per_class_AP": classes,
+                  "videos": 48, "dataset": {"seed": 8}}
+    val = {"AP": 0.7, "AP50": 0.9, "videos": 12, "dataset": {"seed": 3}}
+    card = model_card(lite_weights, [full, ytvis_only], "trained somehow", val)
+    assert "| metric | seed 2, 16 videos | seed 8, 48 videos |" in card
+    assert "| MOTS HOTA | 0.650 | - |" in card
+    assert "- seed 2, 16 videos: AP 0.610 >= 0.6, AP50 0.860 >= 0.85: **met**" in card
+    assert "- seed 8, 48 videos: AP 0.600 >= 0.6, AP50 0.849 < 0.85: not met" in card
+    assert "--videos 48 --seed 8" in card and "validation set (seed 3, 12 videos)" in card
+    assert hashlib.sha256(lite_weights.read_bytes()).hexdigest() in card

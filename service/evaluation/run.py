@@ -66,6 +66,8 @@ def evaluate(gt: dict, predictions: Iterable[dict], metrics: Iterable[str] = MET
         out.update({k: v for k, v in mots.items() if k != "per_class"})
         out["per_class_mots"] = mots["per_class"]
     out["videos"] = len(gt["videos"])
+    if "info" in gt:  # what `stemseg synth` made it from (seed, frames, size): reports say which set they scored
+        out["dataset"] = gt["info"]
     return out
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -67,12 +68,18 @@ def test_seediness_threshold_compared_in_float32() -> None:
 
 def test_free_dim_bandwidths_in_float32() -> None:
     assert free_dim_bandwidths((0.2,)).item() == pytest.approx(24.999998, abs=1e-6)
-    # A pixel offset only in a free dim, right at the primary threshold: inside with the
-    # float32 bandwidth 24.999998 (the original), outside with 25.
+    # A pixel offset only in a free dim by 1.8425015: its float32 distance is 9.2125072 with
+    # the float32 bandwidth 24.999998 (the original) and one ulp more, 9.2125082, with 25.
+    # At a threshold between the two exact probabilities (2 and 3 float32 ulps from each, so
+    # exp's last-bit rounding, which differs between CPUs, cannot decide it) only the
+    # original's bandwidth keeps the pixel in the seed's instance.
+    offset = 1.8425015211105347
+    inside, outside = math.exp(-0.5 * 9.212507247924805), math.exp(-0.5 * 9.212508201599121)
     emb = torch.zeros(4, 1, 1, 2)
-    emb[2, 0, 0, 1] = 0.27725884318351746
+    emb[2, 0, 0, 1] = offset
     seed = torch.tensor([0.9, 0.1]).view(1, 1, 1, 2)
-    cfg = ClusteringConfig(free_dim_stds=(0.2, 0.2), secondary_prob_thresh=0.99)
+    cfg = ClusteringConfig(free_dim_stds=(0.2, 0.2), primary_prob_thresh=(inside + outside) / 2,
+                           secondary_prob_thresh=0.99)
     out = cluster_clip(emb, torch.ones(2, 1, 1, 2), seed, torch.ones(1, 1, 2, dtype=torch.bool), cfg)
     assert out[0, 0].tolist() == [1, 1]
 
@@ -138,9 +145,11 @@ def test_secondary_pass_reference_takes_farthest_instance_corrected_nearest() ->
 
 def test_secondary_pass_picks_by_distance_not_by_rounded_probability() -> None:
     # The leftover pixel is 1.5000001 from A and 1.5000002 from B: distinct distances whose
-    # float32 probabilities are equal (0.47237). The original takes the max *distance*: B.
+    # float32 probabilities (0.47237) are equal or one ulp apart, depending on the CPU's exp
+    # rounding. The original takes the max *distance*: B, on every CPU.
     d_a, d_b = 1.5000001192092896, 1.500000238418579
-    assert torch.exp(torch.tensor(-0.5 * d_a)) == torch.exp(torch.tensor(-0.5 * d_b))
+    p_a, p_b = torch.exp(torch.tensor(-0.5 * d_a)), torch.exp(torch.tensor(-0.5 * d_b))
+    assert 0 <= p_a - p_b <= torch.finfo(torch.float32).eps * 0.5
     emb, bw, seed, fg = _row([d_a, -d_b, 0.0], [0.95, 0.9, 0.1])
     assert cluster_clip(emb, bw, seed, fg, UNIT)[0, 0].tolist() == [1, 2, 2]
 

@@ -30,6 +30,10 @@ def _set_name(report: dict) -> str:
     return f"seed {report['dataset']['seed']}, {report['videos']} videos"
 
 
+def _header(first: str, reports: list[dict]) -> str:
+    return f"| {first} | " + " | ".join(_set_name(r) for r in reports) + " |\n|" + " --- |" * (len(reports) + 1)
+
+
 def _row(name: str, reports: list[dict], value) -> str:
     cells = []
     for r in reports:
@@ -46,9 +50,8 @@ def model_card(weights: Path, heldout: list[dict], training: str, val: dict) -> 
     cfg = (m := load_model(weights)).cfg
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     params = sum(p.numel() for p in m.parameters())
-    head = "| metric | " + " | ".join(_set_name(r) for r in heldout) + " |\n|" + " --- |" * (len(heldout) + 1)
     metrics = "\n".join([
-        head,
+        _header("metric", heldout),
         *(_row(k if k != "AP" else "YouTube-VIS AP", heldout, lambda r, k=k: _f(r[k]))
           for k in ("AP", "AP50", "AP75", "AR1", "AR10")),
         _row("DAVIS unsupervised J&F", heldout,
@@ -57,7 +60,7 @@ def model_card(weights: Path, heldout: list[dict], training: str, val: dict) -> 
         _row("sMOTSA / MOTSA", heldout, lambda r: f"{_f(r['sMOTSA'])} / {_f(r['MOTSA'])}"),
     ])
     classes = "\n".join([
-        "| class | " + " | ".join(_set_name(r) for r in heldout) + " |\n|" + " --- |" * (len(heldout) + 1),
+        _header("class", heldout),
         *(_row(c, heldout, lambda r, c=c: _f(r["per_class_AP"][c])) for c in heldout[0]["per_class_AP"]),
     ])
     verdict = "\n".join(

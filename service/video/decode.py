@@ -123,6 +123,8 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
                              "truncated)")
         extra = " and a cover picture" if container.streams.video else ""
         raise VideoError(f"{path}: no video stream (the file has only {' and '.join(kinds)} streams{extra})")
+    if videos[0].codec_context is None:  # an MP4 cut inside its moov box: a track without codec parameters
+        raise VideoError(f"{path}: the video stream has no codec parameters (the file is damaged or truncated)")
     return videos[0]
 
 

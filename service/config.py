@@ -33,6 +33,30 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 24 * 3600, description="Jobs, their keys and files expire after this")
     formats: str = Field("ytvis,davis,mots,overlay", description="Outputs the service writes per job")
 
+    # --- Job lifecycle, limits and faults (issue 12; owned by service/jobs and service/api) ---
+    max_frames: int = Field(20_000, description="Videos with more frames are refused (413)")
+    max_duration_s: float = Field(3600.0, description="Videos longer than this are refused (413)")
+    max_active_jobs: int = Field(100, description="Unfinished jobs per API key (429 above); 0: no quota")
+    rate_limit_jobs: int = Field(60, description="Jobs one API key may create per rate window (429); 0: off")
+    rate_window_s: int = Field(60, description="Length of the rate-limit window in seconds")
+    max_event_streams: int = Field(256, description="Open /events streams per API process (503 above)")
+    sse_keepalive_s: float = Field(15.0, description="Comment line sent on an idle event stream")
+    sse_max_s: float = Field(3600.0, description="An event stream ends after this; clients resume with Last-Event-ID")
+    upload_idle_timeout_s: float = Field(30.0, description="An upload that sends nothing for this long is dropped (408)")
+    redis_timeout_s: float = Field(1.0, description="Connect and reply timeout of every Redis call")
+    retry_after_s: int = Field(5, description="Retry-After sent with 503 when Redis is unreachable")
+    sweep_interval_s: float = Field(60.0, description="How often a worker runs the sweeper (one worker at a time)")
+    sweep_grace_s: float = Field(600.0, description="Files without a job record are deleted once this old")
+    webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="Hosts a callback_url may name (comma-separated)")
+    webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
+    webhook_attempts: int = Field(5, description="Deliveries of one webhook before giving up")
+    webhook_backoff_s: float = Field(1.0, description="First retry delay of a webhook; doubles per attempt")
+    webhook_timeout_s: float = Field(5.0, description="Timeout of one webhook delivery")
+
+    @property
+    def webhook_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]
+
     @property
     def weights_path(self) -> Path | None:
         """The configured weights, else the shipped default model when this checkout has it."""

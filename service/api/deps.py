@@ -1,43 +1,59 @@
-"""Shared dependencies: settings, Redis, job store, queue, storage, and the caller's identity."""
+"""Shared dependencies as `Annotated` aliases: the services, the caller's identity, a job id."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated
 
 import redis
-from fastapi import Depends, Request
+import redis.asyncio as aredis
+from fastapi import Depends, Path, Request
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.api.problems import Problem
 from service.config import Settings
-from service.jobs.queue import TaskQueue
-from service.jobs.records import JobStore
+from service.jobs.keys import JOB_ID, valid_job_id
+from service.jobs.lifecycle import Jobs
 from service.jobs.storage import LocalStorage
+from service.model.presets import ModelConfig
 
 
 @dataclass
 class Services:
     settings: Settings
+    model: ModelConfig  # the served model's preset: clip plan of new jobs
     redis: redis.Redis
-    jobs: JobStore
-    queue: TaskQueue
+    aredis: aredis.Redis  # event streams: waiting on Redis without holding a thread
+    jobs: Jobs
     storage: LocalStorage
-
+    open_streams: int = field(default=0)
 
     @classmethod
-    def connect(cls, settings: Settings) -> Services:
-        r = redis.Redis.from_url(settings.redis_url)
-        return cls(settings, r, JobStore(r, settings.redis_prefix, settings.job_ttl_s),
-                   TaskQueue(r, settings.redis_prefix, settings.visibility_timeout_s),
-                   LocalStorage(settings.data_dir))
+    def connect(cls, settings: Settings, model: ModelConfig) -> Services:
+        # No retries and short timeouts: with Redis down a request answers 503 at once.
+        opts = {"socket_connect_timeout": settings.redis_timeout_s, "socket_timeout": settings.redis_timeout_s + 2,
+                "retry": Retry(NoBackoff(), 0)}
+        r = redis.Redis.from_url(settings.redis_url, **opts)
+        ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
+                                   socket_timeout=settings.redis_timeout_s + 2,
+                                   retry=AsyncRetry(NoBackoff(), 0))
+        storage = LocalStorage(settings.data_dir)
+        jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
+        return cls(settings, model, r, ar, jobs, storage)
 
 
 def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def caller(request: Request, svc: Services = Depends(services)) -> str:
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+def caller(request: Request, svc: ServicesDep) -> str:
     """The owner id of the caller: a hash of its API key, or "" when keys are off."""
     keys = svc.settings.api_key_list
     if not keys:
@@ -46,6 +62,21 @@ def caller(request: Request, svc: Services = Depends(services)) -> str:
     auth = request.headers.get("authorization", "")
     if not given and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    if not any(hmac.compare_digest(given, k) for k in keys):
-        raise Problem(401, "a valid API key is required (header X-API-Key or Authorization: Bearer)")
-    return hashlib.sha256(given.encode()).hexdigest()[:24]
+    # Headers arrive as latin-1 text: compare their raw bytes, so any byte is just a wrong key.
+    raw = given.encode("latin-1", "replace")
+    if not any(hmac.compare_digest(raw, k.encode()) for k in keys):
+        raise Problem(401, "a valid API key is required (header X-API-Key or Authorization: Bearer)",
+                      headers={"WWW-Authenticate": "Bearer"})
+    return hashlib.sha256(raw).hexdigest()[:24]
+
+
+OwnerDep = Annotated[str, Depends(caller)]
+def job_id(job_id: Annotated[str, Path(description="the job's id, 32 hex digits",
+                                       json_schema_extra={"pattern": JOB_ID.pattern})]) -> str:
+    """Checked by format before any Redis call: a malformed id is simply no job (404)."""
+    if not valid_job_id(job_id):
+        raise Problem(404, "no such job (a job id is 32 hex digits)")
+    return job_id
+
+
+JobIdPath = Annotated[str, Depends(job_id)]

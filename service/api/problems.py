@@ -1,39 +1,127 @@
-"""RFC 9457 problem details for every error the API returns."""
+"""RFC 9457 problem details for every error the API returns, and their OpenAPI description.
+
+Faults map to statuses here, in one place: Redis unreachable -> 503 with Retry-After, a full
+disk -> 507, anything unexpected -> 500 without details. No detail names a server path.
+"""
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
+from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
+from service.jobs.storage import NoSpace
+
 PROBLEM = "application/problem+json"
+log = logging.getLogger("stemseg.api")
 
 
 class Problem(Exception):
-    def __init__(self, status: int, detail: str, title: str | None = None, **extra: object) -> None:
-        self.status, self.detail, self.extra = status, detail, extra
+    def __init__(self, status: int, detail: str, title: str | None = None, headers: dict[str, str] | None = None,
+                 **extra: object) -> None:
+        self.status, self.detail, self.extra, self.headers = status, detail, extra, headers or {}
         self.title = title or HTTPStatus(status).phrase
 
 
-def problem_response(request: Request, status: int, title: str, detail: str, **extra: object) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+class ProblemDetails(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+
+
+_DESCRIPTIONS = {
+    400: "Not a usable video, or a malformed request", 401: "A valid API key is required",
+    404: "No such job (or it belongs to another API key)", 405: "Method not allowed",
+    408: "The upload stalled", 409: "The job has not succeeded, or was not asked for that output",
+    413: "The upload, its frame count or its duration is over a limit", 415: "Unsupported media type",
+    422: "Invalid parameters", 429: "Rate limit or job quota reached; see Retry-After",
+    503: "Redis is unreachable or too many event streams are open; see Retry-After",
+    507: "No space left on the server's disk",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the problem statuses a route can return."""
+    schema = ProblemDetails.model_json_schema()
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        out[s] = {"description": _DESCRIPTIONS[s], "content": {PROBLEM: {"schema": schema}}}
+        if s in (429, 503):
+            out[s]["headers"] = _RETRY_AFTER
+    return out
+
+
+def _scrub(text: str, request: Request) -> str:
+    """Belt and braces: no detail may name the data directory."""
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None:
+        for root in {str(settings.data_dir.resolve()), str(settings.data_dir)}:
+            if root and root != ".":
+                text = text.replace(root, "<data>")
+    return text
+
+
+def problem_response(request: Request, status: int, title: str, detail: str, headers: dict[str, str] | None = None,
+                     **extra: object) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": _scrub(detail, request),
             "instance": str(request.url.path), **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 def install(app: FastAPI) -> None:
+    retry_after = str(app.state.settings.retry_after_s)
+
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(request, exc.status, exc.title, exc.detail, **exc.extra)
+        return problem_response(request, exc.status, exc.title, exc.detail, exc.headers, **exc.extra)
+
+    @app.exception_handler(Refused)
+    async def _refused(request: Request, exc: Refused) -> JSONResponse:
+        title = "Not a usable video" if exc.status == 400 else HTTPStatus(exc.status).phrase
+        return problem_response(request, exc.status, title, exc.detail)
+
+    @app.exception_handler(QuotaExceeded)
+    async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        return problem_response(request, 429, "Too Many Requests", str(exc), {"Retry-After": retry_after})
+
+    @app.exception_handler(RateLimited)
+    async def _rate(request: Request, exc: RateLimited) -> JSONResponse:
+        return problem_response(request, 429, "Too Many Requests", str(exc),
+                                {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(NoSpace)
+    async def _no_space(request: Request, exc: NoSpace) -> JSONResponse:
+        return problem_response(request, 507, "Insufficient Storage", "no space left on the server's disk")
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("Redis unreachable: %s", exc)
+        return problem_response(request, 503, "Service Unavailable", "the job store (Redis) is unreachable",
+                                {"Retry-After": retry_after})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail))
+        return problem_response(request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail),
+                                exc.headers)  # 405 carries Allow
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
         return problem_response(request, 422, "Unprocessable Content", "the request is not valid", errors=errors)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem_response(request, 500, "Internal Server Error", "an unexpected error; it has been logged")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import redis
 
+from service.jobs.keys import Keys
+
 GROUP = "workers"
 
 
@@ -26,18 +28,27 @@ class Task:
 
 
 class TaskQueue:
-    def __init__(self, r: redis.Redis, prefix: str, visibility_timeout_s: float) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, visibility_timeout_s: float) -> None:
         self.r = r
-        self.stream = f"{prefix}:tasks"
+        self.stream = keys.tasks
         self.visibility_ms = int(visibility_timeout_s * 1000)
+        self._group = False
+
+    def ensure_group(self) -> None:
+        """Create the stream and its group on first use (not at construction: a process that
+        starts while Redis is down must come up and answer 503, not crash)."""
+        if self._group:
+            return
         try:
             self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        self._group = True
 
-    def put(self, job_id: str, start: int, stop: int) -> str:
-        return self.r.xadd(self.stream, {"job": job_id, "start": start, "stop": stop}).decode()
+    def put(self, job_id: str, start: int, stop: int, pipe: redis.client.Pipeline | None = None) -> None:
+        self.ensure_group()
+        (pipe or self.r).xadd(self.stream, {"job": job_id, "start": start, "stop": stop})
 
     def _task(self, entry_id: bytes, fields: dict) -> Task:
         tid = entry_id.decode()
@@ -45,14 +56,28 @@ class TaskQueue:
         return Task(tid, fields[b"job"].decode(), int(fields[b"start"]), int(fields[b"stop"]),
                     pending[0]["times_delivered"] if pending else 1)
 
+    def _group_call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except redis.ResponseError as e:
+            if "NOGROUP" in str(e):  # Redis came back without its data: make the group again
+                self._group = False
+                return None
+            raise
+
     def take(self, consumer: str, block_ms: int = 1000) -> Task | None:
         """A stale task first (its worker died), else a new one, else None after block_ms."""
-        _, claimed, _ = self.r.xautoclaim(self.stream, GROUP, consumer, self.visibility_ms, "0-0", count=1)
+        self.ensure_group()
+        claimed = self._group_call(self.r.xautoclaim, self.stream, GROUP, consumer, self.visibility_ms, "0-0",
+                                   count=1)
+        if claimed is None:
+            return None
+        _, claimed, _ = claimed
         for entry_id, fields in claimed:
             if fields:  # an entry deleted while pending comes back empty
                 return self._task(entry_id, fields)
             self.r.xack(self.stream, GROUP, entry_id)
-        res = self.r.xreadgroup(GROUP, consumer, {self.stream: ">"}, count=1, block=block_ms)
+        res = self._group_call(self.r.xreadgroup, GROUP, consumer, {self.stream: ">"}, count=1, block=block_ms)
         for _, entries in res or []:
             for entry_id, fields in entries:
                 return self._task(entry_id, fields)
@@ -68,8 +93,13 @@ class TaskQueue:
         pipe.xdel(self.stream, task_id)
         pipe.execute()
 
+    def forget_consumer(self, consumer: str) -> None:
+        self.r.xgroup_delconsumer(self.stream, GROUP, consumer)
+
     def depth(self) -> int:
         """Tasks waiting or held: the group's lag plus its pending entries."""
+        if not self.r.exists(self.stream):
+            return 0
         for g in self.r.xinfo_groups(self.stream):
             if g["name"].decode() == GROUP:
                 return int(g.get("lag") or 0) + int(g["pending"])

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import redis
 
-from service.jobs.records import JobStore
+from service.jobs.lifecycle import Jobs, JobStatus
 from service.jobs.results import clip_from_bytes, frames_from_bytes, frames_to_bytes
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
@@ -36,7 +36,7 @@ def frames_name(k: int) -> str:
 
 
 class JobStitcher:
-    def __init__(self, r: redis.Redis, jobs: JobStore, storage: LocalStorage, cfg: ModelConfig,
+    def __init__(self, r: redis.Redis, jobs: Jobs, storage: LocalStorage, cfg: ModelConfig,
                  overlay_frames: Callable[[str], Iterable[np.ndarray]], lock_ttl_s: float = 120.0) -> None:
         self.r, self.jobs, self.storage, self.cfg = r, jobs, storage, cfg
         self.overlay_frames = overlay_frames
@@ -46,7 +46,7 @@ class JobStitcher:
         """Stitch what can be stitched. With `wait_for_clip`, keep trying until that clip is
         stitched by us or by the lock holder (so a result never waits for a later one)."""
         deadline = time.monotonic() + timeout_s
-        lock = self.jobs.key(job_id, "lock")
+        lock = self.jobs.keys.lock(job_id)
         while True:
             token = uuid.uuid4().hex
             if self.r.set(lock, token, nx=True, px=self.lock_ms):
@@ -64,7 +64,7 @@ class JobStitcher:
 
     def _advance_locked(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
-        if job is None or job["status"] in ("cancelled", "failed", "succeeded"):
+        if job is None or JobStatus(job["status"]).final:
             return
         st = (Stitcher.from_bytes(self.storage.read(job_id, "stitch.npz"))
               if self.storage.exists(job_id, "stitch.npz") else Stitcher(job.get("min_iou"), keep_masks=False))
@@ -92,7 +92,7 @@ class JobStitcher:
         write_outputs(result, self.storage.path(job_id, "out"), job["formats"],
                       frames_for_overlay=lambda: self.overlay_frames(video))
         kept = result.kept()
-        self.jobs.transition(job_id, "succeeded", finished_at=time.time(), tracks=len(kept))
+        self.jobs.finish(job_id, tracks=len(kept))
         for t, score in zip(kept, result.scores(kept)):
             self.jobs.event(job_id, "track", {"id": t.id, "category_id": t.category(), "score": score,
                                               "first_frame": t.first_frame, "last_frame": t.last_frame})

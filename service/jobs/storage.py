@@ -1,33 +1,41 @@
 """Where uploads, clip results and outputs live: a directory on a shared volume.
 
-Kept behind a small interface (`Storage`) so an S3-compatible store can follow; everything
-the queue and the API need goes through it. Writes are atomic (temporary name, then rename),
-so a reader never sees half a file and a redelivered task can rewrite its result safely.
+Kept behind a small interface (`Storage`) so an S3-compatible store can follow; the API and
+the workers go through it. Writes are atomic (temporary name, then rename), so a reader never
+sees half a file and a redelivered task can rewrite its result safely; a failed write leaves
+nothing behind, and a full disk is reported as `NoSpace`.
 """
 
 from __future__ import annotations
 
-import os
+import errno
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 
-class TooLarge(Exception):
-    """An upload went past the size limit; what was written is already gone."""
+class NoSpace(Exception):
+    """The disk filled up (ENOSPC/EDQUOT) while writing; the partial file is already gone."""
+
+
+def is_no_space(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Storage(Protocol):
-    def save_stream(self, job_id: str, name: str, chunks: Iterable[bytes], limit: int) -> int: ...
+    def writer(self, job_id: str, name: str) -> AbstractContextManager[BinaryIO]: ...
     def write(self, job_id: str, name: str, data: bytes) -> None: ...
     def read(self, job_id: str, name: str) -> bytes: ...
     def exists(self, job_id: str, name: str) -> bool: ...
     def path(self, job_id: str, name: str) -> Path: ...
+    def rename_job(self, old: str, new: str) -> None: ...
     def delete_job(self, job_id: str) -> None: ...
-    def expire(self, older_than_s: float) -> list[str]: ...
+    def jobs(self) -> Iterator[str]: ...
+    def age_s(self, job_id: str) -> float: ...
 
 
 class LocalStorage:
@@ -43,35 +51,27 @@ class LocalStorage:
     def path(self, job_id: str, name: str) -> Path:
         return self._job_dir(job_id) / name
 
-    def _tmp(self, target: Path) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-
-    def save_stream(self, job_id: str, name: str, chunks: Iterable[bytes], limit: int) -> int:
-        """Stream to disk without holding the data; over `limit` bytes raises TooLarge."""
+    @contextmanager
+    def writer(self, job_id: str, name: str) -> Iterator[BinaryIO]:
+        """A file to stream into: renamed into place when the block ends without an error,
+        removed otherwise. A full disk raises NoSpace."""
         target = self.path(job_id, name)
-        tmp = self._tmp(target)
-        size = 0
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with tmp.open("wb") as f:
-                for chunk in chunks:
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"upload exceeds the limit of {limit} bytes")
-                    f.write(chunk)
+                yield f
             tmp.replace(target)
+        except OSError as e:
+            if is_no_space(e):
+                raise NoSpace(f"no space left on device while writing {name}") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
-        return size
 
     def write(self, job_id: str, name: str, data: bytes) -> None:
-        target = self.path(job_id, name)
-        tmp = self._tmp(target)
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self.writer(job_id, name) as f:
+            f.write(data)
 
     def read(self, job_id: str, name: str) -> bytes:
         return self.path(job_id, name).read_bytes()
@@ -79,28 +79,20 @@ class LocalStorage:
     def exists(self, job_id: str, name: str) -> bool:
         return self.path(job_id, name).exists()
 
+    def rename_job(self, old: str, new: str) -> None:
+        self._job_dir(old).rename(self._job_dir(new))
+
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self._job_dir(job_id), ignore_errors=True)
 
     def jobs(self) -> Iterator[str]:
         yield from (p.name for p in (self.root / "jobs").iterdir() if p.is_dir())
 
-    def expire(self, older_than_s: float) -> list[str]:
-        """Delete job directories untouched for longer than the TTL; returns their ids."""
-        cutoff = time.time() - older_than_s
-        gone = []
-        for job_id in list(self.jobs()):
-            d = self._job_dir(job_id)
-            try:
-                newest = max((p.stat().st_mtime for p in d.rglob("*")), default=d.stat().st_mtime)
-            except FileNotFoundError:
-                continue
-            if newest < cutoff:
-                self.delete_job(job_id)
-                gone.append(job_id)
-        return gone
-
-
-def copy_file_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
-    while chunk := f.read(size):
-        yield chunk
+    def age_s(self, job_id: str) -> float:
+        """Seconds since anything in the job's directory last changed (inf once it is gone)."""
+        d = self._job_dir(job_id)
+        try:
+            newest = max((p.stat().st_mtime for p in d.rglob("*")), default=d.stat().st_mtime)
+        except FileNotFoundError:
+            return float("inf")
+        return time.time() - newest

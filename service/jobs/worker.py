@@ -1,9 +1,15 @@
 """`stemseg worker`: takes clip tasks from the queue, runs network and clustering, stitches.
 
 The lifecycle has three verbs, as a Triton Python backend does: `initialize` (load the model
-once, connect), `execute` (one task), `finalize` (stop heartbeats, deregister). `run` loops
-over tasks until SIGTERM/SIGINT, after which the task in hand is finished and acknowledged
-and nothing more is taken.
+once, connect), `execute` (one task, one explicit `Outcome`: done, retry or fail with a
+reason), `finalize` (stop heartbeats, deregister). `run` loops over tasks until SIGTERM/SIGINT,
+after which the task in hand is finished and acknowledged and nothing more is taken.
+
+Redis outages: every Redis error in the loop is caught, the worker waits (exponential backoff
+up to 10 s) and carries on; a task it held stays pending in Redis and is taken over after the
+visibility timeout, by this worker or another, and its clip results already on disk are
+reused. The worker also runs the sweeper (`Jobs.sweep`) every `sweep_interval_s`, one worker
+at a time under a Redis lease: workers are the processes that always have the data directory.
 
 A task is a run of consecutive clips (`clips_per_task`), not a single clip: a clip's
 foreground depends on its neighbours' heads, so a lone clip would recompute the backbone and
@@ -19,15 +25,18 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import redis
 
 from service.config import Settings, get_settings, resolve_device
-from service.jobs.queue import Task, TaskQueue
-from service.jobs.records import JobStore
+from service.jobs.lifecycle import Jobs, JobStatus
+from service.jobs.queue import Task
 from service.jobs.results import clip_to_bytes
 from service.jobs.stitch import JobStitcher, clip_name
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import LocalStorage, NoSpace, is_no_space
+from service.jobs.webhooks import Notifier, payload
 from service.model.checkpoint import load_model
 from service.model.engines import Engine, EngineError, load_engine
 from service.pipeline.clips import clip_plan, context_range
@@ -45,6 +54,25 @@ def load_service_engine(settings: Settings) -> Engine:
     return load_engine("torch", model=load_model(weights, settings.preset, device=device))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one task: `done` (acknowledge), `retry` (leave it pending: it is
+    redelivered after the visibility timeout, up to `max_deliveries`), `fail` (fail the job with
+    `reason`, acknowledge)."""
+
+    kind: Literal["done", "retry", "fail"]
+    reason: str = ""
+
+
+NO_SPACE = "no space left on device"
+
+
+def redis_client(settings: Settings, **kwargs) -> redis.Redis:
+    """Short timeouts: a dead Redis is noticed within about `redis_timeout_s`, not minutes."""
+    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
+                                socket_timeout=settings.redis_timeout_s + 2, **kwargs)
+
+
 class Worker:
     def __init__(self, settings: Settings | None = None, engine: Engine | None = None, name: str | None = None) -> None:
         self.settings = settings or get_settings()
@@ -52,62 +80,104 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
         self._held: str | None = None
+        self._next_sweep = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def initialize(self) -> None:
         s = self.settings
         if self.engine is None:
             self.engine = load_service_engine(s)
-        self.r = redis.Redis.from_url(s.redis_url)
-        self.jobs = JobStore(self.r, s.redis_prefix, s.job_ttl_s)
-        self.queue = TaskQueue(self.r, s.redis_prefix, s.visibility_timeout_s)
+        self.r = redis_client(s)
         self.storage = LocalStorage(s.data_dir)
+        self.jobs = Jobs(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
+        self.jobs.on_end = self._job_ended
+        self.queue = self.jobs.queue
+        self.notifier = Notifier(s.webhook_secret, s.webhook_attempts, s.webhook_backoff_s, s.webhook_timeout_s)
         self.stitcher = JobStitcher(self.r, self.jobs, self.storage, self.engine.cfg,
                                     overlay_frames=lambda path: (f.image for f in iter_frames(path)))
-        self._beat_key = f"{s.redis_prefix}:worker:{self.name}"
+        self._beat_key = self.jobs.keys.worker(self.name)
         self._heart = threading.Thread(target=self._heartbeat, daemon=True)
         self._heart.start()
 
-    def execute(self, task: Task) -> None:
-        s, jobs = self.settings, self.jobs
-        job = jobs.get(task.job_id)
-        if job is None or job["status"] in ("cancelled", "failed", "succeeded"):
-            return  # deleted or finished meanwhile: nothing to do
-        if task.deliveries > s.max_deliveries:
-            jobs.transition(task.job_id, "failed", error=f"clips {task.start}-{task.stop - 1} failed "
-                            f"{task.deliveries - 1} times (worker crashes or timeouts)")
-            return
-        jobs.transition(task.job_id, "running", started_at=time.time())
-        cfg = self.engine.cfg if job.get("min_dim") is None else self.engine.cfg.with_min_dim(job["min_dim"])
-        plan = clip_plan(job["num_frames"], cfg.clip_len, cfg.overlap)
-        todo = [k for k in range(task.start, task.stop) if not self.storage.exists(task.job_id, clip_name(k))]
+    def execute(self, task: Task) -> Outcome:
+        """Run one task. Redis errors propagate (the loop waits for Redis; the task stays pending)."""
+        job = self.jobs.get(task.job_id)
+        if job is None or JobStatus(job["status"]).final:
+            return Outcome("done", "the job was deleted or has ended")
+        if task.deliveries > self.settings.max_deliveries:
+            return Outcome("fail", f"clips {task.start}-{task.stop - 1} failed {task.deliveries - 1} times "
+                                   f"(worker crashes or timeouts)")
+        plan = self.jobs.plan(job)
+        if plan.preset != self.engine.cfg.name:
+            return Outcome("fail", f"the job was planned for the {plan.preset!r} model; the workers run "
+                                   f"{self.engine.cfg.name!r}")
+        self.jobs.start(task.job_id)
+        try:
+            return self._run_clips(task, job, plan)
+        except VideoError as e:  # the message starts with our path: the user knows it as "the video"
+            reason = str(e).splitlines()[0].replace(str(self.storage.path(task.job_id, "video")), "the video")
+            return Outcome("fail", f"video: {reason}")
+        except NoSpace:
+            return Outcome("fail", NO_SPACE)
+        except OSError as e:
+            if is_no_space(e):
+                return Outcome("fail", NO_SPACE)
+            return Outcome("retry", f"{type(e).__name__}: {e}")
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as e:  # a bug or a transient fault: redelivered, and the deliveries are bounded
+            log.exception("task %s of job %s", task.id, task.job_id)
+            return Outcome("retry", f"{type(e).__name__}: {e}")
+
+    def _run_clips(self, task: Task, job: dict, plan) -> Outcome:
+        jobs, job_id = self.jobs, task.job_id
+        # The plan fixed at creation: the clip cut and resize the job was accepted with.
+        cfg = replace(self.engine.cfg, clip_len=plan.clip_len, overlap=plan.overlap)
+        if plan.min_dim is not None:
+            cfg = cfg.with_min_dim(plan.min_dim)
+        clips = clip_plan(job["num_frames"], plan.clip_len, plan.overlap)
+        todo = [k for k in range(task.start, task.stop) if not self.storage.exists(job_id, clip_name(k))]
         if todo:
-            context = context_range(plan, todo[0], todo[-1] + 1)
-            wanted = sorted({f for k in context for f in plan[k]})
-            video = str(self.storage.path(task.job_id, "video"))
-            try:
-                frames = {f.index: f for f in read_frames(video, wanted)}
-            except VideoError as e:
-                jobs.transition(task.job_id, "failed", error=f"video: {e}")
-                return
-            windows = ((k, [frames[i] for i in plan[k]]) for k in context)
+            context = context_range(clips, todo[0], todo[-1] + 1)
+            wanted = sorted({f for k in context for f in clips[k]})
+            frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, "video")), wanted)}
+            windows = ((k, [frames[i] for i in clips[k]]) for k in context)
             processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.get("min_iou")), cfg=cfg)
             started = time.perf_counter()
-            for clip in processor.run(windows, plan, job["height"], job["width"],
+            for clip in processor.run(windows, clips, job["height"], job["width"],
                                       cluster=range(todo[0], todo[-1] + 1)):
-                self.storage.write(task.job_id, clip_name(clip.index), clip_to_bytes(clip))
-                jobs.incr(task.job_id, "clips_done")
-                self.r.hincrbyfloat(f"{s.redis_prefix}:stats:clips", "seconds", time.perf_counter() - started)
-                self.r.hincrby(f"{s.redis_prefix}:stats:clips", "count", 1)
-                self.r.hincrby(f"{s.redis_prefix}:stats:clips", "frames", len(clip.owned))
+                if jobs.get(job_id) is None:
+                    return Outcome("done", "the job was deleted while running")
+                self.storage.write(job_id, clip_name(clip.index), clip_to_bytes(clip))
+                jobs.incr(job_id, "clips_done")
+                pipe = self.r.pipeline()
+                pipe.hincrbyfloat(jobs.keys.clip_stats, "seconds", time.perf_counter() - started)
+                pipe.hincrby(jobs.keys.clip_stats, "count", 1)
+                pipe.hincrby(jobs.keys.clip_stats, "frames", len(clip.owned))
+                pipe.execute()
                 started = time.perf_counter()
-                if jobs.get(task.job_id) is None or jobs.get(task.job_id)["status"] == "cancelled":
-                    return
-        self.stitcher.advance(task.job_id, wait_for_clip=task.stop - 1)
+        self.stitcher.advance(job_id, wait_for_clip=task.stop - 1)
+        return Outcome("done")
+
+    def settle(self, task: Task, outcome: Outcome) -> None:
+        """Act on a task's outcome; then, if its job is gone, delete what this task wrote."""
+        if outcome.kind == "fail":
+            self.jobs.fail(task.job_id, outcome.reason)
+        if outcome.kind == "retry":
+            log.warning("task %s of job %s will be retried: %s", task.id, task.job_id, outcome.reason)
+        else:
+            self.queue.done(task.id)
+        if self.jobs.get(task.job_id) is None:
+            self.storage.delete_job(task.job_id)
 
     def finalize(self) -> None:
         self.stopping.set()
-        self.r.delete(self._beat_key)
+        try:
+            self.r.delete(self._beat_key)
+            if self._held is None:
+                self.queue.forget_consumer(self.name)
+        except redis.RedisError:
+            log.warning("could not deregister from Redis (the sweeper removes idle consumers)")
         self.r.close()
 
     # -- loop --------------------------------------------------------------------------------
@@ -117,22 +187,53 @@ class Worker:
                 signal.signal(sig, lambda *_: self.stopping.set())
         self.initialize()
         log.info("worker %s ready", self.name)
+        backoff = 0.5
         try:
             while not self.stopping.is_set():
-                task = self.queue.take(self.name, block_ms=500)
-                if task is None:
-                    continue
-                self._held = task.id
                 try:
-                    self.execute(task)
-                except Exception:  # left unacknowledged: redelivered, and the deliveries are bounded
-                    log.exception("task %s of job %s failed", task.id, task.job_id)
-                    self._held = None
-                    continue
-                self._held = None
-                self.queue.done(task.id)
+                    self.step()
+                    backoff = 0.5
+                except redis.RedisError as e:
+                    log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
         finally:
             self.finalize()
+
+    def step(self) -> None:
+        """Sweep when due, then take one task (if any), execute and settle it."""
+        self._maybe_sweep()
+        task = self.queue.take(self.name, block_ms=500)
+        if task is None:
+            return
+        self._held = task.id
+        try:
+            self.settle(task, self.execute(task))
+        finally:
+            self._held = None
+
+    def _maybe_sweep(self) -> None:
+        s = self.settings
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + s.sweep_interval_s
+        if self.r.set(self.jobs.keys.sweep, self.name, nx=True, ex=max(int(s.sweep_interval_s), 1)):
+            gone = self.jobs.sweep(s.sweep_grace_s, consumer_idle_s=max(10 * s.visibility_timeout_s, 60))
+            if any(gone.values()):
+                log.info("sweeper removed %s", gone)
+
+    def _job_ended(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or not job.get("callback_url"):
+            return
+
+        def record(state: dict) -> None:
+            try:
+                self.jobs.update(job_id, webhook=state)
+            except redis.RedisError:
+                log.warning("could not record a webhook attempt of job %s", job_id)
+
+        self.notifier.deliver_in_background(job["callback_url"], payload(job), record)
 
     def _heartbeat(self) -> None:
         period = max(self.settings.visibility_timeout_s / 4, 0.2)
@@ -144,7 +245,3 @@ class Worker:
             except redis.RedisError:
                 log.warning("heartbeat failed", exc_info=True)
             self.stopping.wait(period)
-
-
-def live_workers(r: redis.Redis, prefix: str) -> int:
-    return sum(1 for _ in r.scan_iter(f"{prefix}:worker:*", count=100))

@@ -1,4 +1,5 @@
-"""/v1/jobs: upload a video, follow the job, fetch its tracks."""
+"""/v1/jobs: upload a video, follow the job, fetch its tracks. Thin: the job's life is
+`service.jobs.lifecycle.Jobs`'s; here are HTTP, the views of a job and the result formats."""
 
 from __future__ import annotations
 
@@ -6,24 +7,33 @@ import asyncio
 import io
 import json
 import time
-import uuid
 import zipfile
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+import redis
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Services, caller, services
-from service.api.problems import Problem
-from service.jobs.records import FINAL
-from service.pipeline.clips import clip_plan
-from service.video import VideoError, probe
+from service.api.deps import JobIdPath, OwnerDep, Services, ServicesDep
+from service.api.problems import Problem, responses
+from service.api.uploads import receive
+from service.jobs.lifecycle import JobStatus, Limits
+from service.jobs.webhooks import check_callback_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 FORMATS = ("ytvis", "davis", "mots", "overlay")
+_FORMATS_PATTERN = r"^\s*(ytvis|davis|mots|overlay)\s*(,\s*(ytvis|davis|mots|overlay)\s*)*$"
+_MAX_OFFSET = 1_000_000
+
+_UPLOAD_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}},
+    "video/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}
 
 
 class Progress(BaseModel):
@@ -41,17 +51,25 @@ class VideoInfoOut(BaseModel):
     fps: float | None
 
 
+class Webhook(BaseModel):
+    url: str
+    delivered: bool | None = None
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class Job(BaseModel):
     id: str
-    status: str = Field(description="queued, running, succeeded, failed or cancelled")
+    status: JobStatus
     created_at: float
     updated_at: float
     progress: Progress
     video: VideoInfoOut
     options: dict[str, Any]
+    plan: dict[str, Any]
     timings: dict[str, float]
     error: str | None = None
     tracks: int | None = None
+    webhook: Webhook | None = None
     links: dict[str, str]
 
 
@@ -68,6 +86,7 @@ def _view(job: dict[str, Any]) -> Job:
     if job.get("started_at"):
         timings["queued_s"] = job["started_at"] - job["created_at"]
         timings["running_s"] = job.get("finished_at", time.time()) - job["started_at"]
+    webhook = job.get("webhook") or ({"url": job["callback_url"]} if job.get("callback_url") else None)
     return Job(
         id=jid, status=job["status"], created_at=job["created_at"], updated_at=job["updated_at"],
         progress=Progress(clips_done=min(job["clips_done"], job["num_clips"]), clips_total=job["num_clips"],
@@ -75,7 +94,7 @@ def _view(job: dict[str, Any]) -> Job:
         video=VideoInfoOut(filename=job.get("filename"), width=job["width"], height=job["height"],
                            num_frames=job["num_frames"], fps=job.get("fps")),
         options={"formats": job["formats"], "min_dim": job.get("min_dim"), "preset": job.get("preset")},
-        timings=timings, error=job.get("error"), tracks=job.get("tracks"),
+        plan=job["plan"], timings=timings, error=job.get("error"), tracks=job.get("tracks"), webhook=webhook,
         links={"self": f"/v1/jobs/{jid}", "result": f"/v1/jobs/{jid}/result", "events": f"/v1/jobs/{jid}/events",
                "overlay": f"/v1/jobs/{jid}/overlay.mp4"},
     )
@@ -88,109 +107,71 @@ def _own_job(svc: Services, owner: str, job_id: str) -> dict[str, Any]:
     return job
 
 
-async def _receive_upload(request: Request, svc: Services, job_id: str) -> str | None:
-    """Stream the body (multipart field `file`, or raw video/*) to storage; returns the file name."""
-    limit = svc.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise Problem(413, f"the upload is larger than the limit of {limit} bytes")
-    ctype = request.headers.get("content-type", "")
-    target = svc.storage.path(job_id, "video")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    size = 0
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=10)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise Problem(422, "multipart upload without a file field named 'file'")
-        name = upload.filename
-        with target.open("wb") as out:
-            while chunk := await upload.read(1 << 20):
-                size += len(chunk)
-                if size > limit:
-                    raise Problem(413, f"the upload is larger than the limit of {limit} bytes")
-                out.write(chunk)
-    elif ctype.startswith(("video/", "application/octet-stream")):
-        name = request.headers.get("x-filename")
-        with target.open("wb") as out:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise Problem(413, f"the upload is larger than the limit of {limit} bytes")
-                out.write(chunk)
-    else:
-        raise Problem(415, f"send the video as multipart/form-data (field 'file') or as a video/* body, not {ctype!r}")
-    if size == 0:
-        raise Problem(422, "the upload is empty")
-    return name
-
-
-@router.post("", status_code=202, response_model=Job, responses={
-    400: {"description": "not a usable video"}, 413: {"description": "too large"}, 415: {}, 422: {}})
+@router.post("", status_code=202, response_model=Job, openapi_extra={"requestBody": _UPLOAD_BODY},
+             responses={**responses(400, 401, 408, 413, 415, 422, 429, 503, 507)})
 async def create_job(
     request: Request,
     response: Response,
-    svc: Annotated[Services, Depends(services)],
-    owner: Annotated[str, Depends(caller)],
-    formats: Annotated[str, Query(description="comma-separated: ytvis, davis, mots, overlay")] = "ytvis,davis,mots",
-    preset: Annotated[str | None, Query(description="must match the workers' model when given")] = None,
+    svc: ServicesDep,
+    owner: OwnerDep,
+    formats: Annotated[str, Query(pattern=_FORMATS_PATTERN, max_length=200,
+                                  description="comma-separated: ytvis, davis, mots, overlay")] = "ytvis,davis,mots",
+    preset: Annotated[str | None, Query(max_length=64, description="must match the served model when given")] = None,
     min_dim: Annotated[int | None, Query(ge=32, le=4096)] = None,
+    callback_url: Annotated[str | None, Query(max_length=2048, description="POSTed to when the job ends")] = None,
 ) -> Job:
-    wanted = [f.strip() for f in formats.split(",") if f.strip()]
-    if not wanted or any(f not in FORMATS for f in wanted):
-        raise Problem(422, f"formats must be a comma-separated subset of {', '.join(FORMATS)}")
-    cfg = request.app.state.model_cfg
-    if preset is not None and preset != cfg.name:
-        raise Problem(422, f"this service runs the {cfg.name!r} model, not {preset!r}")
-    if min_dim is not None:
-        cfg = cfg.with_min_dim(min_dim)
-    staging = f"upload-{uuid.uuid4().hex}"
+    s = svc.settings
+    wanted = list(dict.fromkeys(f.strip() for f in formats.split(",")))
+    if preset and preset != svc.model.name:
+        raise Problem(422, f"this service runs the {svc.model.name!r} model, not {preset!r}")
+    if callback_url:
+        why = check_callback_url(callback_url, s.webhook_host_list)
+        if why:
+            raise Problem(422, why)
+    # Redis first: with Redis down, or the caller over its limits, no byte is read or stored.
+    await run_in_threadpool(svc.jobs.check_rate, owner, s.rate_limit_jobs, s.rate_window_s)
+    await run_in_threadpool(svc.jobs.check_quota, owner, s.max_active_jobs)
+    staging = f"upload-{svc.jobs.new_id()}"
     try:
-        filename = await _receive_upload(request, svc, staging)
-        info = await run_in_threadpool(probe, svc.storage.path(staging, "video"), max_pixels=svc.settings.max_frame_pixels)
-    except VideoError as e:
-        svc.storage.delete_job(staging)
-        raise Problem(400, str(e).splitlines()[0], title="Not a usable video") from None
+        filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)
     except BaseException:
         svc.storage.delete_job(staging)
         raise
-    plan = clip_plan(info.num_frames, cfg.clip_len, cfg.overlap)
-    job_id = svc.jobs.create(owner, {
-        "filename": filename, "num_frames": info.num_frames, "width": info.width, "height": info.height,
-        "fps": info.fps, "num_clips": len(plan), "formats": wanted, "min_dim": min_dim, "preset": cfg.name,
-        "min_iou": None, "stitched": 0,
-    })
-    svc.storage.path(staging, "video").parent.rename(svc.storage.path(job_id, "video").parent)
-    step = svc.settings.clips_per_task
-    for start in range(0, len(plan), step):
-        svc.queue.put(job_id, start, min(start + step, len(plan)))
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return _view(svc.jobs.get(job_id))
+    job = await run_in_threadpool(
+        svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
+        limits=Limits(s.max_frame_pixels, s.max_frames, s.max_duration_s), quota=s.max_active_jobs,
+        fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
+    response.headers["Location"] = f"/v1/jobs/{job['id']}"
+    return _view(job)
 
 
-@router.get("", response_model=JobList)
-def list_jobs(svc: Annotated[Services, Depends(services)], owner: Annotated[str, Depends(caller)],
-              offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+@router.get("", response_model=JobList, responses=responses(401, 422, 503))
+def list_jobs(svc: ServicesDep, owner: OwnerDep, offset: Annotated[int, Query(ge=0, le=_MAX_OFFSET)] = 0,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
     total, jobs = svc.jobs.list(owner, offset, limit)
     return JobList(total=total, offset=offset, limit=limit, items=[_view(j) for j in jobs])
 
 
-@router.get("/{job_id}", response_model=Job)
-def get_job(job_id: str, svc: Annotated[Services, Depends(services)], owner: Annotated[str, Depends(caller)]) -> Job:
+@router.get("/{job_id}", response_model=Job, responses=responses(401, 404, 422, 503))
+def get_job(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> Job:
     return _view(_own_job(svc, owner, job_id))
 
 
 def _finished(svc: Services, owner: str, job_id: str) -> dict[str, Any]:
     job = _own_job(svc, owner, job_id)
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         raise Problem(409, f"job {job_id} is {job['status']}; results exist once it has succeeded",
                       status_of_job=job["status"])
     return job
 
 
-@router.get("/{job_id}/result", responses={200: {"content": {"application/json": {}, "application/zip": {},
-                                                              "text/plain": {}}}})
-def get_result(job_id: str, svc: Annotated[Services, Depends(services)], owner: Annotated[str, Depends(caller)],
+@router.get("/{job_id}/result", responses={
+    200: {"description": "Tracks (JSON), DAVIS PNGs (zip) or KITTI-MOTS text",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "application/zip": {"schema": {"type": "string", "format": "binary"}},
+                      "text/plain": {"schema": {"type": "string"}}}},
+    **responses(401, 404, 409, 422, 503)})
+def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                format: Annotated[str, Query(pattern="^(json|davis|mots)$")] = "json") -> Response:
     job = _finished(svc, owner, job_id)
     out = svc.storage.path(job_id, "out")
@@ -202,7 +183,7 @@ def get_result(job_id: str, svc: Annotated[Services, Depends(services)], owner: 
             for png in sorted((out / "davis").glob("*.png")):
                 z.write(png, f"davis/{png.name}")
         return Response(buf.getvalue(), media_type="application/zip",
-                         headers={"Content-Disposition": f'attachment; filename="{job_id}-davis.zip"'})
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}-davis.zip"'})
     if format == "mots":
         if not (out / "mots.txt").is_file():
             raise Problem(409, "this job was not asked for the mots format")
@@ -221,8 +202,11 @@ def get_result(job_id: str, svc: Annotated[Services, Depends(services)], owner: 
                                 "height": job["height"], "tracks": tracks}), media_type="application/json")
 
 
-@router.get("/{job_id}/overlay.mp4", response_class=FileResponse)
-def get_overlay(job_id: str, svc: Annotated[Services, Depends(services)], owner: Annotated[str, Depends(caller)]):
+@router.get("/{job_id}/overlay.mp4", response_class=FileResponse, responses={
+    200: {"description": "The video with masks drawn", "content": {"video/mp4": {"schema": {"type": "string",
+                                                                                             "format": "binary"}}}},
+    **responses(401, 404, 409, 422, 503)})
+def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     _finished(svc, owner, job_id)
     path = svc.storage.path(job_id, "out") / "overlay.mp4"
     if not path.is_file():
@@ -230,33 +214,68 @@ def get_overlay(job_id: str, svc: Annotated[Services, Depends(services)], owner:
     return FileResponse(path, media_type="video/mp4")
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, request: Request, svc: Annotated[Services, Depends(services)],
-                     owner: Annotated[str, Depends(caller)]) -> StreamingResponse:
-    _own_job(svc, owner, job_id)
+def _sse(entry_id: str | None, kind: str, data: str) -> str:
+    return (f"id: {entry_id}\n" if entry_id else "") + f"event: {kind}\ndata: {data}\n\n"
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "Server-sent events: status, frame, track, then end",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **responses(401, 404, 422, 503)})
+async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owner: OwnerDep) -> StreamingResponse:
+    """Waits on Redis with redis.asyncio (no thread per client); at most `max_event_streams`
+    per process; a keep-alive comment every `sse_keepalive_s`; ends after `sse_max_s` (resume
+    with Last-Event-ID)."""
+    s, keys, ar = svc.settings, svc.jobs.keys, svc.aredis
+    if svc.open_streams >= s.max_event_streams:
+        raise Problem(503, f"{s.max_event_streams} event streams are open, the most allowed; poll the job instead",
+                      headers={"Retry-After": str(s.retry_after_s)})
+    raw = await ar.hget(keys.job(job_id), "owner")
+    if raw is None or json.loads(raw) != owner:
+        raise Problem(404, f"no job {job_id}")
     after = request.headers.get("last-event-id") or "0-0"
+    if not _valid_stream_id(after):
+        after = "0-0"
+    svc.open_streams += 1
 
     async def stream():
         nonlocal after
-        while not await request.is_disconnected():
-            events = await run_in_threadpool(svc.jobs.read_events, job_id, after, 1000)
-            for entry_id, kind, data in events:
-                after = entry_id
-                yield f"id: {entry_id}\nevent: {kind}\ndata: {data}\n\n"
-            job = svc.jobs.get(job_id)
-            if job is None or (job["status"] in FINAL and not events):
-                yield f"event: end\ndata: {json.dumps({'status': job['status'] if job else 'deleted'})}\n\n"
-                return
-            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        end_at, idle_since = loop.time() + s.sse_max_s, loop.time()
+        try:
+            while loop.time() < end_at:
+                res = await ar.xread({keys.events(job_id): after}, block=1000, count=100)
+                for _, entries in res or []:
+                    for entry_id, fields in entries:
+                        after = entry_id.decode()
+                        yield _sse(after, fields[b"type"].decode(), fields[b"data"].decode())
+                if res:
+                    idle_since = loop.time()
+                    continue
+                status = await ar.hget(keys.job(job_id), "status")
+                if status is None or JobStatus(json.loads(status)).final:
+                    final = json.loads(status) if status is not None else "deleted"
+                    yield _sse(None, "end", json.dumps({"status": final}))
+                    return
+                if loop.time() - idle_since >= s.sse_keepalive_s:
+                    idle_since = loop.time()
+                    yield ": keep-alive\n\n"
+        except redis.RedisError:
+            yield _sse(None, "error", json.dumps({"detail": "the job store (Redis) is unreachable; reconnect"}))
+        finally:
+            svc.open_streams -= 1
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.delete("/{job_id}", status_code=204)
-def delete_job(job_id: str, svc: Annotated[Services, Depends(services)], owner: Annotated[str, Depends(caller)]) -> Response:
+def _valid_stream_id(entry_id: str) -> bool:
+    head, _, tail = entry_id.partition("-")
+    return head.isdigit() and tail.isdigit() and len(entry_id) <= 41
+
+
+@router.delete("/{job_id}", status_code=204, responses=responses(401, 404, 422, 503))
+def delete_job(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> Response:
     _own_job(svc, owner, job_id)
-    svc.jobs.transition(job_id, "cancelled")
-    svc.jobs.delete(job_id)
-    svc.storage.delete_job(job_id)
+    svc.jobs.cancel(job_id)
     return Response(status_code=204)

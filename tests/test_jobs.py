@@ -1,0 +1,274 @@
+"""The job lifecycle against the real Redis: state machine, plan, quota, TTLs, gauges, the
+sweeper, and the worker's one outcome per task (in-process worker, real model and video)."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import redis
+from service_env import REDIS_URL, service_weights
+from videos import make_video
+
+from service.config import Settings
+from service.jobs.keys import Keys, valid_job_id
+from service.jobs.lifecycle import JobPlan, Jobs, JobStatus, Limits, QuotaExceeded, RateLimited, Refused
+from service.jobs.storage import LocalStorage
+from service.model.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def r():
+    client = redis.Redis.from_url(REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def jobs(r, tmp_path: Path):
+    prefix = f"stemseg-test-{uuid.uuid4().hex[:8]}"
+    j = Jobs(r, prefix, 1000, LocalStorage(tmp_path / "data"), visibility_timeout_s=3)
+    yield j
+    keys = list(r.scan_iter(f"{prefix}:*"))
+    if keys:
+        r.delete(*keys)
+
+
+def _plan(num_clips: int = 3) -> JobPlan:
+    return JobPlan(preset="kitti_mots", clip_len=8, overlap=4, min_dim=None, num_clips=num_clips, clips_per_task=2)
+
+
+def _create(jobs: Jobs, owner: str = "", quota: int = 0) -> str:
+    job_id = jobs.new_id()
+    jobs.storage.write(job_id, "video", b"not looked at here")
+    jobs.create(job_id, owner, _plan(), {"num_frames": 20, "width": 64, "height": 48, "formats": ["ytvis"]}, quota)
+    return job_id
+
+
+def test_api_process_never_imports_torch() -> None:
+    code = ("import sys\n"
+            "from fastapi.testclient import TestClient\n"
+            "from service.api.main import create_app\n"
+            "from service.config import Settings\n"
+            f"app = create_app(Settings(redis_url={REDIS_URL!r}, redis_prefix='stemseg-test-notorch'))\n"
+            "TestClient(app).get('/healthz')\n"
+            "assert app.state.model_cfg.name == 'lite', app.state.model_cfg.name\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_keys_and_ids() -> None:
+    k = Keys("p")
+    assert k.job("a" * 32) == "p:job:" + "a" * 32 and k.events("x") == "p:job:x:events"
+    assert valid_job_id(uuid.uuid4().hex)
+    for bad in ("", "nope", "a" * 31, "A" * 32, "a" * 32 + ":events", "../" + "a" * 29, "a" * 33):
+        assert not valid_job_id(bad), bad
+
+
+def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
+    a, b = _create(jobs, "o1"), _create(jobs, "o1")
+    assert jobs.get(a)["status"] == JobStatus.QUEUED and jobs.get(a)["plan"] == asdict(_plan())
+    assert jobs.counts() == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+    assert jobs.queue.depth() == 4  # 3 clips in runs of 2, per job
+    assert not jobs.finish(a, tracks=1)  # queued cannot succeed without running
+    assert jobs.start(a) and not jobs.start(a)
+    r.expire(jobs.keys.job(a), 5)  # as if most of the TTL had passed while it ran
+    assert jobs.finish(a, tracks=3)
+    assert r.ttl(jobs.keys.job(a)) > 900 and r.ttl(jobs.keys.events(a)) > 900  # restarted at the end
+    assert not jobs.fail(a, "late") and not jobs.start(a)  # final states are never left
+    assert jobs.fail(b, "bad video")
+    assert jobs.get(b)["error"] == "bad video"
+    assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
+    jobs.cancel(a)
+    assert jobs.get(a) is None and not jobs.storage.path(a, "video").parent.exists()
+    assert jobs.counts()["succeeded"] == 0 and min(jobs.counts().values()) == 0
+    kinds = [e[1][b"type"] for e in r.xrange(jobs.keys.events(b))]
+    assert kinds == [b"status"]
+    # Every key of a job carries a TTL.
+    for key in r.scan_iter(f"{jobs.keys.prefix}:*"):
+        name = key.decode()
+        if ":state:" in name or name == jobs.keys.tasks:
+            continue  # the stated exceptions (keys.py)
+        assert r.ttl(key) > 0, name
+
+
+def test_quota_rate_limit_and_listing(jobs: Jobs, r) -> None:
+    ids = [_create(jobs, "k", quota=2) for _ in range(2)]
+    with pytest.raises(QuotaExceeded):
+        _create(jobs, "k", quota=2)
+    jobs.check_quota("other", 2)  # other keys are not affected
+    jobs.fail(ids[0], "x")  # an ended job frees its place
+    _create(jobs, "k", quota=2)
+    for _ in range(3):
+        jobs.check_rate("k", 3, 60)
+    with pytest.raises(RateLimited) as e:
+        jobs.check_rate("k", 3, 60)
+    assert 1 <= e.value.retry_after_s <= 61
+    total, listed = jobs.list("k", 0, 10)
+    assert total == 3 and {j["id"] for j in listed} >= set(ids[1:])
+    r.delete(jobs.keys.job(ids[1]))  # as if expired
+    total, listed = jobs.list("k", 0, 10)
+    assert total == 2 and ids[1] not in {j["id"] for j in listed}
+
+
+def test_gauges_never_count_expired_jobs_and_sweeper_deletes_orphans(jobs: Jobs, r, tmp_path: Path) -> None:
+    a, b = _create(jobs), _create(jobs)
+    jobs.start(b)
+    r.delete(jobs.keys.job(a), jobs.keys.job(b))  # both expired unfinished
+    assert jobs.counts() == dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+    jobs.storage.write("upload-" + uuid.uuid4().hex, "video", b"half an upload")
+    alive = _create(jobs)
+    young = jobs.sweep(grace_s=3600, consumer_idle_s=3600)
+    assert young["job_dirs"] == 0 and young["expired_ids"] == 2  # young files are left alone
+    assert r.scard(jobs.keys.state("queued")) == 1 and r.scard(jobs.keys.state("running")) == 0
+    assert jobs.sweep(grace_s=-1, consumer_idle_s=3600)["job_dirs"] == 3
+    assert sorted(jobs.storage.jobs()) == [alive]
+    # A consumer that holds nothing and has been idle is removed; one holding a task is kept.
+    jobs.queue.take("dead-worker", block_ms=10)
+    jobs.queue.r.xgroup_createconsumer(jobs.keys.tasks, "workers", "idle-worker")
+    assert jobs.sweep(grace_s=3600, consumer_idle_s=-1)["consumers"] == 1
+    names = {c["name"].decode() for c in r.xinfo_consumers(jobs.keys.tasks, "workers")}
+    assert names == {"dead-worker"}
+
+
+def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 30, 64, 48)
+    cfg = get_preset("kitti_mots")
+
+    def admit(limits: Limits) -> dict:
+        staging = "upload-" + uuid.uuid4().hex
+        jobs.storage.write(staging, "video", video.read_bytes())
+        return jobs.admit(staging, "", model=cfg, min_dim=None, clips_per_task=2, limits=limits, quota=0,
+                          fields={"formats": ["ytvis"], "filename": "v.mp4"})
+
+    with pytest.raises(Refused) as e:
+        admit(Limits(10**9, 29, 1e9))
+    assert e.value.status == 413 and "29" in e.value.detail and "MAX_FRAMES" in e.value.detail
+    with pytest.raises(Refused) as e:
+        admit(Limits(10**9, 10**6, 1.0))
+    assert e.value.status == 413 and "MAX_DURATION_S" in e.value.detail
+    with pytest.raises(Refused) as e:
+        admit(Limits(100, 10**6, 1e9))
+    assert e.value.status == 400 and str(tmp_path) not in e.value.detail and "the upload" in e.value.detail
+    assert list(jobs.storage.jobs()) == []
+    job = admit(Limits(10**9, 10**6, 1e9))
+    assert job["plan"] == {"preset": "kitti_mots", "clip_len": 8, "overlap": 4, "min_dim": None, "num_clips": 7,
+                           "clips_per_task": 2}
+    assert list(jobs.storage.jobs()) == [job["id"]]
+
+
+# -- the worker, in process ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def weights(official_weights, tmp_path_factory) -> Path:
+    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+
+
+@pytest.fixture
+def worker(weights: Path, tmp_path: Path):
+    from service.jobs.worker import Worker
+
+    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "data",
+                 weights=weights, device="cpu", visibility_timeout_s=3, clips_per_task=2, sweep_interval_s=3600)
+    w = Worker(s, name="w-test")
+    w.initialize()
+    yield w
+    w.finalize()
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def _admit(worker, video: Path, clip_len: int | None = None, overlap: int | None = None) -> str:
+    from dataclasses import replace
+
+    cfg = worker.engine.cfg
+    if clip_len:
+        cfg = replace(cfg, clip_len=clip_len, overlap=overlap)
+    staging = "upload-" + uuid.uuid4().hex
+    worker.storage.write(staging, "video", video.read_bytes())
+    return worker.jobs.admit(staging, "", model=cfg, min_dim=None, clips_per_task=2,
+                             limits=Limits(10**9, 10**6, 1e9), quota=0,
+                             fields={"formats": ["ytvis"], "filename": "v.mp4"})["id"]
+
+
+def _drain(worker, job_id: str, steps: int = 30) -> dict:
+    for _ in range(steps):
+        job = worker.jobs.get(job_id)
+        if job is None or JobStatus(job["status"]).final:
+            return job
+        worker.step()
+    return worker.jobs.get(job_id)
+
+
+def test_worker_runs_the_stored_plan(worker, tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 13, 64, 48)
+    job_id = _admit(worker, video, clip_len=6, overlap=2)  # not the model's 8/4: the plan wins
+    job = _drain(worker, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["num_clips"] == 3 and job["clips_done"] == 3 and job["frames_done"] == 13
+    assert worker.jobs.counts()["succeeded"] == 1 and worker.jobs.queue.depth() == 0
+
+
+def test_worker_outcomes_no_space_and_bad_video(worker, tmp_path: Path, monkeypatch) -> None:
+    from service.jobs import worker as worker_module
+
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    job_id = _admit(worker, video)
+    real_write = worker.storage.write
+
+    def full_disk(job, name, data):  # what the kernel says when the volume is full
+        if name.startswith("clips/"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(job, name, data)
+
+    monkeypatch.setattr(worker.storage, "write", full_disk)
+    job = _drain(worker, job_id)
+    assert job["status"] == "failed" and job["error"] == worker_module.NO_SPACE
+    assert worker.jobs.queue.depth() == 0  # a failed task is acknowledged, not redelivered
+    monkeypatch.setattr(worker.storage, "write", real_write)
+
+    job_id = _admit(worker, video)
+    # The file goes bad after admission (e.g. a disk error): the job fails naming the video, not a path.
+    worker.storage.path(job_id, "video").write_bytes(b"garbage" * 100)
+    from service.video.decode import _scan_cached
+    _scan_cached.cache_clear()
+    job = _drain(worker, job_id)
+    assert job["status"] == "failed" and job["error"].startswith("video:"), job
+    assert str(worker.settings.data_dir) not in job["error"]
+
+
+def test_deleted_running_job_leaves_no_files(worker, tmp_path: Path, monkeypatch) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 21, 64, 48)
+    job_id = _admit(worker, video)
+    real_write = worker.storage.write
+
+    def delete_midway(job, name, data):  # the user deletes the job while its first clip is written
+        real_write(job, name, data)
+        if name.startswith("clips/"):
+            worker.jobs.cancel(job)
+
+    monkeypatch.setattr(worker.storage, "write", delete_midway)
+    worker.step()
+    assert worker.jobs.get(job_id) is None
+    assert not worker.storage.path(job_id, "video").parent.exists()
+    assert worker.jobs.queue.depth() == 0 or worker.jobs.get(job_id) is None
+    for _ in range(4):  # its other tasks are skipped and leave nothing either
+        worker.step()
+    assert list(worker.storage.jobs()) == []
+    assert worker.jobs.queue.depth() == 0

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     max_frames: int = Field(20_000, description="Videos with more frames are refused (413)")
     max_duration_s: float = Field(3600.0, description="Videos longer than this are refused (413)")
     max_active_jobs: int = Field(100, description="Unfinished jobs per API key (429 above); 0: no quota")
-    rate_limit_jobs: int = Field(60, description="Jobs one API key may create per rate window (429); 0: off")
+    rate_limit_jobs: int = Field(60, description="Uploads one API key may send per rate window (429); 0: off")
     rate_window_s: int = Field(60, description="Length of the rate-limit window in seconds")
     max_event_streams: int = Field(256, description="Open /events streams per API process (503 above)")
     sse_keepalive_s: float = Field(15.0, description="Comment line sent on an idle event stream")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from service.model.presets import get_preset
 @pytest.fixture
 def settings(tmp_path: Path):
     s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}",
-                 data_dir=tmp_path / "data", max_upload_bytes=200_000)
+                 data_dir=tmp_path / "data", max_upload_bytes=200_000, rate_limit_jobs=0)
     yield s
     r = redis.Redis.from_url(REDIS_URL)
     keys = list(r.scan_iter(f"{s.redis_prefix}:*"))
@@ -117,3 +119,141 @@ def test_health_and_openapi(settings) -> None:
                   "/v1/jobs/{job_id}/overlay.mp4", "/healthz", "/readyz", "/metrics"):
             assert p in paths, p
         assert "Job" in spec["components"]["schemas"]
+
+
+# -- hostile input ---------------------------------------------------------------------------------
+
+def _multipart(data: bytes, boundary: str = "b0undary", name: str = "file") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"v.mp4\"\r\n"
+            f"Content-Type: video/mp4\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_mp4_cut_inside_moov_is_400(settings, tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 8, 160, 120)
+    data = video.read_bytes()
+    refused = 0
+    with _client(settings) as c:
+        for cut in range(len(data) - 700, len(data), 7):  # the moov box is at the end
+            r = c.post("/v1/jobs", files={"file": ("v.mp4", data[:cut], "video/mp4")})
+            if r.status_code == 202:  # only trailing metadata lost: still the whole video
+                assert r.json()["video"]["num_frames"] == 8
+                assert c.delete(f"/v1/jobs/{r.json()['id']}").status_code == 204
+                continue
+            body = _assert_problem(r, 400)
+            assert str(settings.data_dir) not in body["detail"] and body["detail"].startswith("the upload: ")
+            refused += 1
+    assert refused > 50
+    _nothing_left(settings)
+
+
+def test_malformed_ids_offsets_and_headers_are_4xx(settings) -> None:
+    with _client(settings, api_keys="alpha") as c:
+        for bad in ("x" * 32 + ":events", "a" * 32 + ":events", "..", "%00", "A" * 32, "a" * 200):
+            _assert_problem(c.get(f"/v1/jobs/{bad}", headers={"x-api-key": "alpha"}), 404)
+            _assert_problem(c.get(f"/v1/jobs/{bad}/events", headers={"x-api-key": "alpha"}), 404)
+            _assert_problem(c.delete(f"/v1/jobs/{bad}", headers={"x-api-key": "alpha"}), 404)
+        for offset in ("99999999999999999999", "-1", "1e3", "1000001"):
+            _assert_problem(c.get("/v1/jobs", params={"offset": offset}, headers={"x-api-key": "alpha"}), 422)
+        assert c.get("/v1/jobs", params={"offset": 1_000_000}, headers={"x-api-key": "alpha"}).status_code == 200
+        for raw in ("alphä".encode("latin-1"), "ключ".encode(), b"\xff\xfe", b"alpha" + b"\x85"):
+            for header in ("x-api-key", "authorization"):
+                value = raw if header == "x-api-key" else b"Bearer " + raw
+                _assert_problem(c.get("/v1/jobs", headers={header: value}), 401)
+        r = c.request("TRACE", "/v1/jobs")
+        _assert_problem(r, 405)
+        assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+        # An empty optional parameter means "not given".
+        r = c.post("/v1/jobs", params={"preset": ""}, content=b"", headers={"content-type": "video/mp4",
+                                                                            "x-api-key": "alpha"})
+        _assert_problem(r, 422)
+        assert "empty" in r.json()["detail"]
+    _nothing_left(settings)
+
+
+def test_chunked_uploads_are_cut_at_the_limit(settings, monkeypatch) -> None:
+    """No Content-Length (chunked): counted as it streams; the file never grows past the limit.
+    (test_faults checks against a real server that the client is stopped early too.)"""
+    from service.jobs.storage import LocalStorage
+
+    largest = {"n": 0}
+    real_writer = LocalStorage.writer
+
+    @contextlib.contextmanager
+    def spying_writer(self, job_id, name):
+        with real_writer(self, job_id, name) as f:
+            yield f
+            largest["n"] = max(largest["n"], f.tell())
+
+    monkeypatch.setattr(LocalStorage, "writer", spying_writer)
+
+    def chunks(body: bytes):
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+
+    with _client(settings) as c:
+        for body, ctype in ((_multipart(b"\0" * 5_000_000), "multipart/form-data; boundary=b0undary"),
+                            (b"\0" * 5_000_000, "video/mp4")):
+            r = c.post("/v1/jobs", content=chunks(body), headers={"content-type": ctype})
+            assert "content-length" not in r.request.headers
+            assert "200000" in _assert_problem(r, 413)["detail"]
+    assert largest["n"] == 0  # cut before the block ended: never renamed into place
+    _nothing_left(settings)
+
+
+def test_frames_limit_quota_and_rate_limit(settings, tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 30, 64, 48)
+    data = video.read_bytes()
+    with _client(settings, max_frames=29) as c:
+        body = _assert_problem(c.post("/v1/jobs", content=data, headers={"content-type": "video/mp4"}), 413)
+        assert "29" in body["detail"] and "STEMSEG_MAX_FRAMES" in body["detail"]
+    _nothing_left(settings)
+    with _client(settings, max_active_jobs=2, rate_limit_jobs=0) as c:
+        for _ in range(2):
+            assert c.post("/v1/jobs", content=data, headers={"content-type": "video/mp4"}).status_code == 202
+        r = c.post("/v1/jobs", content=data, headers={"content-type": "video/mp4"})
+        _assert_problem(r, 429)
+        assert int(r.headers["retry-after"]) > 0
+    with _client(settings, max_active_jobs=0, rate_limit_jobs=1, rate_window_s=3600) as c:
+        r = c.post("/v1/jobs", content=data, headers={"content-type": "video/mp4"})
+        assert r.status_code in (202, 429)  # the first of the window is accepted, unless the clock just ticked
+        r = c.post("/v1/jobs", content=data, headers={"content-type": "video/mp4"})
+        _assert_problem(r, 429)
+        assert 0 < int(r.headers["retry-after"]) <= 3601
+
+
+def test_event_stream_cap(settings, tmp_path: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    with _client(settings, max_event_streams=1) as c:
+        job = c.post("/v1/jobs", content=video.read_bytes(), headers={"content-type": "video/mp4"}).json()
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events") as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()
+            assert next(lines).startswith("id: ") and next(lines) == "event: status"
+            assert next(lines) == 'data: {"status": "queued"}'
+            r = c.get(f"/v1/jobs/{job['id']}/events")
+            _assert_problem(r, 503)
+            assert r.headers["retry-after"]
+        c.delete(f"/v1/jobs/{job['id']}")
+
+
+def test_redis_down_every_route_503_fast_and_nothing_on_disk(settings, tmp_path: Path) -> None:
+    from service_env import free_port
+
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    job = "a" * 32
+    with _client(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0") as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        for method, path in (("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job}"),
+                             ("GET", f"/v1/jobs/{job}/result"), ("GET", f"/v1/jobs/{job}/overlay.mp4"),
+                             ("GET", f"/v1/jobs/{job}/events"), ("DELETE", f"/v1/jobs/{job}"), ("POST", "/v1/jobs")):
+            t0 = time.monotonic()
+            kwargs = {"files": {"file": ("v.mp4", video.read_bytes(), "video/mp4")}} if method == "POST" else {}
+            r = c.request(method, path, **kwargs)
+            assert time.monotonic() - t0 < 2, path
+            body = _assert_problem(r, 503)
+            assert r.headers["retry-after"] and "Redis" in body["detail"], path
+    _nothing_left(settings)

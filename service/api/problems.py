@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
 from service.jobs.storage import NoSpace
@@ -79,6 +80,16 @@ def problem_response(request: Request, status: int, title: str, detail: str, hea
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+def _allowed(request: Request) -> list[str]:
+    """The methods some route serves at this path: asked of the router itself, one method at a time."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install(app: FastAPI) -> None:
     retry_after = str(app.state.settings.retry_after_s)
 
@@ -113,8 +124,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route of the path; list them all
+            headers["Allow"] = ", ".join(_allowed(request))
         return problem_response(request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail),
-                                exc.headers)  # 405 carries Allow
+                                headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

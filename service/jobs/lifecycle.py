@@ -103,7 +103,7 @@ class QuotaExceeded(Exception):
 
 class RateLimited(Exception):
     def __init__(self, limit: int, window_s: int, retry_after_s: int) -> None:
-        super().__init__(f"more than {limit} jobs created in {window_s} s with this API key")
+        super().__init__(f"more than {limit} uploads in {window_s} s with this API key (STEMSEG_RATE_LIMIT_JOBS)")
         self.retry_after_s = retry_after_s
 
 
@@ -235,6 +235,8 @@ class Jobs:
                     pipe.sadd(k.active(owner), job_id)
                     pipe.expire(k.active(owner), self.ttl)
                     pipe.sadd(k.state(JobStatus.QUEUED), job_id)
+                    pipe.xadd(k.events(job_id), {"type": "status", "data": json.dumps({"status": "queued"})})
+                    pipe.expire(k.events(job_id), self.ttl)
                     for start, stop in plan.task_ranges():
                         self.queue.put(job_id, start, stop, pipe=pipe)
                     pipe.execute()

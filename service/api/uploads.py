@@ -28,8 +28,13 @@ _MAX_PARTS = 10
 _RAW_TYPES = ("video/", "application/octet-stream")
 
 
+# Refusing mid-body: close the connection rather than read and discard the rest of it.
+_CLOSE = {"Connection": "close"}
+
+
 def _too_large(limit: int) -> Problem:
-    return Problem(413, f"the upload is larger than the limit of {limit} bytes (STEMSEG_MAX_UPLOAD_BYTES)")
+    return Problem(413, f"the upload is larger than the limit of {limit} bytes (STEMSEG_MAX_UPLOAD_BYTES)",
+                   headers=_CLOSE)
 
 
 def clean_filename(name: str | None) -> str | None:
@@ -51,7 +56,7 @@ async def _body(request: Request, cut_at: int, limit: int, idle_s: float) -> Asy
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise Problem(408, f"the upload stalled: nothing arrived for {idle_s:g} s") from None
+            raise Problem(408, f"the upload stalled: nothing arrived for {idle_s:g} s", headers=_CLOSE) from None
         except ClientDisconnect:
             raise Problem(400, "the client disconnected during the upload") from None
         size += len(chunk)

@@ -1,0 +1,206 @@
+"""Faults: a Redis outage under real API and worker processes (a private redis-server with
+AOF, started here), a full disk on upload, and a client that keeps sending past the limit."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from service_env import REDIS_URL, ServiceEnv, free_port, service_weights
+from videos import make_video
+
+pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
+
+
+class PrivateRedis:
+    """redis-server on a free port with an append-only file, stoppable and restartable."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir, self.port = workdir, free_port()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def weights(official_weights, tmp_path_factory) -> Path:
+    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path):
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed (CI starts one; the outage test starts its own)")
+    pr = PrivateRedis(tmp_path / "redis")
+    pr.start()
+    yield pr
+    pr.stop()
+
+
+def _uploads_left(data: Path) -> list[Path]:
+    jobs = data / "jobs"
+    return [p for p in jobs.iterdir() if p.name.startswith("upload-")] if jobs.exists() else []
+
+
+def test_redis_outage_api_503_worker_survives_job_completes(private_redis: PrivateRedis, tmp_path: Path,
+                                                            weights: Path) -> None:
+    video = tmp_path / "v.mp4"
+    make_video(video, 45, 64, 48)
+    env = ServiceEnv(tmp_path, weights, STEMSEG_REDIS_URL=private_redis.url)
+    env.redis = redis.Redis.from_url(private_redis.url)
+    try:
+        env.start_api()
+        worker = env.start_worker()
+        with video.open("rb") as f:
+            job_id = httpx.post(f"{env.base}/v1/jobs", files={"file": ("v.mp4", f, "video/mp4")}, timeout=60).json()["id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{env.base}/v1/jobs/{job_id}").json()["progress"]["clips_done"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        private_redis.stop()  # mid-job
+
+        for method, path in (("GET", f"/v1/jobs/{job_id}"), ("GET", "/v1/jobs"), ("GET", "/metrics"),
+                             ("GET", "/readyz"), ("GET", f"/v1/jobs/{job_id}/events"), ("POST", "/v1/jobs")):
+            t0 = time.monotonic()
+            kwargs = {"files": {"file": ("v.mp4", video.read_bytes(), "video/mp4")}} if method == "POST" else {}
+            r = httpx.request(method, f"{env.base}{path}", timeout=10, **kwargs)
+            assert time.monotonic() - t0 < 2, path
+            assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json", (path, r.text)
+            assert int(r.headers["retry-after"]) > 0
+        assert httpx.get(f"{env.base}/healthz").status_code == 200
+        assert _uploads_left(env.data) == []
+        time.sleep(4)  # the worker keeps retrying with backoff instead of exiting
+        assert worker.poll() is None
+
+        private_redis.start()  # same port, same append-only file
+        job = env.wait(job_id, timeout=240)
+        assert job["status"] == "succeeded", job
+        assert worker.poll() is None
+        assert job["progress"]["frames_done"] == 45
+        metrics = httpx.get(f"{env.base}/metrics").text
+        assert 'stemseg_jobs{state="running"} 0.0' in metrics and 'stemseg_jobs{state="queued"} 0.0' in metrics
+    finally:
+        env.close()
+
+
+def test_upload_past_the_limit_is_stopped_early_by_a_real_server(tmp_path: Path, weights: Path) -> None:
+    env = ServiceEnv(tmp_path, weights, STEMSEG_MAX_UPLOAD_BYTES="1000000")
+    sent = {"n": 0}
+
+    def body():  # chunked (no Content-Length), 200 MB if nobody stops it
+        chunk = b"\0" * 65536
+        for _ in range(3200):
+            sent["n"] += len(chunk)
+            yield chunk
+
+    try:
+        env.start_api()
+        try:
+            r = httpx.post(f"{env.base}/v1/jobs", content=body(), headers={"content-type": "video/mp4"}, timeout=30)
+            assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+        except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+            pass  # the server answered and closed while we were still sending
+        assert sent["n"] < 40_000_000, sent  # not read to the end (socket buffers hold a few MB)
+        assert list((env.data / "jobs").iterdir()) == []
+    finally:
+        env.close()
+
+
+class _FillsUp:
+    """A file that takes `room` bytes and then fails as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            self.f.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _api_client(tmp_path: Path, data_dir: Path, **overrides):
+    from fastapi.testclient import TestClient
+
+    from service.api.main import create_app
+    from service.config import Settings
+    from service.model.presets import get_preset
+
+    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=data_dir,
+                 rate_limit_jobs=0, **overrides)
+    return TestClient(create_app(s, model_cfg=get_preset("kitti_mots")))
+
+
+def test_full_disk_on_upload_is_507_and_the_partial_file_is_removed(tmp_path: Path, monkeypatch) -> None:
+    from service.jobs.storage import LocalStorage
+
+    real_writer = LocalStorage.writer
+
+    @contextlib.contextmanager
+    def filling_writer(self, job_id, name):
+        with real_writer(self, job_id, name) as f:
+            yield _FillsUp(f, 20_000)
+
+    monkeypatch.setattr(LocalStorage, "writer", filling_writer)
+    video = tmp_path / "v.mp4"
+    make_video(video, 30, 160, 120, content="noise")
+    assert video.stat().st_size > 20_000
+    data = tmp_path / "data"
+    with _api_client(tmp_path, data) as c:
+        for kwargs in ({"files": {"file": ("v.mp4", video.read_bytes(), "video/mp4")}},
+                       {"content": video.read_bytes(), "headers": {"content-type": "video/mp4"}}):
+            r = c.post("/v1/jobs", **kwargs)
+            assert r.status_code == 507 and r.headers["content-type"] == "application/problem+json", r.text
+            assert "no space" in r.json()["detail"]
+    assert [p for p in (data / "jobs").rglob("*")] == []
+
+
+def test_full_tmpfs_on_upload_is_507(tmp_path: Path) -> None:
+    """The same on a real 1 MiB tmpfs, where the machine lets us mount one (root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); test_full_disk_on_upload covers the same path")
+    try:
+        with _api_client(tmp_path, disk, max_upload_bytes=10_000_000) as c:
+            r = c.post("/v1/jobs", content=b"\0" * 3_000_000, headers={"content-type": "video/mp4"})
+            assert r.status_code == 507 and r.headers["content-type"] == "application/problem+json", r.text
+        assert [p for p in (disk / "jobs").rglob("*")] == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -33,24 +33,19 @@ def load_ground_truth(path: Path) -> tuple[dict, Path]:
     return doc, file.parent
 
 
-def predict(gt: dict, root: Path, engine, *, device, options=None,
+def predict(gt: dict, root: Path, engine, *, options=None,
             progress: Callable[[int], None] | None = None) -> list[dict]:
     """Run the pipeline over every video of the dataset; YouTube-VIS results entries."""
     from service.outputs.ytvis import ytvis_entries
-    from service.pipeline.clips import clip_plan
-    from service.pipeline.runner import Segmenter
-    from service.video import iter_clip_windows, probe
+    from service.pipeline.session import open_video
 
     entries: list[dict] = []
     for video in gt["videos"]:
-        path = root / video["file_name"]
-        info = probe(path)
-        plan = clip_plan(info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
-        seg = Segmenter(engine, device=device, options=options)
-        for _ in seg.propagate(iter_clip_windows(path, plan), plan, info.height, info.width):
+        session = open_video(root / video["file_name"], engine, options=options)
+        for _ in session.propagate():
             if progress:
                 progress(1)
-        entries.extend(ytvis_entries(seg.result(fps=info.fps), video_id=video["id"]))
+        entries.extend(ytvis_entries(session.result(), video_id=video["id"]))
     return entries
 
 

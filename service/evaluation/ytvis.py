@@ -127,8 +127,10 @@ def evaluate_ytvis(gt: dict, predictions: Iterable[dict]) -> dict:
     """AP, AP50, AP75, AR1, AR10 and per-class AP of predictions (YouTube-VIS results entries)
     against a YouTube-VIS annotation document. Values are -1 where nothing defines them."""
     predictions = list(predictions)
-    video_ids = [v["id"] for v in gt["videos"]]
-    categories = {c["id"]: c["name"] for c in gt["categories"]}
+    # Sorted, as ytvoseval.py's np.unique(vidIds): its stable score sort then ranks tied scores by
+    # video id, whatever order the annotation file lists the videos in.
+    video_ids = sorted({v["id"] for v in gt["videos"]})
+    categories = {c["id"]: c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])}
     gts: dict[tuple[int, int], list[dict]] = defaultdict(list)
     dts: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for a in gt["annotations"]:

@@ -151,11 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     trt_p.add_argument("--cache", type=Path, help="engine cache directory (default ONNX_DIR/trt-engines)")
 
     ev = sub.add_parser("eval", help="YouTube-VIS AP, DAVIS J&F and MOTS HOTA/sMOTSA against ground truth")
-    ev.add_argument("--gt", type=Path, required=True,
-                    help="YouTube-VIS annotation JSON, or a `stemseg synth` folder (annotations.json + videos)")
+    ev.add_argument("--gt", type=Path, nargs="+", required=True,
+                    help="YouTube-VIS annotation JSON, or a `stemseg synth` folder (annotations.json + videos); "
+                         "several are pooled into one set")
     ev.add_argument("--pred", type=Path, help="YouTube-VIS results JSON (default: run the model over the videos)")
     ev.add_argument("--metric", nargs="+", default=["ytvis", "davis", "mots"], choices=["ytvis", "davis", "mots"])
     ev.add_argument("--json", type=Path, help="also write the numbers here")
+    ev.add_argument("--bootstrap", type=_int_at_least(0), default=0, metavar="N",
+                    help="also report the YouTube-VIS metrics' spread over N resamplings of the videos")
     ev.add_argument("--save-pred", type=Path, help="write the predictions made here as YouTube-VIS results JSON")
     _add_model_options(ev)
     ev.add_argument("--no-progress", action="store_true")
@@ -342,10 +345,10 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from service.evaluation.run import evaluate, load_ground_truth, predict
+    from service.evaluation.run import evaluate, load_ground_truths, predict
 
     try:
-        gt, root = load_ground_truth(args.gt)
+        gt, root = load_ground_truths(args.gt)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
     if args.pred is not None:
@@ -363,7 +366,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.save_pred:
             args.save_pred.write_text(json.dumps(predictions))
     try:
-        report = evaluate(gt, predictions, args.metric)
+        report = evaluate(gt, predictions, args.metric, bootstrap=args.bootstrap)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     except (KeyError, TypeError, AttributeError) as e:

@@ -1,4 +1,4 @@
-"""`stemseg`: segment a video, benchmark the pipeline, make synthetic weights.
+"""`stemseg`: segment a video, benchmark the pipeline, evaluate, serve, fetch and make weights.
 
 Bad input ends with one line on stderr and exit code 2, never a traceback.
 """
@@ -7,19 +7,81 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 
-from service.config import ENGINES
+from service.config import DEFAULT_FORMATS, ENGINES, OFFICIAL_WEIGHTS, OUTPUT_FORMATS
 
 EXIT_BAD_INPUT = 2
-FORMATS = ("ytvis", "davis", "mots", "overlay")
+PRESET_NAMES = ("davis", "youtube_vis", "kitti_mots", "lite")
 
 
 class UsageError(Exception):
     """A mistake in what the user asked for, reported as one line."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stemseg-serve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line like every other mistake (argparse would print the whole usage first).
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, not {text}")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, not {text!r}")
+    return text
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text.lower())
+    if not m or int(m[1]) < 32 or int(m[2]) < 32:
+        raise argparse.ArgumentTypeError(f"expected HxW of at least 32x32, e.g. 128x160, not {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _port(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), not {value}")
+    return value
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -29,31 +91,41 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Which network runs, where and how: shared by every command that runs the model."""
-    p.add_argument("--weights", type=Path,
-                   help="official .pth or our .safetensors (env STEMSEG_WEIGHTS; default: the shipped lite model)")
-    p.add_argument("--preset", help="davis, youtube_vis or kitti_mots (default: inferred from the weights)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda (default auto)")
-    p.add_argument("--min-dim", type=int, help="inference short side; max side scales with it")
+    p.add_argument("--weights",
+                   help="official .pth, our .safetensors, or a fetched name (" + ", ".join(OFFICIAL_WEIGHTS)
+                        + "; `stemseg weights fetch`); env STEMSEG_WEIGHTS; default: the shipped lite model")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="default: the weights' own, or inferred from their tensors")
+    p.add_argument("--device", type=_device, default=None, help="auto, cpu, cuda or cuda:N (env STEMSEG_DEVICE; "
+                                                                "default auto: CUDA when usable)")
+    p.add_argument("--min-dim", type=_int_at_least(32), help="inference short side; max side scales with it")
     p.add_argument("--engine", default="torch", choices=list(ENGINES),
                    help="torch (eager); onnxruntime (CPU, or CUDA with --device cuda); onnxruntime-trt "
                         "(ONNX Runtime's TensorRT provider, fp16); tensorrt (native fp16 engines, cached)")
     p.add_argument("--onnx", type=Path, help="directory with backbone.onnx and heads.onnx (stemseg export onnx)")
     p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
                    help="secondary clustering pass: as the original (default) or fixed")
-    p.add_argument("--min-iou", type=float, default=None, help="link clips only at IoU >= this (default: always)")
+    p.add_argument("--min-iou", type=_float_in(0, 1), default=None,
+                   help="link clips only at IoU >= this, in [0, 1] (default: always)")
     p.add_argument("--masks", choices=["reference", "soft"], default=None,
                    help="mask outlines: upsampled stride-4 labels as the original, or drawn by the upsampled "
                         "foreground score (default: the preset's; soft for lite)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stemseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="stemseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment a video into mask tracks")
     _add_run_options(seg)
-    seg.add_argument("--out", type=Path, help="output directory (default: <video name>_stemseg)")
-    seg.add_argument("--format", nargs="+", default=["ytvis"], choices=FORMATS, help="outputs to write")
+    seg.add_argument("--out", type=Path,
+                     help="output directory (default: <video name>_stemseg); must be absent, empty, or a previous "
+                          "stemseg output (with --force)")
+    seg.add_argument("--force", action="store_true", help="replace a previous stemseg output at --out")
+    seg.add_argument("--format", nargs="+", default=None, choices=OUTPUT_FORMATS,
+                     help=f"outputs to write (default: {' '.join(DEFAULT_FORMATS)}, or env STEMSEG_FORMATS)")
+    seg.add_argument("--min-score", type=_float_in(0, 1), default=0.0,
+                     help="overlay: draw only tracks scoring at least this (results.json keeps every track)")
     seg.add_argument("--no-progress", action="store_true")
 
     bench = sub.add_parser("bench", help="seconds per stage and frames/s as JSON")
@@ -65,21 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export the network for other engines")
     exp_sub = exp.add_subparsers(dest="target", required=True)
     onnx_p = exp_sub.add_parser("onnx", help="frame backbone and clip heads as two ONNX graphs")
-    onnx_p.add_argument("--weights", type=Path, help="weights to export (env STEMSEG_WEIGHTS)")
-    onnx_p.add_argument("--preset")
+    onnx_p.add_argument("--weights", help="weights to export (as segment's --weights)")
+    onnx_p.add_argument("--preset", choices=PRESET_NAMES)
     onnx_p.add_argument("--out", type=Path, default=Path("onnx"), help="output directory (default ./onnx)")
-    onnx_p.add_argument("--opset", type=int, default=17)
+    onnx_p.add_argument("--opset", type=_int_at_least(17), default=17, help="ONNX opset, 17 or later (default 17)")
     onnx_p.add_argument("--fp16", action="store_true", help="fp16 weights and activations, fp32 inputs/outputs")
-
-    ev = sub.add_parser("eval", help="YouTube-VIS AP, DAVIS J&F and MOTS HOTA/sMOTSA against ground truth")
-    ev.add_argument("--gt", type=Path, required=True,
-                    help="YouTube-VIS annotation JSON, or a `stemseg synth` folder (annotations.json + videos)")
-    ev.add_argument("--pred", type=Path, help="YouTube-VIS results JSON (default: run the model over the videos)")
-    ev.add_argument("--metric", nargs="+", default=["ytvis", "davis", "mots"], choices=["ytvis", "davis", "mots"])
-    ev.add_argument("--json", type=Path, help="also write the numbers here")
-    ev.add_argument("--save-pred", type=Path, help="write the predictions made here as YouTube-VIS results JSON")
-    _add_model_options(ev)
-    ev.add_argument("--no-progress", action="store_true")
 
     trt_p = exp_sub.add_parser("tensorrt", help="native TensorRT engines from the ONNX graphs (cached per GPU)")
     trt_p.add_argument("--onnx", type=Path, default=Path("onnx"), help="directory of `stemseg export onnx`")
@@ -88,66 +150,81 @@ def build_parser() -> argparse.ArgumentParser:
     trt_p.add_argument("--fp32", action="store_true", help="build fp32 engines (default fp16)")
     trt_p.add_argument("--cache", type=Path, help="engine cache directory (default ONNX_DIR/trt-engines)")
 
-    srv = sub.add_parser("serve", help="run the HTTP API (uvicorn)")
+    ev = sub.add_parser("eval", help="YouTube-VIS AP, DAVIS J&F and MOTS HOTA/sMOTSA against ground truth")
+    ev.add_argument("--gt", type=Path, nargs="+", required=True,
+                    help="YouTube-VIS annotation JSON, or a `stemseg synth` folder (annotations.json + videos); "
+                         "several are pooled into one set")
+    ev.add_argument("--pred", type=Path, help="YouTube-VIS results JSON (default: run the model over the videos)")
+    ev.add_argument("--metric", nargs="+", default=["ytvis", "davis", "mots"], choices=["ytvis", "davis", "mots"])
+    ev.add_argument("--json", type=Path, help="also write the numbers here")
+    ev.add_argument("--bootstrap", type=_int_at_least(0), default=0, metavar="N",
+                    help="also report the YouTube-VIS metrics' spread over N resamplings of the videos")
+    ev.add_argument("--save-pred", type=Path, help="write the predictions made here as YouTube-VIS results JSON")
+    _add_model_options(ev)
+    ev.add_argument("--no-progress", action="store_true")
+
+    srv = sub.add_parser("serve", help="run the HTTP API (uvicorn); settings from STEMSEG_* (service/config.py)")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=_port, default=8000)
     srv.add_argument("--with-worker", action="store_true", help="also run one worker in this process")
 
     wrk = sub.add_parser("worker", help="take clip tasks from the Redis queue until SIGTERM")
     wrk.add_argument("--check", action="store_true", help="exit 0 if Redis answers (container healthcheck)")
 
+    wts = sub.add_parser("weights", help="the authors' released checkpoints: list them, fetch one")
+    wts_sub = wts.add_subparsers(dest="action", required=True)
+    wts_sub.add_parser("list", help="official checkpoints, their URLs and whether they are fetched")
+    fetch_p = wts_sub.add_parser("fetch", help="download an official checkpoint (resumes; verified before kept)")
+    fetch_p.add_argument("name", choices=OFFICIAL_WEIGHTS)
+    fetch_p.add_argument("--to", type=Path,
+                         help="directory (default: STEMSEG_WEIGHTS_DIR, ~/.cache/stemseg/weights, where "
+                              "`--weights NAME` looks)")
+    fetch_p.add_argument("--url", help="download from this mirror instead of the authors' server")
+    fetch_p.add_argument("--no-progress", action="store_true")
+
     synth = sub.add_parser("synth", help="render a synthetic video dataset (MP4 + YouTube-VIS annotations)")
     synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--videos", type=int, required=True)
-    synth.add_argument("--seed", type=int, required=True)
-    synth.add_argument("--frames", type=int, default=24)
-    synth.add_argument("--size", default="128x160", help="HxW")
+    synth.add_argument("--videos", type=_int_at_least(1), required=True)
+    synth.add_argument("--seed", type=_int_at_least(0), required=True)
+    synth.add_argument("--frames", type=_int_at_least(1), default=24)
+    synth.add_argument("--size", type=_size, default=(128, 160), help="HxW (default 128x160)")
 
     tr = sub.add_parser("train", help="train a preset on a synthetic dataset")
     tr.add_argument("--data", type=Path, nargs="+", required=True, help="one or more `stemseg synth` folders")
-    tr.add_argument("--preset", default="lite")
+    tr.add_argument("--preset", default="lite", choices=PRESET_NAMES)
     tr.add_argument("--out", type=Path, required=True, help="weights file (.safetensors); resumes if its checkpoint exists")
-    tr.add_argument("--steps", type=int, default=4000)
-    tr.add_argument("--batch", type=int, default=4)
-    tr.add_argument("--lr", type=float, default=2e-3)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto")
+    tr.add_argument("--steps", type=_int_at_least(1), default=4000)
+    tr.add_argument("--batch", type=_int_at_least(1), default=4)
+    tr.add_argument("--lr", type=_float_in(0, 1, low_open=True), default=2e-3)
+    tr.add_argument("--seed", type=_int_at_least(0), default=0)
+    tr.add_argument("--device", type=_device, default="auto")
     tr.add_argument("--init", type=Path, help="fine-tune these weights (.safetensors of the same preset) "
                                               "instead of starting from scratch")
 
     syn = sub.add_parser("synth-weights", help="official-format .pth of synthetic weights (reference recipe)")
-    syn.add_argument("--preset", required=True)
+    syn.add_argument("--preset", required=True, choices=PRESET_NAMES)
     syn.add_argument("--out", type=Path, required=True)
     return parser
 
 
 def _load(args: argparse.Namespace):
-    """The engine the options ask for, its device and the settings."""
+    """The engine the options ask for and the settings."""
     from service.config import get_settings, resolve_device
-    from service.model.checkpoint import load_model
     from service.model.engines import load_engine
+    from service.pipeline.session import load
 
     settings = get_settings()
-    weights = args.weights or settings.weights_path
     try:
-        device = resolve_device(args.device or settings.device)
-    except ValueError as e:
+        if args.engine != "torch":
+            engine = load_engine(args.engine, onnx_dir=args.onnx, device=resolve_device(args.device or settings.device))
+            if args.min_dim:
+                engine.cfg = engine.cfg.with_min_dim(args.min_dim)
+            return engine, settings
+        weights = args.weights if args.weights is not None else settings.weights
+        return load(weights, preset=args.preset or settings.preset, device=args.device or settings.device,
+                    min_dim=args.min_dim), settings
+    except ValueError as e:  # unusable device or preset setting, weights that name no file or do not fit
         raise UsageError(str(e)) from None
-    if args.engine != "torch":
-        engine = load_engine(args.engine, onnx_dir=args.onnx, device=device)
-        if args.min_dim:
-            engine.cfg = engine.cfg.with_min_dim(args.min_dim)
-        return engine, engine.device, settings
-    if weights is None:
-        raise UsageError("no weights: pass --weights PATH (an official davis/youtube_vis/kitti_mots .pth "
-                         "or a .safetensors file) or set STEMSEG_WEIGHTS (the shipped weights/lite.safetensors "
-                         "is missing from this installation)")
-    model = load_model(weights, args.preset or settings.preset, device=device)
-    if args.min_dim:
-        if args.min_dim < 32:
-            raise UsageError(f"--min-dim must be at least 32, got {args.min_dim}")
-        model.cfg = model.cfg.with_min_dim(args.min_dim)
-    return load_engine("torch", model=model), device, settings
 
 
 def _print_json(report: dict, path: Path | None) -> None:
@@ -164,73 +241,57 @@ def _options(args: argparse.Namespace):
     return SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks)
 
 
-def _segmenter(model, device, args, timer):
-    from service.pipeline.runner import Segmenter
-
-    return Segmenter(model, device=device, timer=timer, options=_options(args))
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
+    import os
+
     from tqdm import tqdm
 
-    from service.outputs import write_outputs
-    from service.pipeline.clips import clip_plan
-    from service.pipeline.timing import StageTimer
-    from service.video import iter_clip_windows, iter_frames, probe
+    from service.config import get_settings
+    from service.outputs import check_output_dir, write_outputs
+    from service.pipeline.session import open_video
 
-    model, device, settings = _load(args)
-    info = probe(args.video, max_pixels=settings.max_frame_pixels)
-    cfg = model.cfg
-    plan = clip_plan(info.num_frames, cfg.clip_len, cfg.overlap)
-    out_dir = args.out or args.video.with_name(f"{args.video.stem}_stemseg")
+    formats = args.format or get_settings().format_list
+    out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))
+    check_output_dir(out_dir, replace=args.force)  # before minutes of work, not after
+    engine, settings = _load(args)
     start = time.perf_counter()
-    seg = _segmenter(model, device, args, StageTimer(device))
-    windows = iter_clip_windows(args.video, plan, max_pixels=settings.max_frame_pixels)
-    with tqdm(total=info.num_frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
-        for _ in seg.propagate(windows, plan, info.height, info.width):
+    video = open_video(args.video, engine, options=_options(args), max_pixels=settings.max_frame_pixels)
+    with tqdm(total=video.info.num_frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
+        for _ in video.propagate():
             bar.update(1)
-    result = seg.result(fps=info.fps)
-    write_outputs(result, out_dir, args.format,
-                  frames_for_overlay=lambda: (f.image for f in iter_frames(args.video)))
+    result = video.result()
+    write_outputs(result, out_dir, formats, frames_for_overlay=video.frames, replace=args.force,
+                  overlay_min_score=args.min_score)
     seconds = time.perf_counter() - start
-    print(f"{info.num_frames} frames, {len(result.kept())} tracks, {seconds:.1f} s, "
-          f"{info.num_frames / seconds:.2f} frames/s -> {out_dir}")
+    n = video.info.num_frames
+    print(f"{n} frames, {len(result.kept())} tracks, {seconds:.1f} s, {n / seconds:.2f} frames/s -> {out_dir}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from service.pipeline.clips import clip_plan
+    from service.pipeline.session import open_video
     from service.pipeline.timing import StageTimer
-    from service.video import iter_clip_windows, iter_frames, probe
 
-    model, device, settings = _load(args)
-    info = probe(args.video, max_pixels=settings.max_frame_pixels)
-    cfg = model.cfg
-    plan = clip_plan(info.num_frames, cfg.clip_len, cfg.overlap)
-    timer = StageTimer(device, sync=True)
-    seg = _segmenter(model, device, args, timer)
-    if args.preload:
-        with timer("decode"):
-            frames = {f.index: f for f in iter_frames(args.video, max_pixels=settings.max_frame_pixels)}
-        windows = ((k, [frames[i] for i in clip]) for k, clip in enumerate(plan))
-    else:
-        windows = timer.wrap("decode", iter_clip_windows(args.video, plan, max_pixels=settings.max_frame_pixels))
+    engine, settings = _load(args)
+    timer = StageTimer(engine.device, sync=True)
+    video = open_video(args.video, engine, options=_options(args), timer=timer, max_pixels=settings.max_frame_pixels)
+    info, cfg = video.info, engine.cfg
     start = time.perf_counter()
-    n = sum(1 for _ in seg.propagate(windows, plan, info.height, info.width))
+    n = sum(1 for _ in video.propagate(preload=args.preload))
     total = time.perf_counter() - start
     stages = {k: round(v, 4) for k, v in timer.seconds.items()}
     network_clustering = sum(timer.seconds.get(s, 0.0) for s in ("preprocess", "backbone", "heads", "clustering",
                                                                   "stitching"))
     report = {
         "video": str(args.video), "frames": n, "width": info.width, "height": info.height,
-        "preset": cfg.name, "min_dim": cfg.min_dim, "max_dim": cfg.max_dim, "device": str(device),
+        "preset": cfg.name, "min_dim": cfg.min_dim, "max_dim": cfg.max_dim, "device": str(engine.device),
         "engine": args.engine, "torch_threads": torch.get_num_threads(), "preload": args.preload,
-        "seconds": stages, "total_seconds": round(total + (stages.get("decode", 0.0) if args.preload else 0.0), 4),
-        "frames_per_second": round(n / (total + (stages.get("decode", 0.0) if args.preload else 0.0)), 4),
+        "seconds": stages, "total_seconds": round(total, 4),
+        "frames_per_second": round(n / total, 4),
         "network_clustering_frames_per_second": round(n / network_clustering, 4) if network_clustering else None,
-        "tracks": len(seg.result().tracks),
+        "tracks": len(video.result().tracks),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     _print_json(report, args.json)
@@ -238,14 +299,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from service.config import get_settings
+    from service.config import get_settings, resolve_weights
     from service.model.checkpoint import load_model
 
     if args.target == "tensorrt":
         return _export_tensorrt(args)
-    weights = args.weights or get_settings().weights_path
-    if weights is None:
-        raise UsageError("no weights: pass --weights PATH or set STEMSEG_WEIGHTS")
+    settings = get_settings()
+    weights = resolve_weights(args.weights if args.weights is not None else settings.weights, settings.weights_dir)
     try:
         from model_export.onnx_export import export_onnx
     except ImportError as e:
@@ -285,10 +345,10 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from service.evaluation.run import evaluate, load_ground_truth, predict
+    from service.evaluation.run import evaluate, load_ground_truths, predict
 
     try:
-        gt, root = load_ground_truth(args.gt)
+        gt, root = load_ground_truths(args.gt)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
     if args.pred is not None:
@@ -299,14 +359,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not isinstance(predictions, list):
             raise UsageError(f"{args.pred}: YouTube-VIS results are a JSON list of entries")
     else:
-        model, device, _ = _load(args)
+        engine, _ = _load(args)
         frames = sum(v["length"] for v in gt["videos"])
         with tqdm(total=frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
-            predictions = predict(gt, root, model, device=device, progress=bar.update, options=_options(args))
+            predictions = predict(gt, root, engine, progress=bar.update, options=_options(args))
         if args.save_pred:
             args.save_pred.write_text(json.dumps(predictions))
     try:
-        report = evaluate(gt, predictions, args.metric)
+        report = evaluate(gt, predictions, args.metric, bootstrap=args.bootstrap)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     except (KeyError, TypeError, AttributeError) as e:
@@ -315,22 +375,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_modules():
+    try:
+        import redis
+        import uvicorn
+
+        from service.api.main import create_app
+        from service.jobs.worker import Worker, load_service_engine
+    except ImportError as e:
+        raise UsageError(f"this command needs the server extra ({e.name} is missing): "
+                         "pip install 'stemseg-serve[server]'") from None
+    return redis, uvicorn, create_app, Worker, load_service_engine
+
+
+def _ping_redis(redis, url: str) -> None:
+    try:
+        redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3).ping()
+    except (redis.RedisError, ValueError) as e:
+        raise UsageError(f"Redis at {url} does not answer ({e}): start Redis or set STEMSEG_REDIS_URL") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
-    import uvicorn
-
-    from service.api.main import create_app
     from service.config import get_settings
-    from service.jobs.worker import Worker
+    from service.model.checkpoint import load_model
+    from service.model.presets import get_preset
 
+    redis, uvicorn, create_app, Worker, load_service_engine = _server_modules()
     settings = get_settings()
+    _ping_redis(redis, settings.redis_url)
+    # Every configuration mistake surfaces here, as one line, before the server starts listening.
+    model_cfg = get_preset(settings.preset) if settings.preset else load_model(settings.weights_path).cfg
     worker = None
     if args.with_worker:
-        worker = Worker(settings)
+        worker = Worker(settings, engine=load_service_engine(settings))
         threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True).start()
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(settings, model_cfg=model_cfg), host=args.host, port=args.port, log_level="info")
     finally:
         if worker is not None:
             worker.stopping.set()
@@ -340,33 +422,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
-    import redis
-
     from service.config import get_settings
-    from service.jobs.worker import Worker
 
+    redis, _, _, Worker, load_service_engine = _server_modules()
     settings = get_settings()
+    _ping_redis(redis, settings.redis_url)
     if args.check:
-        try:
-            redis.Redis.from_url(settings.redis_url, socket_timeout=3).ping()
-        except redis.RedisError as e:
-            raise UsageError(f"Redis at {settings.redis_url} does not answer: {e}") from None
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    Worker(settings).run()
+    Worker(settings, engine=load_service_engine(settings)).run()
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from service.config import SHIPPED_WEIGHTS, get_settings
+    from service.model.hub import CHECKPOINTS, fetch, target_path
+
+    settings = get_settings()
+    if args.action == "list":
+        shipped = "present" if SHIPPED_WEIGHTS.is_file() else "missing"
+        print(f"lite         shipped with stemseg ({shipped}): {SHIPPED_WEIGHTS}")
+        for name, ck in CHECKPOINTS.items():
+            path = target_path(name, settings.weights_dir)
+            where = f"fetched: {path}" if path.is_file() else f"not fetched: stemseg weights fetch {name}"
+            print(f"{name:<12} {ck.url} ({where}; trained on {ck.trained_on})")
+        return 0
+    path = fetch(args.name, args.to or settings.weights_dir, url=args.url, progress=not args.no_progress)
+    hint = f"--weights {args.name}" if args.to is None else f"--weights {path}"
+    print(f"{path} verified ({path.stat().st_size / 2**20:.1f} MiB); use it with {hint}")
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from service.training.synth import write_dataset
 
-    try:
-        h, w = (int(x) for x in args.size.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--size must be HxW, e.g. 128x160, not {args.size!r}") from None
-    if args.frames < 1 or args.videos < 1 or h < 32 or w < 32:
-        raise UsageError("--videos and --frames must be positive and the size at least 32x32")
-    write_dataset(args.out, args.videos, args.seed, args.frames, (h, w))
+    write_dataset(args.out, args.videos, args.seed, args.frames, args.size)
     print(f"wrote {args.videos} videos and annotations.json to {args.out}")
     return 0
 
@@ -413,20 +503,33 @@ def cmd_synth_weights(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
+    from service.config import WeightsNotFound
     from service.model.checkpoint import CheckpointError
     from service.model.engines import EngineError
+    from service.model.hub import FetchError
+    from service.outputs import OutputExists
     from service.video import VideoError
 
-    handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export,
-                "eval": cmd_eval, "serve": cmd_serve, "worker": cmd_worker, "synth": cmd_synth, "train": cmd_train,
-                "synth-weights": cmd_synth_weights}
+    handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval,
+                "serve": cmd_serve, "worker": cmd_worker, "weights": cmd_weights, "synth": cmd_synth,
+                "train": cmd_train, "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
-    except (UsageError, CheckpointError, VideoError, EngineError) as e:
+    except (UsageError, CheckpointError, VideoError, EngineError, WeightsNotFound, OutputExists, FetchError) as e:
         # One line: a long list of checkpoint mismatches is summarised by its first entry.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         print(f"stemseg: error: {' '.join(lines[:2])}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValidationError as e:  # a bad STEMSEG_* setting
+        first = e.errors()[0]
+        name = "STEMSEG_" + str(first["loc"][0]).upper() if first["loc"] else "a STEMSEG_ setting"
+        print(f"stemseg: error: {name}: {first['msg']}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as e:  # e.g. --json into a directory that does not exist
+        print(f"stemseg: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("stemseg: interrupted", file=sys.stderr)

@@ -2,23 +2,81 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Ways to run the network (service.model.engines), listed here so the CLI need not import torch.
 ENGINES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt")
 
-# The model we train and ship (weights/MODEL_CARD.md); used when no weights are configured.
-SHIPPED_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "lite.safetensors"
+# --- Outputs (issue 13): the one default set the CLI, the API and STEMSEG_FORMATS share -------------
+OUTPUT_FORMATS = ("ytvis", "davis", "mots", "overlay")
+DEFAULT_FORMATS = ("ytvis", "davis", "mots", "overlay")
+
+
+def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Comma-separated (or listed) output names, validated, duplicates dropped, order kept."""
+    names = [f.strip() for f in (value.split(",") if isinstance(value, str) else value) if f.strip()]
+    unknown = [f for f in names if f not in OUTPUT_FORMATS]
+    if unknown or not names:
+        raise ValueError(f"formats must be a comma-separated subset of {','.join(OUTPUT_FORMATS)}, "
+                         f"not {','.join(names) if names else 'nothing'}")
+    return tuple(dict.fromkeys(names))
+
+
+# --- Weights (issue 13): the one resolver the API, the worker and the CLI call -------------------------
+# The model we train and ship (weights/MODEL_CARD.md). service/model/shipped links to weights/, so a
+# checkout and an installed wheel (which carries the files as package data) find it at the same place.
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "shipped" / "lite.safetensors"
+SHIPPED_CARD = SHIPPED_WEIGHTS.with_name("MODEL_CARD.md")
+# Names `stemseg weights fetch` downloads (service/model/hub.py has their URLs) into weights_dir.
+OFFICIAL_WEIGHTS = ("davis", "youtube_vis", "kitti_mots")
+
+
+def default_weights_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemseg" / "weights"
+
+
+class WeightsNotFound(ValueError):
+    """The configured weights name no file; the message says how to get one (one line)."""
+
+
+def resolve_weights(value: str | Path | None, weights_dir: Path | None = None) -> Path:
+    """A weights setting to a file: a path, an official name fetched into weights_dir, or (unset) the
+    shipped model."""
+    weights_dir = weights_dir or default_weights_dir()
+    if value is None or str(value) == "":
+        if SHIPPED_WEIGHTS.is_file():
+            return SHIPPED_WEIGHTS
+        raise WeightsNotFound("the shipped model (service/model/shipped/lite.safetensors) is missing from this "
+                              "installation: reinstall stemseg-serve or pass --weights PATH")
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if str(value) in OFFICIAL_WEIGHTS:
+        fetched = weights_dir / f"{value}.pth"
+        if fetched.is_file():
+            return fetched
+        raise WeightsNotFound(f"official weights '{value}' are not fetched: run `stemseg weights fetch {value}` "
+                              f"(looked for {fetched})")
+    if path.exists():
+        raise WeightsNotFound(f"weights {path}: not a file")
+    raise WeightsNotFound(f"weights {path}: no such file (a .pth or .safetensors path, or one of "
+                          f"{', '.join(OFFICIAL_WEIGHTS)} after `stemseg weights fetch NAME`)")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEMSEG_", env_file=".env", extra="ignore")
 
-    weights: Path | None = Field(None, description="Weights file (.pth or .safetensors); default: the shipped lite model")
+    weights: Path | None = Field(None, description="Weights file (.pth or .safetensors) or an official name "
+                                                   "(davis, youtube_vis, kitti_mots) fetched into weights_dir; "
+                                                   "default: the shipped lite model")
+    weights_dir: Path = Field(default_factory=default_weights_dir,
+                              description="Where `stemseg weights fetch` puts official checkpoints "
+                                          "(default ~/.cache/stemseg/weights)")
     preset: str | None = Field(None, description="Preset name; inferred from the weights when unset")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_frame_pixels: int = Field(4096 * 2160, description="Larger frames are refused (width x height)")
@@ -31,7 +89,13 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = Field(60.0, description="A task held this long without a heartbeat is redelivered")
     max_deliveries: int = Field(3, description="Deliveries of one task before its job fails")
     job_ttl_s: int = Field(7 * 24 * 3600, description="Jobs, their keys and files expire after this")
-    formats: str = Field("ytvis,davis,mots,overlay", description="Outputs the service writes per job")
+    formats: str = Field(",".join(DEFAULT_FORMATS),
+                         description="Outputs written when none are asked for (CLI --format, API ?formats=)")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: str) -> str:
+        return ",".join(parse_formats(v))
 
     # --- Job lifecycle, limits and faults (issue 12; owned by service/jobs and service/api) ---
     max_frames: int = Field(20_000, description="Videos with more frames are refused (413)")
@@ -58,11 +122,13 @@ class Settings(BaseSettings):
         return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]
 
     @property
-    def weights_path(self) -> Path | None:
-        """The configured weights, else the shipped default model when this checkout has it."""
-        if self.weights is not None:
-            return self.weights
-        return SHIPPED_WEIGHTS if SHIPPED_WEIGHTS.is_file() else None
+    def format_list(self) -> tuple[str, ...]:
+        return parse_formats(self.formats)
+
+    @property
+    def weights_path(self) -> Path:
+        """The file the weights setting names (see resolve_weights); raises WeightsNotFound."""
+        return resolve_weights(self.weights, self.weights_dir)
 
     @property
     def api_key_list(self) -> list[str]:
@@ -80,6 +146,12 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available")
     return name

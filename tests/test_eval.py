@@ -90,6 +90,38 @@ def test_ap_equals_cocoeval_on_one_frame_videos(seed):
     assert 0.05 < ours["AP"] < 0.95  # the data exercise both hits and misses
 
 
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_ap_ignores_video_order_and_breaks_score_ties_as_the_official_evaluator(seed):
+    """ytvoseval.py (youtubevos/cocoapi) sorts the video ids (np.unique) before its stable score
+    sort, so tied scores are ranked by video id, whatever order the annotation file lists videos."""
+    gt, preds = _one_frame_dataset(seed)
+    for p in preds:
+        p["score"] = round(p["score"] * 3) / 3  # four score values: ties within and across videos
+    reference = _cocoeval(gt, preds)  # COCOeval sorts its image ids the same way
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        shuffled = {**gt, "videos": [gt["videos"][i] for i in rng.permutation(len(gt["videos"]))]}
+        ours = evaluate_ytvis(shuffled, preds)
+        for key, i in (("AP", 0), ("AP50", 1), ("AP75", 2), ("AR1", 6), ("AR10", 7)):
+            assert ours[key] == pytest.approx(reference[i], abs=1e-12), key
+
+
+def test_tied_scores_across_videos_rank_by_video_id():
+    # Video 1: a hit at score 0.5; video 2: a miss at the same score. Ranked by id, the hit comes
+    # first: precision 1 up to recall 0.5, so AP = 51/101 at every threshold. In file order with
+    # video 2 listed first the miss would come first (AP 25.5/101).
+    hit = np.zeros((H, W), bool)
+    hit[10:30, 10:30] = True
+    miss = np.zeros((H, W), bool)
+    miss[40:46, 50:60] = True
+    gt = {"videos": [{"id": 2, "length": 1}, {"id": 1, "length": 1}], "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "video_id": 1, "category_id": 1, "segmentations": [_rle(hit)]},
+                          {"id": 2, "video_id": 2, "category_id": 1, "segmentations": [_rle(hit)]}]}
+    preds = [{"video_id": 2, "category_id": 1, "score": 0.5, "segmentations": [_rle(miss)]},
+             {"video_id": 1, "category_id": 1, "score": 0.5, "segmentations": [_rle(hit)]}]
+    assert evaluate_ytvis(gt, preds)["AP"] == pytest.approx(51 / 101, abs=1e-12)
+
+
 def _video_gt(num_frames: int = 6) -> tuple[dict, list[np.ndarray]]:
     """One video, two objects of different classes moving right; masks per object [T, H, W]."""
     masks = []

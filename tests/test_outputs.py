@@ -11,6 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.outputs import (
+    MANIFEST,
+    OutputExists,
     davis_palette,
     mots_lines,
     track_boxes,
@@ -21,6 +23,7 @@ from service.outputs import (
     write_ytvis,
     ytvis_entries,
 )
+from service.outputs.overlay import _font_size, draw_frame, place_labels
 from service.pipeline.tracks import Track, VideoResult
 
 H, W, N = 37, 50, 6
@@ -168,7 +171,10 @@ def test_write_outputs(result: VideoResult, tmp_path: Path) -> None:
     paths = write_outputs(result, out, ["ytvis", "davis", "mots", "overlay"], frames_for_overlay=lambda: iter(_frames()))
     assert paths == {"ytvis": out / "results.json", "davis": out / "davis", "mots": out / "mots.txt",
                      "overlay": out / "overlay.mp4"}
-    assert sorted(p.name for p in out.iterdir()) == ["davis", "mots.txt", "overlay.mp4", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["davis", "mots.txt", "overlay.mp4", "results.json", MANIFEST]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["formats"] == ["ytvis", "davis", "mots", "overlay"]
+    assert set(manifest["files"]) == {"results.json", "mots.txt", "overlay.mp4", *(f"davis/{f:05d}.png" for f in range(N))}
     assert json.loads(paths["ytvis"].read_text()) == ytvis_entries(result)
     assert len(list(paths["davis"].glob("*.png"))) == N
     assert len(_read_mp4(paths["overlay"])) == N
@@ -199,14 +205,14 @@ def test_failed_rewrite_keeps_previous_output(result: VideoResult, tmp_path: Pat
     with pytest.raises(RuntimeError):
         write_outputs(result, out, ["ytvis", "overlay"], frames_for_overlay=broken)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert [p.name for p in out.iterdir()] == ["mots.txt"] and (out / "mots.txt").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["mots.txt", MANIFEST] and (out / "mots.txt").read_text() == before
 
 
 def test_rewrite_replaces_existing_output(result: VideoResult, tmp_path: Path) -> None:
     out = tmp_path / "out"
     write_outputs(result, out, ["ytvis", "davis"])
     write_outputs(result, out, ["mots"])
-    assert sorted(p.name for p in out.iterdir()) == ["mots.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["mots.txt", MANIFEST]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -217,3 +223,93 @@ def test_bad_formats(result: VideoResult, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs the video's frames"):
         write_outputs(result, out, ["overlay"])
     assert list(tmp_path.iterdir()) == []
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_never_replaces_what_stemseg_did_not_write(result: VideoResult, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(OutputExists, match="not a directory"):
+        write_outputs(result, notes, ["ytvis"])
+    assert notes.read_text() == "my notes"
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "sub" / "data.bin").write_bytes(b"1234")
+    before = _tree(tmp_path)
+    with pytest.raises(OutputExists, match="not a stemseg output"):
+        write_outputs(result, mine, ["ytvis"])
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(OutputExists, match="not a directory"):
+        write_outputs(result, link, ["ytvis"])
+    link.unlink()
+    assert _tree(tmp_path) == before and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_previous_output_is_replaced_only_when_allowed_and_untouched(result: VideoResult, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_outputs(result, out, ["ytvis", "davis"])
+    with pytest.raises(OutputExists, match="--force"):
+        write_outputs(result, out, ["mots"], replace=False)
+    (out / "davis" / "extra.png").write_bytes(b"a user's file")  # added after the run: no longer ours alone
+    with pytest.raises(OutputExists, match="not a stemseg output"):
+        write_outputs(result, out, ["mots"])
+    assert (out / "davis" / "extra.png").read_bytes() == b"a user's file"
+    (out / "davis" / "extra.png").unlink()
+    write_outputs(result, out, ["mots"])
+    assert sorted(p.name for p in out.iterdir()) == ["mots.txt", MANIFEST]
+
+
+def test_an_empty_directory_is_filled_in_place(result: VideoResult, tmp_path: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    write_outputs(result, out, ["ytvis"], replace=False)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", MANIFEST]
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]
+
+
+def _disjoint(boxes) -> bool:
+    boxes = [b for b in boxes if b is not None]
+    return all(not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+               for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+@pytest.mark.parametrize("h,w", [(128, 160), (480, 640), (1080, 1920)])
+def test_labels_never_cover_one_another(h: int, w: int) -> None:
+    rng = np.random.default_rng(h)
+    size = _font_size(h, w)
+    label = (size * 8, size + 4)  # "7 ring 0.93" at this font size, padded
+    # Ten masks at one spot (the case that hid "2 ring" under "7 ring"), then ten at random spots.
+    same = [(w // 3, h // 3, w // 3 + 20, h // 3 + 20)] * 10
+    spread = [(int(x), int(y), int(x) + 10, int(y) + 10) for x, y in zip(rng.integers(0, w - 10, 10),
+                                                                       rng.integers(0, h - 10, 10))]
+    for anchors in (same, spread):
+        boxes = place_labels([label] * 10, anchors, h, w)
+        assert all(b is not None for b in boxes), "ten labels fit in any frame of 160x128 or more"
+        assert _disjoint(boxes)
+        assert all(0 <= b[0] and b[2] <= w and 0 <= b[1] and b[3] <= h for b in boxes)
+    # The first label (the highest score) gets the place above its mask.
+    assert place_labels([label], same[:1], h, w)[0][1] == same[0][1] - label[1]
+
+
+def test_label_text_scales_with_the_frame() -> None:
+    assert _font_size(128, 160) == 9 and _font_size(1080, 1920) == 30
+    frame = np.full((128, 160, 3), GREY, np.uint8)
+    mask = np.zeros((128, 160), bool)
+    mask[40:60, 40:60] = True
+    drawn = draw_frame(frame, [mask, mask], ["1 disc 1.00", "2 ring 0.01"], [np.array([128.0, 0, 0])] * 2)
+    labels = np.all(drawn == (128, 0, 0), axis=-1) & ~mask  # label backgrounds in the track colour
+    rows = np.nonzero(labels.any(axis=1))[0]
+    assert rows.max() - rows.min() + 1 >= 2 * (9 + 2)  # two labels, stacked, each at least a text line high
+
+
+def test_min_score_hides_tracks_from_the_overlay_only(result: VideoResult, tmp_path: Path) -> None:
+    paths = write_outputs(result, tmp_path / "o", ["ytvis", "overlay"], frames_for_overlay=lambda: iter(_frames()),
+                          overlay_min_score=0.6)
+    assert [e["score"] for e in json.loads(paths["ytvis"].read_text())] == [1.0, 0.5]  # JSON stays complete
+    frame = _read_mp4(paths["overlay"])[2]
+    assert np.abs(frame[30, 40].astype(float) - GREY).max() < 12  # track 3 (score 0.5) not drawn
+    assert np.abs(frame[17, 8].astype(float) - (0.5 * GREY + 0.5 * np.array([128, 0, 0]))).max() < 12

@@ -32,7 +32,7 @@ def test_finds_objects_in_unseen_videos(lite_weights: Path, tmp_path: Path) -> N
     data = write_dataset(tmp_path / "data", videos=3, seed=77, frames=12)
     gt = json.loads((data / "annotations.json").read_text())
     engine = load_engine("torch", model=load_model(lite_weights))
-    report = evaluate(gt, predict(gt, data, engine, device="cpu"), metrics=("ytvis",))
+    report = evaluate(gt, predict(gt, data, engine), metrics=("ytvis",))
     assert report["AP50"] >= 0.3, report
 
 

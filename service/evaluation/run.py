@@ -9,11 +9,11 @@ same pipeline `stemseg segment` uses. Every metric is computed from those entrie
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from service.evaluation.tracking import evaluate_davis, evaluate_mots
-from service.evaluation.ytvis import evaluate_ytvis
+from service.evaluation.ytvis import bootstrap_ytvis, evaluate_ytvis
 
 METRICS = ("ytvis", "davis", "mots")
 
@@ -33,32 +33,59 @@ def load_ground_truth(path: Path) -> tuple[dict, Path]:
     return doc, file.parent
 
 
-def predict(gt: dict, root: Path, engine, *, device, options=None,
+def load_ground_truths(paths: Sequence[Path]) -> tuple[dict, Path]:
+    """Several sets pooled into one document: videos and annotations renumbered in the order given
+    (so results saved from the same pooled sets keep matching), video file names made absolute,
+    `info` the list of the sets' own. One path: that set as it is."""
+    if len(paths) == 1:
+        return load_ground_truth(paths[0])
+    pooled: dict = {"videos": [], "annotations": [], "categories": None, "info": []}
+    for path in paths:
+        doc, root = load_ground_truth(path)
+        categories = sorted((c["id"], c["name"]) for c in doc["categories"])
+        if pooled["categories"] is not None and categories != sorted(
+                (c["id"], c["name"]) for c in pooled["categories"]):
+            raise ValueError(f"{path}: its categories differ from the first set's; sets pool only with the same ones")
+        pooled["categories"] = doc["categories"]
+        ids = {}
+        for v in sorted(doc["videos"], key=lambda v: v["id"]):
+            ids[v["id"]] = len(pooled["videos"]) + 1
+            video = {**v, "id": ids[v["id"]]}
+            if "file_name" in v:
+                video["file_name"] = str((root / v["file_name"]).resolve())
+            pooled["videos"].append(video)
+        for a in doc["annotations"]:
+            if a["video_id"] in ids:
+                pooled["annotations"].append({**a, "id": len(pooled["annotations"]) + 1, "video_id": ids[a["video_id"]]})
+        pooled["info"].append(doc.get("info", {"path": str(path)}))
+    return pooled, Path("/")
+
+
+def predict(gt: dict, root: Path, engine, *, options=None,
             progress: Callable[[int], None] | None = None) -> list[dict]:
     """Run the pipeline over every video of the dataset; YouTube-VIS results entries."""
     from service.outputs.ytvis import ytvis_entries
-    from service.pipeline.clips import clip_plan
-    from service.pipeline.runner import Segmenter
-    from service.video import iter_clip_windows, probe
+    from service.pipeline.session import open_video
 
     entries: list[dict] = []
     for video in gt["videos"]:
-        path = root / video["file_name"]
-        info = probe(path)
-        plan = clip_plan(info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
-        seg = Segmenter(engine, device=device, options=options)
-        for _ in seg.propagate(iter_clip_windows(path, plan), plan, info.height, info.width):
+        session = open_video(root / video["file_name"], engine, options=options)
+        for _ in session.propagate():
             if progress:
                 progress(1)
-        entries.extend(ytvis_entries(seg.result(fps=info.fps), video_id=video["id"]))
+        entries.extend(ytvis_entries(session.result(), video_id=video["id"]))
     return entries
 
 
-def evaluate(gt: dict, predictions: Iterable[dict], metrics: Iterable[str] = METRICS) -> dict:
+def evaluate(gt: dict, predictions: Iterable[dict], metrics: Iterable[str] = METRICS, *, bootstrap: int = 0) -> dict:
+    """The metrics asked for; with bootstrap > 0 also the YouTube-VIS metrics' spread over that many
+    resamplings of the videos (bootstrap_ytvis)."""
     predictions = list(predictions)
     out: dict = {}
     if "ytvis" in metrics:
         out.update(evaluate_ytvis(gt, predictions))
+        if bootstrap:
+            out["bootstrap"] = bootstrap_ytvis(gt, predictions, replicates=bootstrap)
     if "davis" in metrics:
         out.update(evaluate_davis(gt, predictions))
     if "mots" in metrics:
@@ -71,4 +98,4 @@ def evaluate(gt: dict, predictions: Iterable[dict], metrics: Iterable[str] = MET
     return out
 
 
-__all__ = ["METRICS", "evaluate", "load_ground_truth", "predict"]
+__all__ = ["METRICS", "evaluate", "load_ground_truth", "load_ground_truths", "predict"]

@@ -123,12 +123,13 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else -1.0
 
 
-def evaluate_ytvis(gt: dict, predictions: Iterable[dict]) -> dict:
-    """AP, AP50, AP75, AR1, AR10 and per-class AP of predictions (YouTube-VIS results entries)
-    against a YouTube-VIS annotation document. Values are -1 where nothing defines them."""
-    predictions = list(predictions)
-    video_ids = [v["id"] for v in gt["videos"]]
-    categories = {c["id"]: c["name"] for c in gt["categories"]}
+def _matches(gt: dict, predictions: Iterable[dict]) -> tuple[list, dict, dict]:
+    """Sorted video ids, categories, and every (video, category)'s matches per detection limit:
+    COCOeval.evaluate, whose results accumulate over any selection of videos."""
+    # Sorted, as ytvoseval.py's np.unique(vidIds): its stable score sort then ranks tied scores by
+    # video id, whatever order the annotation file lists the videos in.
+    video_ids = sorted({v["id"] for v in gt["videos"]})
+    categories = {c["id"]: c["name"] for c in sorted(gt["categories"], key=lambda c: c["id"])}
     gts: dict[tuple[int, int], list[dict]] = defaultdict(list)
     dts: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for a in gt["annotations"]:
@@ -137,10 +138,8 @@ def evaluate_ytvis(gt: dict, predictions: Iterable[dict]) -> dict:
     for p in predictions:
         if p["video_id"] in known:
             dts[p["video_id"], p["category_id"]].append(p)
-
-    per_max_det = {m: ([], []) for m in MAX_DETS}  # precision [K, T, R], recall [K, T] per category
+    matches: dict[tuple[int, int], dict[int, _Match]] = {}
     for c in categories:
-        ious_per_video = []
         for v in video_ids:
             g, d = gts[v, c], dts[v, c]
             if not g and not d:
@@ -148,13 +147,20 @@ def evaluate_ytvis(gt: dict, predictions: Iterable[dict]) -> dict:
             d = sorted(d, key=lambda p: -p["score"])[: MAX_DETS[-1]]  # as COCOeval.computeIoU
             ious = video_iou([[as_rle(s) for s in p["segmentations"]] for p in d],
                              [[as_rle(s) for s in a["segmentations"]] for a in g])
-            ious_per_video.append((ious, np.array([p["score"] for p in d], float),
-                                   np.array([bool(a.get("iscrowd", 0)) for a in g], bool)))
+            scores = np.array([p["score"] for p in d], float)
+            crowd = np.array([bool(a.get("iscrowd", 0)) for a in g], bool)
+            matches[v, c] = {m: _match(ious, scores, crowd, m) for m in MAX_DETS}
+    return video_ids, categories, matches
+
+
+def _summarise(videos: Sequence, categories: dict, matches: dict) -> dict:
+    """COCOeval.accumulate and summarize over `videos` (in ranking order; repeats allowed)."""
+    per_max_det = {m: ([], []) for m in MAX_DETS}  # precision [K, T, R], recall [K, T] per category
+    for c in categories:
         for max_det in MAX_DETS:
-            p, r = _precision_recall([_match(i, s, cr, max_det) for i, s, cr in ious_per_video])
+            p, r = _precision_recall([matches[v, c][max_det] for v in videos if (v, c) in matches])
             per_max_det[max_det][0].append(p)
             per_max_det[max_det][1].append(r)
-
     precision = np.stack(per_max_det[100][0], axis=0)  # [K, T, R]
     t50, t75 = int(np.argmin(abs(IOU_THRESHOLDS - 0.5))), int(np.argmin(abs(IOU_THRESHOLDS - 0.75)))
     return {
@@ -167,4 +173,34 @@ def evaluate_ytvis(gt: dict, predictions: Iterable[dict]) -> dict:
     }
 
 
-__all__ = ["as_rle", "evaluate_ytvis", "video_iou"]
+def evaluate_ytvis(gt: dict, predictions: Iterable[dict]) -> dict:
+    """AP, AP50, AP75, AR1, AR10 and per-class AP of predictions (YouTube-VIS results entries)
+    against a YouTube-VIS annotation document. Values are -1 where nothing defines them."""
+    video_ids, categories, matches = _matches(gt, list(predictions))
+    return _summarise(video_ids, categories, matches)
+
+
+BOOTSTRAP_KEYS = ("AP", "AP50", "AP75", "AR1", "AR10")
+
+
+def bootstrap_ytvis(gt: dict, predictions: Iterable[dict], replicates: int = 1000, seed: int = 0) -> dict:
+    """The spread of the metrics over videos: each replicate scores as many videos as the set has,
+    drawn with replacement. Per metric: the mean, standard deviation and the 2.5 / 97.5 percentiles
+    (a 95% interval) over replicates."""
+    video_ids, categories, matches = _matches(gt, list(predictions))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(replicates):
+        drawn = sorted(rng.choice(len(video_ids), size=len(video_ids), replace=True))
+        rows.append(_summarise([video_ids[i] for i in drawn], categories, matches))
+    out = {}
+    for key in BOOTSTRAP_KEYS:
+        values = np.array([r[key] for r in rows])
+        values = values[values > -1]
+        if values.size:
+            out[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0,
+                        "p2.5": float(np.percentile(values, 2.5)), "p97.5": float(np.percentile(values, 97.5))}
+    return {"replicates": replicates, "seed": seed, "resampled": "videos", **out}
+
+
+__all__ = ["as_rle", "bootstrap_ytvis", "evaluate_ytvis", "video_iou"]

@@ -1,8 +1,17 @@
-"""Writing the requested outputs all or nothing: into a temporary sibling directory, renamed
-into place when complete, so a failed run never leaves output that looks finished."""
+"""Writing the requested outputs all or nothing, and never over what stemseg did not write.
+
+Everything goes into a temporary sibling directory that is renamed into place when complete, so
+a failed run never leaves output that looks finished. The directory carries a manifest
+(`stemseg-output.json`) listing every file the run wrote: only a directory whose contents are
+exactly what its manifest lists is recognised as a previous output and may be replaced. An
+existing file, a non-empty directory without a manifest, or a previous output someone has since
+added files to is refused with OutputExists.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -10,21 +19,59 @@ from pathlib import Path
 
 import numpy as np
 
+from service.config import OUTPUT_FORMATS as FORMATS
 from service.outputs.davis import write_davis
 from service.outputs.mots import write_mots
 from service.outputs.overlay import write_overlay
 from service.outputs.ytvis import write_ytvis
 from service.pipeline.tracks import VideoResult
 
-FORMATS = ("ytvis", "davis", "mots", "overlay")
 NAMES = {"ytvis": "results.json", "davis": "davis", "mots": "mots.txt", "overlay": "overlay.mp4"}
+MANIFEST = "stemseg-output.json"
+
+
+class OutputExists(ValueError):
+    """The output path holds something stemseg may not replace (one-line message)."""
+
+
+def _files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink()}
+
+
+def _previous_output(out_dir: Path) -> bool:
+    """Whether out_dir is a stemseg output holding exactly the files its manifest lists."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        listed = set(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _files_under(out_dir) == listed | {MANIFEST}
+
+
+def check_output_dir(out_dir: Path, *, replace: bool) -> None:
+    """Raise OutputExists unless writing out_dir would destroy nothing stemseg did not write:
+    out_dir is absent, an empty directory, or (with replace) a previous output."""
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputExists(f"{out_dir} exists and is not a directory: choose another --out")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not _previous_output(out_dir):
+        raise OutputExists(f"{out_dir} is a non-empty directory that is not a stemseg output "
+                           f"(no {MANIFEST}, or files were added): choose another --out")
+    if not replace:
+        raise OutputExists(f"{out_dir} holds a previous stemseg output: pass --force to replace it")
 
 
 def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
-                  frames_for_overlay: Callable[[], Iterable[np.ndarray]] | None = None) -> dict[str, Path]:
-    """Write formats (from FORMATS) into out_dir, replacing whatever it held; returns format -> path.
+                  frames_for_overlay: Callable[[], Iterable[np.ndarray]] | None = None, *,
+                  replace: bool = True, overlay_min_score: float = 0.0) -> dict[str, Path]:
+    """Write formats (from FORMATS) into out_dir; returns format -> path.
 
-    frames_for_overlay is called once, only for "overlay", and must yield the video's BGR frames.
+    out_dir may be absent, an empty directory, or (when replace) a previous output, which the new
+    one replaces whole; anything else raises OutputExists before any work. frames_for_overlay is
+    called once, only for "overlay", and must yield the video's BGR frames; the overlay draws
+    only tracks scoring at least overlay_min_score (the other formats keep every track).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -32,13 +79,16 @@ def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
     if "overlay" in formats and frames_for_overlay is None:
         raise ValueError("the overlay format needs the video's frames (frames_for_overlay)")
     formats = list(dict.fromkeys(formats))
-    out_dir = Path(out_dir)
+    # Absolute, so `--out .` names the directory rather than an empty basename.
+    out_dir = Path(os.path.abspath(out_dir))
+    check_output_dir(out_dir, replace=replace)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so the final renames stay on one filesystem (atomic); hidden, so a leftover
     # from a killed process is never mistaken for a result.
     tag = uuid.uuid4().hex[:8]
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
     tmp.mkdir()
+    old = None
     try:
         for fmt in formats:
             target = tmp / NAMES[fmt]
@@ -49,16 +99,19 @@ def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
             elif fmt == "mots":
                 write_mots(result, target)
             else:
-                n = write_overlay(result, frames_for_overlay(), target, result.fps)
+                n = write_overlay(result, frames_for_overlay(), target, result.fps, min_score=overlay_min_score)
                 if n != result.num_frames:
                     raise RuntimeError(f"overlay got {n} frames, the video has {result.num_frames}")
-        # Directories cannot be renamed over each other: move the old one aside, then swap.
-        old = None
-        if out_dir.exists() or out_dir.is_symlink():
+        (tmp / MANIFEST).write_text(json.dumps({"stemseg_output": 1, "formats": formats,
+                                                "files": sorted(_files_under(tmp))}, indent=1) + "\n")
+        # Checked again: the directory may have changed while the model ran.
+        check_output_dir(out_dir, replace=replace)
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            # A previous output: directories cannot be renamed over non-empty ones, so move it aside.
             old = out_dir.parent / f".{out_dir.name}.old-{tag}"
             out_dir.rename(old)
         try:
-            tmp.rename(out_dir)
+            tmp.rename(out_dir)  # rename(2) replaces an empty directory atomically
         except BaseException:
             if old is not None:
                 old.rename(out_dir)  # put the previous result back rather than leave none
@@ -67,8 +120,5 @@ def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
     return {fmt: out_dir / NAMES[fmt] for fmt in formats}

@@ -1,0 +1,111 @@
+"""The authors' released checkpoints, one command away: `stemseg weights fetch NAME`.
+
+The URLs are the ones the original README (github.com/sabarim/STEm-Seg) publishes. A download
+goes to a hidden `.NAME.pth.part` beside the target and resumes from its length with an HTTP
+Range request; the finished file must load strictly into the preset it is named after (every key
+and shape, service.model.checkpoint) before it is renamed into place, so a truncated, corrupt or
+wrong file never sits where `--weights NAME` would find it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.config import OFFICIAL_WEIGHTS
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    name: str  # also the preset it loads into
+    url: str
+    trained_on: str
+
+
+_BASE = "https://omnomnom.vision.rwth-aachen.de/data/STEm-Seg/models"
+CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    "davis": OfficialCheckpoint("davis", f"{_BASE}/davis.pth", "DAVIS'17, YouTube-VIS, COCO, PascalVOC"),
+    "youtube_vis": OfficialCheckpoint("youtube_vis", f"{_BASE}/youtube_vis.pth", "YouTube-VIS, COCO, PascalVOC"),
+    "kitti_mots": OfficialCheckpoint("kitti_mots", f"{_BASE}/kitti_mots.pth",
+                                     "Mapillary, KITTI-MOTS, MOTSChallenge 0002"),
+}
+assert tuple(CHECKPOINTS) == OFFICIAL_WEIGHTS
+
+CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """A download that could not be completed or verified (one-line message)."""
+
+
+def target_path(name: str, to_dir: Path) -> Path:
+    return Path(to_dir) / f"{name}.pth"
+
+
+def _open(url: str, offset: int, timeout: float):
+    request = urllib.request.Request(url, headers={"User-Agent": "stemseg-serve"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # the partial file is already whole
+            return None
+        raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from None
+
+
+def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = True,
+          timeout: float = 60.0) -> Path:
+    """Download the official checkpoint `name` into to_dir/NAME.pth, resuming a partial download,
+    and keep it only if it loads strictly into its preset. Returns the path."""
+    from tqdm import tqdm
+
+    from service.model.checkpoint import CheckpointError, load_model
+
+    if name not in CHECKPOINTS:
+        raise FetchError(f"unknown checkpoint {name!r}; choose from {', '.join(CHECKPOINTS)}")
+    url = url or CHECKPOINTS[name].url
+    if not url.startswith(("http://", "https://")):
+        raise FetchError(f"{url}: only http:// and https:// URLs can be fetched")
+    to_dir = Path(to_dir)
+    to_dir.mkdir(parents=True, exist_ok=True)
+    target = target_path(name, to_dir)
+    part = to_dir / f".{target.name}.part"
+    offset = part.stat().st_size if part.is_file() else 0
+    response = _open(url, offset, timeout)
+    if response is not None:
+        with response:
+            if offset and response.status != 206:  # the server ignored Range: start again
+                offset = 0
+            length = response.headers.get("Content-Length")
+            total = offset + int(length) if length and length.isdigit() else None
+            with open(part, "ab" if offset else "wb") as f, tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
+                    disable=not progress, file=sys.stderr) as bar:
+                try:
+                    while chunk := response.read(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                except OSError as e:  # the partial file stays for the next run to resume
+                    raise FetchError(f"{url}: download interrupted ({e}); run the command again to resume") from None
+                f.flush()
+                os.fsync(f.fileno())
+            if total is not None and part.stat().st_size != total:
+                raise FetchError(f"{url}: got {part.stat().st_size} of {total} bytes; run the command again to resume")
+    try:
+        load_model(part, preset=name)
+    except CheckpointError as e:
+        part.unlink(missing_ok=True)  # ours, and useless: the next run must start over
+        first = " ".join(ln.strip() for ln in str(e).splitlines()[:2]).replace(str(part), url)
+        raise FetchError(f"downloaded file is not a valid {name} checkpoint, removed: {first}") from None
+    os.replace(part, target)
+    return target
+
+
+__all__ = ["CHECKPOINTS", "FetchError", "OfficialCheckpoint", "fetch", "target_path"]

@@ -1,0 +1,97 @@
+"""Segment a video from Python in two calls: open it with a model, then iterate its frames' tracks.
+
+    from service.pipeline.session import load, open_video
+
+    model = load()                                   # the shipped model; or load("youtube_vis.pth")
+    video = open_video("examples/sample.mp4", model)
+    for frame in video.propagate():                  # FrameTracks, in frame order, as clips are chained
+        frame.index, frame.track_ids, frame.masks()  # masks(): [tracks, H, W] bool at the video's size
+    result = video.result()                          # VideoResult: every track, scores, RLE masks
+
+The shape is SAM 2's (`init_state`, then `propagate_in_video`): opening probes the video (bad
+files fail here, before any work) and makes the clip plan; propagating decodes clip windows,
+runs the network and clustering, and chains clips (`service.pipeline.runner.Segmenter`). The CLI's
+`segment` and `bench` and `stemseg eval` all go through this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from service.config import get_settings, resolve_device, resolve_weights
+from service.model.engines import Engine, load_engine
+from service.pipeline.clips import clip_plan
+from service.pipeline.runner import FrameTracks, Segmenter, SegmenterOptions
+from service.pipeline.timing import StageTimer
+from service.pipeline.tracks import VideoResult
+from service.video import VideoInfo, iter_clip_windows, iter_frames, probe
+
+
+def load(weights: str | Path | None = None, *, preset: str | None = None, device: str = "auto",
+         min_dim: int | None = None) -> Engine:
+    """The torch engine for a weights file, an official name fetched with `stemseg weights fetch`, or
+    (None) the shipped model; on `device` ("auto": CUDA when usable)."""
+    from service.model.checkpoint import load_model
+
+    settings = get_settings()
+    model = load_model(resolve_weights(weights, settings.weights_dir), preset, device=resolve_device(device))
+    if min_dim is not None:
+        model.cfg = model.cfg.with_min_dim(min_dim)
+    return load_engine("torch", model=model)
+
+
+class VideoSession:
+    """One video opened with one model: its probe and clip plan, ready to propagate."""
+
+    def __init__(self, path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None,
+                 timer: StageTimer | None = None, max_pixels: int | None = None) -> None:
+        self.path = Path(path)
+        self.engine = engine
+        self.max_pixels = max_pixels or get_settings().max_frame_pixels
+        self.info: VideoInfo = probe(self.path, max_pixels=self.max_pixels)
+        self.plan = clip_plan(self.info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
+        self.segmenter = Segmenter(engine, device=engine.device, options=options, timer=timer)
+
+    @property
+    def timer(self) -> StageTimer:
+        return self.segmenter.timer
+
+    def propagate(self, *, preload: bool = False) -> Iterator[FrameTracks]:
+        """Every frame's tracks once, in frame order. Decoding is charged to the timer's "decode"
+        stage; with preload every frame is decoded before the network runs (benchmarks)."""
+        timer = self.segmenter.timer
+        if preload:
+            with timer("decode"):
+                frames = {f.index: f for f in iter_frames(self.path, max_pixels=self.max_pixels)}
+            windows = ((k, [frames[i] for i in clip]) for k, clip in enumerate(self.plan))
+        else:
+            windows = timer.wrap("decode", iter_clip_windows(self.path, self.plan, max_pixels=self.max_pixels))
+        yield from self.segmenter.propagate(windows, self.plan, self.info.height, self.info.width)
+
+    def result(self) -> VideoResult:
+        """The tracks after propagate() has run to the end."""
+        return self.segmenter.result(fps=self.info.fps)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """The video's frames again (BGR uint8), e.g. for the overlay output."""
+        return (f.image for f in iter_frames(self.path, max_pixels=self.max_pixels))
+
+
+def open_video(path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None,
+               timer: StageTimer | None = None, max_pixels: int | None = None) -> VideoSession:
+    """Probe a video (VideoError for a bad file) and plan its clips for `engine`."""
+    return VideoSession(path, engine, options=options, timer=timer, max_pixels=max_pixels)
+
+
+def segment(path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None) -> VideoResult:
+    """Both calls at once, for when only the final tracks matter."""
+    video = open_video(path, engine, options=options)
+    for _ in video.propagate():
+        pass
+    return video.result()
+
+
+__all__ = ["FrameTracks", "SegmenterOptions", "VideoSession", "load", "open_video", "segment"]

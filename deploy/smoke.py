@@ -4,7 +4,10 @@ Builds the API image (which is also the CPU worker's), brings up docker-compose.
 api, worker-cpu) with podman-compose, waits until every container's own healthcheck passes, makes a video
 with `stemseg synth`, uploads it, restarts the worker container while the job runs, fetches the result and
 checks it equals `stemseg segment` on the same video with the same weights (run in the same image), then
-`down -v`. Standard library only; every step prints its wall time. Exit 0 only if every check passed.
+`down -v`. A second upload has its worker process killed with SIGKILL mid-task: the restart policy
+brings the container back, the unacknowledged task is redelivered after the visibility timeout, and the
+result is again the CLI's. Standard library only; every step prints its wall time. Exit 0 only if every
+check passed.
 """
 
 from __future__ import annotations
@@ -186,6 +189,9 @@ def main() -> int:
                    f"{name}: runs as uid 10001, weights by in-container path (host STEMSEG_WEIGHTS ignored), "
                    f"/data writable ({got})")
 
+            ro = run("podman", "exec", name, "sh", "-c", "touch /opt/venv/x", check=False, capture=True)
+            expect(ro.returncode != 0 and "Read-only file system" in ro.stdout, f"{name}: root filesystem read-only")
+
         # The video and the reference, both in the image: same libraries, same weights file.
         t = time.monotonic()
         run("podman", "run", "--rm", "-v", f"{work}:/work", a.image, "stemseg", "synth", "--out", "/work/synth",
@@ -229,6 +235,37 @@ def main() -> int:
                "service result == `stemseg segment` (categories and every frame's RLE)")
         expect(all(abs(x["score"] - c["score"]) <= 1e-6 for x, c in zip(tracks, cli, strict=True)),
                "scores equal within 1e-6")
+
+        # A crash rather than a stop: SIGKILL to the worker process mid-task. The container's restart policy
+        # brings it back and the task it held, unacknowledged, is taken over after the visibility timeout.
+        t = time.monotonic()
+        job = upload(base, video, "ytvis")
+        job = wait_job(base, job["id"], 600, until=lambda j: j["progress"]["clips_done"] > 0 or
+                       j["status"] not in ("queued", "running"))
+        expect(job["status"] == "running" and job["progress"]["clips_done"] < job["progress"]["clips_total"],
+               f"second job running when the worker is killed: {job['progress']}")
+        restarts = int(run("podman", "inspect", "-f", "{{.RestartCount}}", worker, capture=True).stdout.strip() or 0)
+        init_pid = run("podman", "inspect", "-f", "{{.State.Pid}}", worker, capture=True).stdout.strip()
+        children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
+        expect(len(children) == 1, f"one worker process under the container's init (pid {init_pid}): {children}")
+        run("kill", "-KILL", children[0])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = run("podman", "inspect", "-f", "{{.State.Status}} {{.RestartCount}}", worker,
+                        capture=True).stdout.split()
+            if state[0] == "running" and int(state[1]) > restarts:
+                break
+            time.sleep(1)
+        expect(state[0] == "running" and int(state[1]) > restarts,
+               f"restart policy brought the killed worker back (restart count {state[1]})")
+        job = wait_job(base, job["id"], 900)
+        expect(job["status"] == "succeeded", f"job after kill -9: {job['status']} {job.get('error') or ''} in "
+               f"{time.monotonic() - t:.1f}s from upload")
+        status, data, _ = http("GET", f"{base}/v1/jobs/{job['id']}/result")
+        again = json.loads(data)["tracks"] if status == 200 else []
+        expect([(x["category_id"], x["segmentations"]) for x in again]
+               == [(c["category_id"], c["segmentations"]) for c in cli],
+               "result after kill -9 == `stemseg segment` too")
     except (Failure, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         detail = getattr(e, "stdout", None) or ""
         log(f"FAILED: {e}\n{detail}")

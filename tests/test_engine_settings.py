@@ -124,3 +124,22 @@ def test_torch_engine_options(official_weights) -> None:
             TorchEngine(model, autocast="fp16")
     assert TorchEngine(model, compile=False).compile == "off"
     assert TorchEngine(model, compile=True).compile == "default"  # compiled lazily, on the first call
+
+
+def test_cli_speed_options_apply_to_the_torch_engine_only(weights: Path, onnx_dir: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    from service.cli import main
+
+    video = tmp_path / "clip.mp4"
+    make_video(video, 9, 64, 48)
+    assert main(["bench", str(video), "--engine", "onnxruntime", "--onnx", str(onnx_dir), "--autocast", "bf16"]) == 2
+    assert capsys.readouterr().err.strip() == "stemseg: error: --autocast, --compile and --tf32 apply to --engine torch only"
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(video), "--weights", str(weights), "--device", "cpu", "--serial", "--json", str(out)]) == 0
+    serial = json.loads(out.read_text())
+    assert main(["bench", str(video), "--weights", str(weights), "--device", "cpu", "--autocast", "bf16",
+                 "--clips-per-forward", "2", "--json", str(out)]) == 0
+    fast = json.loads(out.read_text())
+    assert (serial["pipeline"], fast["pipeline"]) == ("serial", "threaded, 2 clip(s) per forward")
+    assert fast["autocast"] == "bf16" and serial["frames"] == fast["frames"] == 9
+    assert "decode_wait" in fast["seconds"] and "decode_wait" not in serial["seconds"]

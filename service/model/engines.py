@@ -161,13 +161,14 @@ class TensorRTEngine:
             import tensorrt as trt
         except ImportError:
             raise EngineError("--engine tensorrt needs the tensorrt package (pip install 'stemseg-serve[gpu]')") from None
-        from model_export.tensorrt_build import build_or_load, default_buckets
+        from model_export.tensorrt_build import build_or_load, cached_buckets, default_buckets, gpu_identity
 
         onnx_dir = Path(onnx_dir)
         _graph_paths(onnx_dir)
         self.cfg = ModelConfig.from_json(graph_metadata(onnx_dir)["stemseg.preset"])
         self.device = torch.device(device)
-        self.buckets = buckets or default_buckets(self.cfg)
+        self.buckets = buckets or cached_buckets(onnx_dir, gpu=gpu_identity(), trt_version=trt.__version__, fp16=fp16,
+                                                 cache_dir=cache_dir) or default_buckets(self.cfg)
         paths = build_or_load(onnx_dir, self.cfg, buckets=self.buckets, fp16=fp16, cache_dir=cache_dir)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._trt = trt
@@ -264,9 +265,9 @@ def engine_from_settings(settings: Settings) -> Engine:
         weights = settings.weights_path
         if weights is None:
             raise EngineError("the worker needs weights: set STEMSEG_WEIGHTS")
-        if settings.tf32 and device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if device.startswith("cuda"):
+            # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, not fp32.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32
         engine = load_engine("torch", model=load_model(weights, settings.preset, device=device),
                              compile=settings.torch_compile, autocast=settings.autocast)
     else:

@@ -131,4 +131,26 @@ def build_or_load(onnx_dir: Path, cfg: ModelConfig, *, buckets: list[Bucket] | N
     return out
 
 
-__all__ = ["Bucket", "build_engine", "build_or_load", "cache_key", "default_buckets"]
+def cached_buckets(onnx_dir: Path, *, gpu: str, trt_version: str, fp16: bool = True,
+                   cache_dir: Path | None = None) -> list[Bucket] | None:
+    """The buckets of engines already built from these graphs for this GPU and TensorRT
+    version (e.g. by `stemseg export tensorrt --buckets ...`), so loading them never rebuilds
+    with other buckets; None when there are none. The key is recomputed, so a stale engine of
+    an older graph is never taken."""
+    cache_dir = Path(cache_dir or Path(onnx_dir) / "trt-engines")
+    for side in sorted(cache_dir.glob("backbone-*.json")):
+        try:
+            info = json.loads(side.read_text())
+            buckets = [Bucket.parse(b) for b in info["buckets"]]
+        except (OSError, ValueError, KeyError):
+            continue
+        if info.get("fp16") != fp16:
+            continue
+        keys = {g: cache_key(Path(onnx_dir) / f"{g}.onnx", gpu=gpu, trt_version=trt_version, fp16=fp16,
+                             buckets=buckets) for g in ("backbone", "heads")}
+        if all((cache_dir / f"{g}-{k}.engine").is_file() for g, k in keys.items()):
+            return buckets
+    return None
+
+
+__all__ = ["Bucket", "build_engine", "build_or_load", "cache_key", "cached_buckets", "default_buckets"]

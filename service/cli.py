@@ -102,6 +102,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="torch (eager); onnxruntime (CPU, or CUDA with --device cuda); onnxruntime-trt "
                         "(ONNX Runtime's TensorRT provider, fp16); tensorrt (native fp16 engines, cached)")
     p.add_argument("--onnx", type=Path, help="directory with backbone.onnx and heads.onnx (stemseg export onnx)")
+    # Torch engine speed options (issue 14); off by default, so outputs stay the fp32 reference.
+    p.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off",
+                   help="torch engine: run the network under bf16/fp16 autocast (fp16 needs a GPU)")
+    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+                   help="torch engine: torch.compile mode (reduce-overhead replays CUDA graphs)")
+    p.add_argument("--tf32", action="store_true",
+                   help="torch engine on CUDA: TF32 matmuls and convolutions (default: strict fp32)")
     p.add_argument("--secondary", default="reference", choices=["reference", "corrected"],
                    help="secondary clustering pass: as the original (default) or fixed")
     p.add_argument("--min-iou", type=_float_in(0, 1), default=None,
@@ -133,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preload", action="store_true",
                        help="decode every frame first and time network + clustering alone")
     bench.add_argument("--json", type=Path, help="also write the JSON here")
+    bench.add_argument("--serial", action="store_true",
+                       help="no decode or post-processing threads, one clip per forward (the old pipeline)")
+    bench.add_argument("--clips-per-forward", type=int, default=1, help="consecutive clips per heads forward")
 
     exp = sub.add_parser("export", help="export the network for other engines")
     exp_sub = exp.add_subparsers(dest="target", required=True)
@@ -209,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace):
     """The engine the options ask for and the settings."""
+    import torch
+
     from service.config import get_settings, resolve_device
     from service.model.engines import load_engine
     from service.pipeline.session import load
@@ -216,15 +228,21 @@ def _load(args: argparse.Namespace):
     settings = get_settings()
     try:
         if args.engine != "torch":
+            if args.autocast != "off" or args.compile != "off" or args.tf32:
+                raise UsageError("--autocast, --compile and --tf32 apply to --engine torch only")
             engine = load_engine(args.engine, onnx_dir=args.onnx, device=resolve_device(args.device or settings.device))
             if args.min_dim:
                 engine.cfg = engine.cfg.with_min_dim(args.min_dim)
             return engine, settings
         weights = args.weights if args.weights is not None else settings.weights
-        return load(weights, preset=args.preset or settings.preset, device=args.device or settings.device,
-                    min_dim=args.min_dim), settings
+        engine = load(weights, preset=args.preset or settings.preset, device=args.device or settings.device,
+                      min_dim=args.min_dim, autocast=args.autocast, compile=args.compile)
     except ValueError as e:  # unusable device or preset setting, weights that name no file or do not fit
         raise UsageError(str(e)) from None
+    if engine.device.type == "cuda":
+        # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, which is not fp32.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return engine, settings
 
 
 def _print_json(report: dict, path: Path | None) -> None:
@@ -239,6 +257,15 @@ def _options(args: argparse.Namespace):
     from service.pipeline.runner import SegmenterOptions
 
     return SegmenterOptions(secondary=args.secondary, min_iou=args.min_iou, mask_upsampling=args.masks)
+
+
+def _pipeline(args: argparse.Namespace):
+    """How `bench` schedules the work (none of it changes the outputs)."""
+    from service.pipeline.runner import PipelineOptions
+
+    if getattr(args, "serial", False):
+        return PipelineOptions.serial()
+    return PipelineOptions(clips_per_forward=getattr(args, "clips_per_forward", 1))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -276,7 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     engine, settings = _load(args)
     timer = StageTimer(engine.device, sync=True)
-    video = open_video(args.video, engine, options=_options(args), timer=timer, max_pixels=settings.max_frame_pixels)
+    video = open_video(args.video, engine, options=_options(args), timer=timer, max_pixels=settings.max_frame_pixels,
+                       pipeline=_pipeline(args))
     info, cfg = video.info, engine.cfg
     start = time.perf_counter()
     n = sum(1 for _ in video.propagate(preload=args.preload))
@@ -288,6 +316,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "video": str(args.video), "frames": n, "width": info.width, "height": info.height,
         "preset": cfg.name, "min_dim": cfg.min_dim, "max_dim": cfg.max_dim, "device": str(engine.device),
         "engine": args.engine, "torch_threads": torch.get_num_threads(), "preload": args.preload,
+        "autocast": args.autocast, "compile": args.compile, "tf32": args.tf32,
+        "pipeline": "serial" if args.serial else f"threaded, {args.clips_per_forward} clip(s) per forward",
         "seconds": stages, "total_seconds": round(total, 4),
         "frames_per_second": round(n / total, 4),
         "network_clustering_frames_per_second": round(n / network_clustering, 4) if network_clustering else None,

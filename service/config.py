@@ -117,6 +117,20 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(1.0, description="First retry delay of a webhook; doubles per attempt")
     webhook_timeout_s: float = Field(5.0, description="Timeout of one webhook delivery")
 
+    # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
+    engine: str = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
+    onnx_dir: Path | None = Field(None, description="Graphs of `stemseg export onnx`; needed by every engine but torch")
+    trt_cache: Path | None = Field(None, description="Native TensorRT engine cache (default ONNX_DIR/trt-engines)")
+    autocast: str = Field("off", description="torch engine: off, bf16 or fp16 autocast (off keeps the fp32 outputs)")
+    torch_compile: str = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) or "
+                                                  "max-autotune (torch.compile modes)")
+    tf32: bool = Field(False, description="torch engine on CUDA: TF32 matmuls and convolutions")
+    batch_max_size: int = Field(0, description="Cross-task dynamic batching: most frames (backbone) or clips "
+                                               "(heads) in one forward; 0 or 1 disables it")
+    batch_max_delay_ms: float = Field(5.0, description="Dynamic batching: longest a request waits for others")
+    clips_per_forward: int = Field(1, description="Consecutive clips whose heads run as one batch")
+    decode_prefetch: int = Field(4, description="Clip windows decoded ahead of the network (0: decode inline)")
+
     @property
     def webhook_host_list(self) -> list[str]:
         return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]

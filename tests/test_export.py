@@ -169,3 +169,27 @@ def test_onnxruntime_cpu_matches_torch_on_the_shipped_weights(lite_weights, tmp_
     out = engine.clip_heads([stack_clip(f) for f in engine.frame_features(images)])
     assert (out.embeddings - ref.embeddings).abs().max() <= 1e-4
     assert (out.seediness - ref.seediness).abs().max() <= 1e-4
+
+
+def test_cached_engines_are_found_whatever_their_buckets(tmp_path: Path) -> None:
+    """`stemseg export tensorrt --buckets ...` then `--engine tensorrt`: the engine loads what was
+    built (no rebuild with the default buckets), and never an engine of an older graph."""
+    from model_export.tensorrt_build import Bucket, cache_key, cached_buckets
+
+    for g in ("backbone", "heads"):
+        (tmp_path / f"{g}.onnx").write_bytes(f"{g} graph v1".encode())
+    cache = tmp_path / "trt-engines"
+    cache.mkdir()
+    ident = {"gpu": "NVIDIA H100 80GB HBM3 sm90", "trt_version": "10.13.0"}
+    assert cached_buckets(tmp_path, **ident) is None
+    built = [Bucket(480, 864), Bucket(256, 448)]
+    for g in ("backbone", "heads"):
+        key = cache_key(tmp_path / f"{g}.onnx", fp16=True, buckets=built, **ident)
+        (cache / f"{g}-{key}.engine").write_bytes(b"engine")
+        (cache / f"{g}-{key}.json").write_text(json.dumps({"graph": g, "fp16": True,
+                                                            "buckets": ["480x864", "256x448"]}))
+    assert cached_buckets(tmp_path, **ident) == built
+    assert cached_buckets(tmp_path, **ident, fp16=False) is None
+    assert cached_buckets(tmp_path, **{**ident, "gpu": "NVIDIA L4 sm89"}) is None
+    (tmp_path / "heads.onnx").write_bytes(b"heads graph v2")
+    assert cached_buckets(tmp_path, **ident) is None

@@ -30,15 +30,14 @@ from typing import Literal
 
 import redis
 
-from service.config import Settings, get_settings, resolve_device
+from service.config import Settings, get_settings
 from service.jobs.lifecycle import Jobs, JobStatus
 from service.jobs.queue import Task
 from service.jobs.results import clip_to_bytes
 from service.jobs.stitch import JobStitcher, clip_name
 from service.jobs.storage import LocalStorage, NoSpace, is_no_space
 from service.jobs.webhooks import Notifier, payload
-from service.model.checkpoint import load_model
-from service.model.engines import Engine, EngineError, load_engine
+from service.model.engines import Engine, engine_from_settings
 from service.pipeline.clips import clip_plan, context_range
 from service.pipeline.runner import ClipProcessor, SegmenterOptions
 from service.video import VideoError, iter_frames, read_frames
@@ -47,11 +46,8 @@ log = logging.getLogger("stemseg.worker")
 
 
 def load_service_engine(settings: Settings) -> Engine:
-    weights = settings.weights_path
-    if weights is None:
-        raise EngineError("the worker needs weights: set STEMSEG_WEIGHTS")
-    device = resolve_device(settings.device)
-    return load_engine("torch", model=load_model(weights, settings.preset, device=device))
+    # Engine choice, its graphs and caches, and batching all live with the engines (issue 14).
+    return engine_from_settings(settings)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ backend that is not installed is reported, not crashed on.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.config import ENGINES
+from service.config import ENGINES, Settings
 from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs, STEmSeg
 
@@ -33,18 +34,61 @@ class Engine(Protocol):
     def clip_heads(self, feats: list[Tensor]) -> ClipOutputs: ...
 
 
+AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 class TorchEngine:
-    def __init__(self, model: STEmSeg, compile: bool = False) -> None:
+    """Eager PyTorch, optionally under autocast and/or torch.compile.
+
+    Autocast runs convolutions in bf16/fp16 but hands the heads' outputs back as float32, so
+    clustering, its thresholds and the outputs are computed exactly as in fp32. The backbone's
+    features stay in the reduced dtype (half the memory traffic between the two halves).
+    `compile="reduce-overhead"` is torch.compile's CUDA-graph mode: each new input shape is
+    captured once and replayed, which removes the per-kernel launch cost of the eager network.
+    """
+
+    def __init__(self, model: STEmSeg, compile: bool | str = False, autocast: str | None = None) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
-        self._backbone = torch.compile(model.backbone, dynamic=True) if compile else model.backbone
+        mode = ("default" if compile is True else "off") if isinstance(compile, bool) else compile
+        if mode not in COMPILE_MODES:
+            raise EngineError(f"unknown torch.compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        autocast = autocast or "off"
+        if autocast not in AUTOCAST:
+            raise EngineError(f"unknown autocast dtype {autocast!r}; choose one of {', '.join(AUTOCAST)}")
+        if autocast == "fp16" and self.device.type != "cuda":
+            raise EngineError("fp16 autocast needs a CUDA GPU; on the CPU use bf16")
+        self.autocast, self.compile = autocast, mode
+        self._dtype = AUTOCAST[autocast]
+        self._backbone, self._heads = model.backbone, model.clip_heads
+        if mode != "off":
+            # Shapes vary little (first clip, steady state, tail), so static graphs per shape win
+            # and CUDA graphs need them; reduce-overhead marks the outputs' memory as reused.
+            self._backbone = torch.compile(model.backbone, mode=mode, dynamic=False)
+            self._heads = torch.compile(model.clip_heads, mode=mode, dynamic=False)
+
+    def _ctx(self):
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._dtype)
 
     def frame_features(self, images: Tensor) -> list[Tensor]:
-        return self._backbone(images)
+        with self._ctx():
+            feats = self._backbone(images)
+        if self.compile == "reduce-overhead":
+            feats = [f.clone() for f in feats]  # CUDA-graph outputs are overwritten by the next replay
+        return list(feats)
 
     def clip_heads(self, feats: list[Tensor]) -> ClipOutputs:
-        return self.model.clip_heads(feats)
+        with self._ctx():
+            out = self._heads(feats)
+        if self._dtype is None and self.compile != "reduce-overhead":
+            return out
+        f = (lambda t: None if t is None else t.float().clone()) if self.compile == "reduce-overhead" else \
+            (lambda t: None if t is None else t.float())
+        return ClipOutputs(f(out.embeddings), f(out.bandwidths), f(out.seediness), f(out.semseg_logits))
 
 
 def _graph_paths(onnx_dir: Path) -> list[Path]:
@@ -111,19 +155,21 @@ class TensorRTEngine:
     Tensors stay on the GPU: inputs and outputs are torch CUDA tensors whose memory TensorRT
     reads and writes directly, on torch's current stream, so no copy or sync is added."""
 
-    def __init__(self, onnx_dir: Path, device: str = "cuda", fp16: bool = True, buckets: list | None = None) -> None:
+    def __init__(self, onnx_dir: Path, device: str = "cuda", fp16: bool = True, buckets: list | None = None,
+                 cache_dir: Path | None = None) -> None:
         try:
             import tensorrt as trt
         except ImportError:
             raise EngineError("--engine tensorrt needs the tensorrt package (pip install 'stemseg-serve[gpu]')") from None
-        from model_export.tensorrt_build import build_or_load, default_buckets
+        from model_export.tensorrt_build import build_or_load, cached_buckets, default_buckets, gpu_identity
 
         onnx_dir = Path(onnx_dir)
         _graph_paths(onnx_dir)
         self.cfg = ModelConfig.from_json(graph_metadata(onnx_dir)["stemseg.preset"])
         self.device = torch.device(device)
-        self.buckets = buckets or default_buckets(self.cfg)
-        paths = build_or_load(onnx_dir, self.cfg, buckets=self.buckets, fp16=fp16)
+        self.buckets = buckets or cached_buckets(onnx_dir, gpu=gpu_identity(), trt_version=trt.__version__, fp16=fp16,
+                                                 cache_dir=cache_dir) or default_buckets(self.cfg)
+        paths = build_or_load(onnx_dir, self.cfg, buckets=self.buckets, fp16=fp16, cache_dir=cache_dir)
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._trt = trt
         self._graphs = {}
@@ -181,21 +227,62 @@ def graph_metadata(onnx_dir: Path) -> dict[str, str]:
 
 
 def load_engine(kind: str, *, model: STEmSeg | None = None, onnx_dir: Path | None = None,
-                device: str = "cpu", compile: bool = False) -> Engine:
+                device: str = "cpu", compile: bool | str = False, autocast: str | None = None,
+                trt_cache: Path | None = None) -> Engine:
     if kind == "torch":
         if model is None:
             raise EngineError("--engine torch needs weights")
-        return TorchEngine(model, compile=compile)
+        return TorchEngine(model, compile=compile, autocast=autocast)
     if kind in ("onnxruntime", "onnxruntime-trt", "tensorrt"):
         if onnx_dir is None:
             raise EngineError(f"--engine {kind} needs --onnx DIR (make one with `stemseg export onnx --out DIR`)")
         if kind != "onnxruntime" and not device.startswith("cuda"):
             raise EngineError(f"--engine {kind} needs a CUDA GPU; none is in use here")
         if kind == "tensorrt":
-            return TensorRTEngine(onnx_dir, device)
+            return TensorRTEngine(onnx_dir, device, cache_dir=trt_cache)
         return OnnxRuntimeEngine(onnx_dir, device, kind)
     raise EngineError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "Engine", "EngineError", "OnnxRuntimeEngine", "TensorRTEngine", "TorchEngine", "graph_metadata",
-           "load_engine"]
+def engine_from_settings(settings: Settings) -> Engine:
+    """The engine a service worker runs, exactly as configured: STEMSEG_ENGINE with its graphs
+    (STEMSEG_ONNX_DIR) and TensorRT cache (STEMSEG_TRT_CACHE) on STEMSEG_DEVICE. Anything that
+    cannot run here (no GPU, no graphs, a backend not installed) is an EngineError naming the
+    setting: a worker that silently fell back to another engine or the CPU would serve at a
+    fraction of the expected speed with nothing to show why. With STEMSEG_BATCH_MAX_SIZE > 1 the
+    engine is shared through a dynamic batcher (service.model.batching)."""
+    from service.config import resolve_device
+    from service.model.checkpoint import load_model
+
+    kind = settings.engine
+    if kind not in ENGINES:
+        raise EngineError(f"STEMSEG_ENGINE={kind!r} is not an engine; choose one of {', '.join(ENGINES)}")
+    try:
+        device = resolve_device(settings.device)
+    except ValueError as e:
+        raise EngineError(f"STEMSEG_DEVICE: {e}") from None
+    if kind == "torch":
+        weights = settings.weights_path
+        if weights is None:
+            raise EngineError("the worker needs weights: set STEMSEG_WEIGHTS")
+        if device.startswith("cuda"):
+            # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, not fp32.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32
+        engine = load_engine("torch", model=load_model(weights, settings.preset, device=device),
+                             compile=settings.torch_compile, autocast=settings.autocast)
+    else:
+        if settings.onnx_dir is None:
+            raise EngineError(f"STEMSEG_ENGINE={kind} needs STEMSEG_ONNX_DIR (graphs of `stemseg export onnx`)")
+        if kind != "onnxruntime" and not device.startswith("cuda"):
+            raise EngineError(f"STEMSEG_ENGINE={kind} needs a CUDA GPU, and STEMSEG_DEVICE resolves to {device}")
+        engine = load_engine(kind, onnx_dir=settings.onnx_dir, device=device, trt_cache=settings.trt_cache)
+    if settings.batch_max_size > 1:
+        from service.model.batching import DynamicBatcher
+
+        engine = DynamicBatcher(engine, max_batch=settings.batch_max_size,
+                                max_delay_s=settings.batch_max_delay_ms / 1000)
+    return engine
+
+
+__all__ = ["AUTOCAST", "COMPILE_MODES", "ENGINES", "Engine", "EngineError", "OnnxRuntimeEngine", "TensorRTEngine",
+           "TorchEngine", "engine_from_settings", "graph_metadata", "load_engine"]

@@ -3,7 +3,8 @@
 Seeds are taken greedily by seediness; each claims the unassigned foreground pixels whose
 Gaussian probability under the seed's embedding and bandwidth exceeds a threshold. The work is
 vectorised over pixels and the loop runs once per instance with a single host read (whether the
-next seed is good enough), so the same code runs on CPU and CUDA.
+next seed is good enough), so the same code runs on CPU and CUDA; on CUDA that read is replaced
+by a device-side flag (`host_reads`), so clustering queues its kernels without waiting.
 
 Float semantics follow the original (float32 torch): thresholds are compared in the tensors'
 dtype (torch casts a Python scalar to it), the free dims' bandwidths are computed in float32, and
@@ -52,10 +53,16 @@ def cluster_clip(
     fg_mask: Tensor,
     cfg: ClusteringConfig,
     next_label: int = 1,
+    host_reads: bool | None = None,
 ) -> Tensor:
     """Label a clip's pixels from [E, T, h, w] embeddings, [V, T, h, w] bandwidths, [1, T, h, w]
     (or [T, h, w]) seediness and a [T, h, w] foreground mask. Returns [T, h, w] int64: 0 background,
-    -1 foreground left unassigned, instances numbered next_label, next_label + 1, ..."""
+    -1 foreground left unassigned, instances numbered next_label, next_label + 1, ...
+
+    host_reads (default: on the CPU, or without an instance cap): stop at the first seed below
+    the threshold, which costs one host read per instance. Off, the loop always runs the cap's
+    iterations with a device-side "still going" flag gating every update, so a GPU never waits
+    on the host between instances; the labels are the same either way."""
     device = embeddings.device
     fg = fg_mask.to(device=device, dtype=torch.bool)
     out = torch.zeros(fg.shape, dtype=torch.int64, device=device)
@@ -79,29 +86,43 @@ def cluster_clip(
                            dtype=emb.dtype, device=device)
     pick_label = torch.full((num,), -1, dtype=torch.int64, device=device)
     neg_inf = torch.tensor(float("-inf"), dtype=seed.dtype, device=device)
+    if host_reads is None:
+        host_reads = device.type != "cuda" or cfg.max_instances is None
+    # Every instance claims at least its seed pixel, so there are at most `num` of them.
+    limit = num if cfg.max_instances is None else cfg.max_instances
+    going = torch.ones((), dtype=torch.bool, device=device)
     count = 0
-    while cfg.max_instances is None or count < cfg.max_instances:
+    while count < limit:
+        masked = torch.where(unassigned, seed, neg_inf)
+        idx = torch.argmax(masked).view(1)  # index_select below: a 0-d index would read the host
+        # Compared in the seediness dtype as the original does (0.95 is 0.94999999 in float32);
+        # -inf when nothing is left also stops.
+        seeded = ~(masked.index_select(0, idx)[0] < cfg.min_seediness_prob)
         # The original's secondary pass uses the unassigned set from the start of its last
         # pass: after the cap that still includes the pixels the last instance took.
-        available = unassigned
-        masked = torch.where(unassigned, seed, neg_inf)
-        idx = torch.argmax(masked)
-        # The one host read per instance. Compared in the seediness dtype as the original does
-        # (0.95 is 0.94999999 in float32); -inf when nothing is left also stops.
-        if bool(masked[idx] < cfg.min_seediness_prob):
-            break
+        if host_reads:
+            available = unassigned
+            if not bool(seeded):  # the one host read per instance
+                break
+        else:
+            available = torch.where(going, unassigned, available)
+            going = going & seeded
         label = next_label + count
-        dist = _distance(emb, emb[idx], torch.cat((bw[idx], free)))
+        dist = _distance(emb, emb.index_select(0, idx)[0], torch.cat((bw.index_select(0, idx)[0], free)))
         claim = unassigned & (torch.exp(-0.5 * dist) > cfg.primary_prob_thresh)
-        labels = torch.where(claim, label, labels)
         better = dist > pick_dist if cfg.secondary == "reference" else dist < pick_dist
+        if not host_reads:
+            claim, better = claim & going, better & going
+        labels = torch.where(claim, label, labels)
         pick_dist = torch.where(better, dist, pick_dist)
         pick_label = torch.where(better, label, pick_label)
         unassigned = unassigned & ~claim
         count += 1
 
     if count:
-        # Reference: the largest distance (the original's bug); corrected: the smallest.
+        # Reference: the largest distance (the original's bug); corrected: the smallest. Without
+        # host reads no instance may have been taken: then pick_label is -1 everywhere, which
+        # leaves the labels as they are.
         second = available & (torch.exp(-0.5 * pick_dist) > cfg.secondary_prob_thresh)
         labels = torch.where(second, pick_label, labels)
     return out.masked_scatter_(fg, labels)

@@ -23,7 +23,9 @@ import io
 import json
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs
 from service.pipeline.clips import last_use
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
+from service.pipeline.prefetch import prefetch
 from service.pipeline.preprocess import Geometry, geometry, masks_to_frame, preprocess, soft_masks_to_frame
 from service.pipeline.stitching import TrackChainer
 from service.pipeline.timing import StageTimer
@@ -50,6 +53,31 @@ class SegmenterOptions:
     min_iou: float | None = None  # clips link only at IoU >= this
     fg_thresh: float | None = None  # override the preset's foreground threshold
     mask_upsampling: str | None = None  # override the preset's ("reference" or "soft")
+
+
+@dataclass
+class PipelineOptions:
+    """How the work is scheduled; none of it changes the outputs (tests/test_pipeline.py).
+
+    prefetch: clip windows decoded ahead on their own thread (0: decode inline).
+    clips_per_forward: consecutive clips whose heads run as one batch, their new frames through
+        the backbone as one batch too (more work per forward for a large GPU; memory grows with it).
+    post_workers: 1 runs per-frame statistics, mask upsampling to full size and RLE encoding on a
+        post-processing thread, off the network's critical path; 0 runs them inline.
+    """
+
+    prefetch: int = 4
+    clips_per_forward: int = 1
+    post_workers: int = 1
+
+    @classmethod
+    def serial(cls) -> PipelineOptions:
+        """Everything inline on the caller's thread, one clip per forward (the old pipeline)."""
+        return cls(prefetch=0, clips_per_forward=1, post_workers=0)
+
+    @classmethod
+    def from_settings(cls, settings) -> PipelineOptions:
+        return cls(prefetch=settings.decode_prefetch, clips_per_forward=settings.clips_per_forward)
 
 
 @dataclass
@@ -121,16 +149,33 @@ def first_clip(plan: Sequence[Sequence[int]]) -> dict[int, int]:
     return owner
 
 
+def _groups(clips: Iterable[tuple[int, list]], size: int) -> Iterator[list[tuple[int, list]]]:
+    it = iter(clips)
+    while group := list(islice(it, size)):
+        yield group
+
+
+def _ready(item: Future | ClusteredClip) -> bool:
+    return not isinstance(item, Future) or item.done()
+
+
+def _result(item: Future | ClusteredClip) -> ClusteredClip:
+    return item.result() if isinstance(item, Future) else item
+
+
 class ClipProcessor:
     """Network and clustering over clip windows; see the module docstring."""
 
     def __init__(self, engine: Engine, *, device: torch.device | str | None = None,
                  options: SegmenterOptions | None = None, timer: StageTimer | None = None,
-                 cfg: ModelConfig | None = None) -> None:
+                 cfg: ModelConfig | None = None, pipeline: PipelineOptions | None = None) -> None:
         self.engine = engine
         self.cfg = cfg or engine.cfg  # e.g. the engine's preset with a job's own min_dim
         self.device = torch.device(device) if device is not None else engine.device
         self.options = options or SegmenterOptions()
+        self.pipeline = pipeline or PipelineOptions()
+        if self.pipeline.clips_per_forward < 1:
+            raise ValueError(f"clips_per_forward must be at least 1, got {self.pipeline.clips_per_forward}")
         self.timer = timer or StageTimer(self.device)
         self.clustering = ClusteringConfig(
             min_seediness_prob=self.cfg.min_seediness, max_instances=self.cfg.max_instances,
@@ -138,11 +183,22 @@ class ClipProcessor:
         )
         self.geom: Geometry | None = None
 
-    @torch.inference_mode()
     def run(self, clips: Iterable[tuple[int, list]], plan: list[list[int]], height: int, width: int,
             cluster: range | None = None) -> Iterator[ClusteredClip]:
         """Consume clip windows `(clip index, frames with .index and BGR .image)` in order and yield
         the clips in `cluster` (default all) clustered. Clips outside it only lend evidence."""
+        pipe = self.pipeline
+        post = ThreadPoolExecutor(1, thread_name_prefix="stemseg-post") if pipe.post_workers > 0 else None
+        source = prefetch(clips, pipe.prefetch, self.timer)
+        try:
+            yield from self._run(source, plan, height, width, cluster, post)
+        finally:
+            source.close()  # stops the decode thread when the consumer stops early
+            if post is not None:
+                post.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, clips: Iterator[tuple[int, list]], plan: list[list[int]], height: int, width: int,
+             cluster: range | None, post: ThreadPoolExecutor | None) -> Iterator[ClusteredClip]:
         cfg, timer = self.cfg, self.timer
         self.geom = geom = geometry(height, width, cfg.min_dim, cfg.max_dim)
         cluster = cluster if cluster is not None else range(len(plan))
@@ -150,43 +206,67 @@ class ClipProcessor:
         features: dict[int, list[Tensor]] = {}
         evidence: dict[int, _Evidence] = {}
         pending: deque[_Pending] = deque()
+        # Post-processing results in clip order; bounded so dense state cannot pile up.
+        finishing: deque[Future | ClusteredClip] = deque()
+        max_finishing = 2 + self.pipeline.clips_per_forward
         seen: int | None = None
 
-        for k, frames in clips:
-            indices = [f.index for f in frames]
-            if indices != plan[k]:
-                raise ValueError(f"clip {k} holds frames {indices}, the plan says {plan[k]}")
-            new = {f.index: f.image for f in frames if f.index not in features}
-            if new:
-                with timer("preprocess"):
-                    images = preprocess(self._to_device(np.stack(list(new.values()))), geom)
-                with timer("backbone"):
-                    maps = self.engine.frame_features(images)
-                for i, f in enumerate(new):
-                    features[f] = [m[i] for m in maps]
-            with timer("heads"):
-                stacked = [torch.stack([features[f][lvl] for f in indices], 1).unsqueeze(0) for lvl in range(4)]
-                out = self.engine.clip_heads(stacked)
-                for pos, f in enumerate(indices):
-                    evidence.setdefault(f, _Evidence()).add(self._fg_evidence(out, pos))
-            for f in set(indices):
-                if last[f] == k:
-                    del features[f]
-            if k in cluster:
-                pending.append(_Pending(k, indices, ClipOutputs(out.embeddings, out.bandwidths, out.seediness, None)))
-            seen = k
-
-            while pending and max(last[f] for f in pending[0].frames) <= seen:
-                clip = pending.popleft()
-                yield self._finish(clip, evidence, owner)
-                still_needed = {f for p in pending for f in p.frames}
-                for f in [f for f in evidence if last[f] <= seen and f not in still_needed]:
-                    del evidence[f]
+        for group in _groups(clips, self.pipeline.clips_per_forward):
+            with torch.inference_mode():
+                new: dict[int, np.ndarray] = {}
+                for k, frames in group:
+                    indices = [f.index for f in frames]
+                    if indices != plan[k]:
+                        raise ValueError(f"clip {k} holds frames {indices}, the plan says {plan[k]}")
+                    new.update({f.index: f.image for f in frames if f.index not in features and f.index not in new})
+                if new:
+                    with timer("preprocess"):
+                        images = preprocess(self._to_device(np.stack(list(new.values()))), geom)
+                    with timer("backbone"):
+                        maps = self.engine.frame_features(images)
+                    for i, f in enumerate(new):
+                        features[f] = [m[i] for m in maps]
+                with timer("heads"):
+                    outs = self._heads([plan[k] for k, _ in group], features)
+                    for (k, _), out in zip(group, outs):
+                        for pos, f in enumerate(plan[k]):
+                            evidence.setdefault(f, _Evidence()).add(self._fg_evidence(out, pos))
+                for (k, _), out in zip(group, outs):
+                    indices = plan[k]
+                    for f in set(indices):
+                        if last[f] == k:
+                            del features[f]
+                    if k in cluster:
+                        pending.append(_Pending(k, indices, ClipOutputs(out.embeddings, out.bandwidths, out.seediness,
+                                                                        None)))
+                    seen = k
+                    while pending and max(last[f] for f in pending[0].frames) <= seen:
+                        finishing.append(self._finish(pending.popleft(), evidence, owner, post))
+                        still_needed = {f for p in pending for f in p.frames}
+                        for f in [f for f in evidence if last[f] <= seen and f not in still_needed]:
+                            del evidence[f]
+            while finishing and (len(finishing) > max_finishing or _ready(finishing[0])):
+                yield _result(finishing.popleft())
+        while finishing:
+            yield _result(finishing.popleft())
         if pending:
             raise ValueError(f"clips {[p.index for p in pending]} lack the later clips their frames need")
 
+    def _heads(self, clips: list[list[int]], features: dict[int, list[Tensor]]) -> list[ClipOutputs]:
+        """Head outputs of consecutive clips, run as one batch."""
+        stacked = [torch.cat([torch.stack([features[f][lvl] for f in c], 1).unsqueeze(0) for c in clips])
+                   for lvl in range(4)]
+        out = self.engine.clip_heads(stacked)
+        if len(clips) == 1:
+            return [out]
+        fields = [out.embeddings, out.bandwidths, out.seediness, out.semseg_logits]
+        return [ClipOutputs(*(None if t is None else t[j:j + 1] for t in fields)) for j in range(len(clips))]
+
     # ----------------------------------------------------------------------------------------
-    def _finish(self, clip: _Pending, evidence: dict[int, _Evidence], owner: dict[int, int]) -> ClusteredClip:
+    def _finish(self, clip: _Pending, evidence: dict[int, _Evidence], owner: dict[int, int],
+                post: ThreadPoolExecutor | None) -> Future | ClusteredClip:
+        """Cluster a clip here (device work, queued without host reads on CUDA); its per-frame
+        statistics and full-size RLE masks (host work) go to the post-processing thread."""
         with self.timer("clustering"):
             fg_by_frame = {f: self._foreground(evidence[f]) for f in set(clip.frames)}
             fg = torch.stack([fg_by_frame[f] for f in clip.frames])
@@ -195,12 +275,19 @@ class ClipProcessor:
                 self._upsample(out.embeddings[0]), self._upsample(out.bandwidths[0]),
                 self._upsample(out.seediness[0]), fg, self.clustering, next_label=1,
             )
-        with self.timer("output"):
+        # The frames' evidence is final: no later clip contains them (see run's loop).
+        owned = {f: evidence[f] for f in set(clip.frames) if owner[f] == clip.index}
+        if post is None:
+            return self._clip_stats(clip, labels, owned)
+        return post.submit(self._clip_stats, clip, labels, owned)
+
+    @torch.inference_mode()
+    def _clip_stats(self, clip: _Pending, labels: Tensor, owned: dict[int, _Evidence]) -> ClusteredClip:
+        with self.timer("output", sync=False):
             # A clip shorter than the video repeats frame 0: its last copy is the real frame.
             position = {f: i for i, f in enumerate(clip.frames)}
-            owned = [self._frame_stats(f, labels[position[f]], evidence[f])
-                     for f in sorted(position) if owner[f] == clip.index]
-            return ClusteredClip(clip.index, clip.frames, labels.cpu(), owned)
+            stats = [self._frame_stats(f, labels[position[f]], owned[f]) for f in sorted(owned)]
+            return ClusteredClip(clip.index, clip.frames, labels.cpu(), stats)
 
     def _to_device(self, frames: np.ndarray) -> Tensor:
         t = torch.from_numpy(frames)
@@ -345,8 +432,9 @@ class Segmenter:
     """ClipProcessor and Stitcher in one process: the CLI's pipeline."""
 
     def __init__(self, engine: Engine, *, device: torch.device | str | None = None,
-                 options: SegmenterOptions | None = None, timer: StageTimer | None = None) -> None:
-        self.processor = ClipProcessor(engine, device=device, options=options, timer=timer)
+                 options: SegmenterOptions | None = None, timer: StageTimer | None = None,
+                 pipeline: PipelineOptions | None = None) -> None:
+        self.processor = ClipProcessor(engine, device=device, options=options, timer=timer, pipeline=pipeline)
         self.options = self.processor.options
         self.timer = self.processor.timer
         self.cfg = engine.cfg

@@ -24,36 +24,38 @@ import numpy as np
 from service.config import get_settings, resolve_device, resolve_weights
 from service.model.engines import Engine, load_engine
 from service.pipeline.clips import clip_plan
-from service.pipeline.runner import FrameTracks, Segmenter, SegmenterOptions
+from service.pipeline.runner import FrameTracks, PipelineOptions, Segmenter, SegmenterOptions
 from service.pipeline.timing import StageTimer
 from service.pipeline.tracks import VideoResult
 from service.video import VideoInfo, iter_clip_windows, iter_frames, probe
 
 
 def load(weights: str | Path | None = None, *, preset: str | None = None, device: str = "auto",
-         min_dim: int | None = None) -> Engine:
+         min_dim: int | None = None, autocast: str | None = None, compile: bool | str = False) -> Engine:
     """The torch engine for a weights file, an official name fetched with `stemseg weights fetch`, or
-    (None) the shipped model; on `device` ("auto": CUDA when usable)."""
+    (None) the shipped model; on `device` ("auto": CUDA when usable). `autocast` ("bf16", "fp16")
+    and `compile` (a torch.compile mode) trade exact fp32 outputs for speed."""
     from service.model.checkpoint import load_model
 
     settings = get_settings()
     model = load_model(resolve_weights(weights, settings.weights_dir), preset, device=resolve_device(device))
     if min_dim is not None:
         model.cfg = model.cfg.with_min_dim(min_dim)
-    return load_engine("torch", model=model)
+    return load_engine("torch", model=model, autocast=autocast, compile=compile)
 
 
 class VideoSession:
     """One video opened with one model: its probe and clip plan, ready to propagate."""
 
     def __init__(self, path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None,
-                 timer: StageTimer | None = None, max_pixels: int | None = None) -> None:
+                 timer: StageTimer | None = None, max_pixels: int | None = None,
+                 pipeline: PipelineOptions | None = None) -> None:
         self.path = Path(path)
         self.engine = engine
         self.max_pixels = max_pixels or get_settings().max_frame_pixels
         self.info: VideoInfo = probe(self.path, max_pixels=self.max_pixels)
         self.plan = clip_plan(self.info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
-        self.segmenter = Segmenter(engine, device=engine.device, options=options, timer=timer)
+        self.segmenter = Segmenter(engine, device=engine.device, options=options, timer=timer, pipeline=pipeline)
 
     @property
     def timer(self) -> StageTimer:
@@ -81,9 +83,11 @@ class VideoSession:
 
 
 def open_video(path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None,
-               timer: StageTimer | None = None, max_pixels: int | None = None) -> VideoSession:
-    """Probe a video (VideoError for a bad file) and plan its clips for `engine`."""
-    return VideoSession(path, engine, options=options, timer=timer, max_pixels=max_pixels)
+               timer: StageTimer | None = None, max_pixels: int | None = None,
+               pipeline: PipelineOptions | None = None) -> VideoSession:
+    """Probe a video (VideoError for a bad file) and plan its clips for `engine`; `pipeline` says
+    how the work is scheduled (threads, batching), never what comes out."""
+    return VideoSession(path, engine, options=options, timer=timer, max_pixels=max_pixels, pipeline=pipeline)
 
 
 def segment(path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None) -> VideoResult:

@@ -1,0 +1,115 @@
+"""Dynamic batching across concurrent jobs gives every job exactly its unbatched tracks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from frames import moving_frames
+
+from service.model.batching import DynamicBatcher
+from service.model.checkpoint import load_model
+from service.pipeline.clips import clip_plan
+from service.pipeline.runner import PipelineOptions, Segmenter
+
+
+class _Frame:
+    def __init__(self, index: int, image: np.ndarray) -> None:
+        self.index, self.image = index, image
+
+
+def _model(official_weights, preset: str):
+    model = load_model(official_weights(preset))
+    model.cfg = replace(model.cfg, min_dim=64, max_dim=128, min_seediness=0.5)
+    return model
+
+
+def _segment(engine, images: list[np.ndarray], pipeline: PipelineOptions | None = None):
+    plan = clip_plan(len(images), engine.cfg.clip_len, engine.cfg.overlap)
+    seg = Segmenter(engine, pipeline=pipeline)
+    windows = ((k, [_Frame(i, images[i]) for i in clip]) for k, clip in enumerate(plan))
+    frames = list(seg.propagate(windows, plan, *images[0].shape[:2]))
+    return [(f.index, f.track_ids, f.rles, f.track_map) for f in frames]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(x[:3] == y[:3] and torch.equal(x[3], y[3]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("preset", ["kitti_mots", pytest.param("youtube_vis", marks=pytest.mark.slow)])
+def test_four_concurrent_jobs_batched_equal_their_unbatched_runs(official_weights, preset: str) -> None:
+    model = _model(official_weights, preset)
+    # Four different videos (shifted content, different lengths), one resolution.
+    videos = [moving_frames(n, 48, 64)[shift:] for n, shift in ((17, 0), (21, 3), (13, 1), (25, 5))]
+    expected = [_segment(model, v) for v in videos]
+    assert any(f[1] for e in expected for f in e), "the test needs tracks to be meaningful"
+
+    batcher = DynamicBatcher(model, max_batch=16, max_delay_s=0.05)
+    got: list = [None] * len(videos)
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(videos))
+
+    def job(i: int) -> None:
+        try:
+            start.wait()
+            got[i] = _segment(batcher, videos[i], PipelineOptions(post_workers=1))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(len(videos))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    batcher.close()
+    assert not errors, errors
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert _same(a, b), f"job {i} differs from its unbatched run"
+    stats = batcher.stats
+    # Requests really were merged: fewer forwards than requests, for both halves of the network.
+    for op in ("backbone", "heads"):
+        assert stats.forwards[op] < stats.requests[op], stats
+
+
+def test_batches_respect_max_batch_and_only_merge_equal_shapes(official_weights) -> None:
+    model = _model(official_weights, "kitti_mots")
+    batcher = DynamicBatcher(model, max_batch=6, max_delay_s=0.2)
+    inputs = [torch.randn(n, 3, h, 64) for n, h in ((4, 64), (4, 64), (2, 96), (3, 64))]
+    out: list = [None] * len(inputs)
+
+    def call(i: int) -> None:
+        with torch.inference_mode():
+            out[i] = batcher.frame_features(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    batcher.close()
+    with torch.inference_mode():
+        for x, got in zip(inputs, out):
+            ref = model.frame_features(x)
+            assert [g.shape for g in got] == [r.shape for r in ref]
+            for g, r in zip(got, ref):
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+    assert batcher.stats.requests["backbone"] == 4
+    # 4+4 exceeds 6, the 96-high request never joins a 64-high one: no forward holds more than 6 frames.
+    assert batcher.stats.items["backbone"] == 13 and batcher.stats.forwards["backbone"] >= 3
+
+
+def test_an_engine_error_reaches_every_caller_of_that_forward() -> None:
+    class Broken:
+        cfg = None
+        device = torch.device("cpu")
+
+        def frame_features(self, images):
+            raise RuntimeError("out of memory")
+
+    batcher = DynamicBatcher(Broken(), max_batch=4, max_delay_s=0.0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batcher.frame_features(torch.zeros(1, 3, 32, 32))
+    batcher.close()

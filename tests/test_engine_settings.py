@@ -1,0 +1,145 @@
+"""The service runs the engine its settings name (issue 14), or refuses to start with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from service_env import ServiceEnv, service_weights
+from videos import make_video
+
+from service.config import Settings
+from service.model.engines import EngineError, TorchEngine, engine_from_settings
+
+pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
+
+
+@pytest.fixture(scope="module")
+def weights(official_weights, tmp_path_factory) -> Path:
+    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(weights: Path, tmp_path_factory) -> Path:
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    from service.cli import main
+
+    out = tmp_path_factory.mktemp("graphs") / "onnx"
+    assert main(["export", "onnx", "--weights", str(weights), "--out", str(out)]) == 0
+    return out
+
+
+def test_worker_runs_onnxruntime_from_settings_and_agrees_with_the_cli(weights: Path, onnx_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    import httpx
+
+    from service.cli import main
+
+    video = tmp_path / "clip.mp4"
+    make_video(video, 21, 64, 48)
+    env = ServiceEnv(tmp_path, weights, STEMSEG_ENGINE="onnxruntime", STEMSEG_ONNX_DIR=str(onnx_dir))
+    try:
+        env.start_api()
+        env.start_worker()
+        with video.open("rb") as f:
+            r = httpx.post(f"{env.base}/v1/jobs", files={"file": ("clip.mp4", f, "video/mp4")}, timeout=60)
+        assert r.status_code == 202, r.text
+        job = env.wait(r.json()["id"])
+        assert job["status"] == "succeeded", job
+        tracks = httpx.get(f"{env.base}/v1/jobs/{job['id']}/result", timeout=60).json()["tracks"]
+    finally:
+        env.close()
+    out = tmp_path / "cli"
+    assert main(["segment", str(video), "--engine", "onnxruntime", "--onnx", str(onnx_dir), "--out", str(out),
+                 "--device", "cpu", "--no-progress"]) == 0
+    cli = json.loads((out / "results.json").read_text())
+    assert tracks and [(t["category_id"], t["segmentations"]) for t in tracks] == [
+        (c["category_id"], c["segmentations"]) for c in cli]
+
+
+def _settings(**kw) -> Settings:
+    return Settings(_env_file=None, **kw)
+
+
+def test_engine_from_settings_builds_each_configured_engine(weights: Path, onnx_dir: Path) -> None:
+    from service.model.batching import DynamicBatcher
+    from service.model.engines import OnnxRuntimeEngine
+
+    torch_engine = engine_from_settings(_settings(weights=weights, device="cpu", autocast="bf16"))
+    assert isinstance(torch_engine, TorchEngine) and torch_engine.autocast == "bf16"
+    ort_engine = engine_from_settings(_settings(engine="onnxruntime", onnx_dir=onnx_dir, device="cpu"))
+    assert isinstance(ort_engine, OnnxRuntimeEngine) and ort_engine.cfg.name == "kitti_mots"
+    batched = engine_from_settings(_settings(weights=weights, device="cpu", batch_max_size=8))
+    try:
+        assert isinstance(batched, DynamicBatcher) and batched.max_batch == 8 and isinstance(batched.engine, TorchEngine)
+    finally:
+        batched.close()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"engine": "onnxruntime"}, "needs STEMSEG_ONNX_DIR"),
+    ({"engine": "onnxruntime", "onnx_dir": "EMPTY"}, "no exported graphs"),
+    ({"engine": "tensorrt", "onnx_dir": "EMPTY"}, "needs a CUDA GPU"),
+    ({"engine": "onnxruntime-trt", "onnx_dir": "EMPTY"}, "needs a CUDA GPU"),
+    ({"engine": "tvm"}, "is not an engine"),
+    ({"autocast": "fp8"}, "unknown autocast"),
+    ({"torch_compile": "fast"}, "unknown torch.compile mode"),
+])
+def test_misconfigured_engines_are_errors_not_fallbacks(weights: Path, tmp_path: Path, settings: dict,
+                                                        message: str) -> None:
+    if torch.cuda.is_available() and "CUDA" in message:
+        pytest.skip("this machine has a GPU")
+    settings = {k: (tmp_path if v == "EMPTY" else v) for k, v in settings.items()}
+    with pytest.raises(EngineError, match=message):
+        engine_from_settings(_settings(weights=weights, device="cpu", **settings))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("env, message", [
+    ({"STEMSEG_DEVICE": "cuda"}, "STEMSEG_DEVICE: device 'cuda' asked for, but no CUDA GPU is available"),
+    ({"STEMSEG_ENGINE": "tensorrt", "STEMSEG_ONNX_DIR": "/nonexistent"}, "needs a CUDA GPU"),
+])
+def test_worker_process_refuses_to_start_with_one_line(weights: Path, tmp_path: Path, env: dict, message: str) -> None:
+    e = ServiceEnv(tmp_path, weights, **env)
+    try:
+        p = subprocess.run([sys.executable, "-m", "service.cli", "worker"], env=e.env, capture_output=True, check=False,
+                           text=True, timeout=120)
+    finally:
+        e.close()
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_torch_engine_options(official_weights) -> None:
+    from service.model.checkpoint import load_model
+
+    model = load_model(official_weights("kitti_mots"))
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="fp16 autocast needs a CUDA GPU"):
+            TorchEngine(model, autocast="fp16")
+    assert TorchEngine(model, compile=False).compile == "off"
+    assert TorchEngine(model, compile=True).compile == "default"  # compiled lazily, on the first call
+
+
+def test_cli_speed_options_apply_to_the_torch_engine_only(weights: Path, onnx_dir: Path, tmp_path: Path,
+                                                          capsys) -> None:
+    from service.cli import main
+
+    video = tmp_path / "clip.mp4"
+    make_video(video, 9, 64, 48)
+    assert main(["bench", str(video), "--engine", "onnxruntime", "--onnx", str(onnx_dir), "--autocast", "bf16"]) == 2
+    assert capsys.readouterr().err.strip() == "stemseg: error: --autocast, --compile and --tf32 apply to --engine torch only"
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(video), "--weights", str(weights), "--device", "cpu", "--serial", "--json", str(out)]) == 0
+    serial = json.loads(out.read_text())
+    assert main(["bench", str(video), "--weights", str(weights), "--device", "cpu", "--autocast", "bf16",
+                 "--clips-per-forward", "2", "--json", str(out)]) == 0
+    fast = json.loads(out.read_text())
+    assert (serial["pipeline"], fast["pipeline"]) == ("serial", "threaded, 2 clip(s) per forward")
+    assert fast["autocast"] == "bf16" and serial["frames"] == fast["frames"] == 9
+    assert "decode_wait" in fast["seconds"] and "decode_wait" not in serial["seconds"]

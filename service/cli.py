@@ -322,11 +322,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.api.main import create_app
     from service.config import get_settings
-    from service.jobs.worker import Worker
 
     settings = get_settings()
     worker = None
-    if args.with_worker:
+    if args.with_worker:  # only then does this process load torch
+        from service.jobs.worker import Worker
+
         worker = Worker(settings)
         threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True).start()
     try:
@@ -412,18 +413,25 @@ def cmd_synth_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input, from the modules the command loaded: evaluated when
+    an error is caught, so `stemseg serve` never imports torch just to name them."""
+    errors: list[type[Exception]] = [UsageError]
+    for module, name in (("service.model.checkpoint", "CheckpointError"), ("service.model.engines", "EngineError"),
+                         ("service.video.decode", "VideoError"), ("service.jobs.model_info", "ModelInfoError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.model.checkpoint import CheckpointError
-    from service.model.engines import EngineError
-    from service.video import VideoError
-
     handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export,
                 "eval": cmd_eval, "serve": cmd_serve, "worker": cmd_worker, "synth": cmd_synth, "train": cmd_train,
                 "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
-    except (UsageError, CheckpointError, VideoError, EngineError) as e:
+    except _bad_input_errors() as e:
         # One line: a long list of checkpoint mismatches is summarised by its first entry.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         print(f"stemseg: error: {' '.join(lines[:2])}", file=sys.stderr)

@@ -272,3 +272,16 @@ def test_deleted_running_job_leaves_no_files(worker, tmp_path: Path, monkeypatch
         worker.step()
     assert list(worker.storage.jobs()) == []
     assert worker.jobs.queue.depth() == 0
+
+
+def test_stemseg_serve_process_has_no_torch(tmp_path: Path, lite_weights: Path) -> None:
+    """The real `stemseg serve` process: no torch library mapped into it."""
+    from service_env import ServiceEnv
+
+    env = ServiceEnv(tmp_path, lite_weights)
+    try:
+        env.start_api()
+        maps = Path(f"/proc/{env.procs[0].pid}/maps").read_text()
+        assert "libtorch" not in maps and "torch/lib" not in maps
+    finally:
+        env.close()

@@ -236,10 +236,12 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
     after = request.headers.get("last-event-id") or "0-0"
     if not _valid_stream_id(after):
         after = "0-0"
-    svc.open_streams += 1
 
     async def stream():
         nonlocal after
+        # Counted from the first iteration, so the finally below always balances it (a response
+        # whose client left before it started never runs its body).
+        svc.open_streams += 1
         loop = asyncio.get_running_loop()
         end_at, idle_since = loop.time() + s.sse_max_s, loop.time()
         try:

@@ -36,7 +36,8 @@ KEY = {"x-api-key": "k1"}
 
 
 def outcome(statuses: Counter) -> str:
-    return ", ".join(f"{n}x {s}" for s, n in sorted(statuses.items()))
+    return ", ".join(f"{n}x {s}" + (" (still a decodable video)" if s == 202 else "")
+                     for s, n in sorted(statuses.items()))
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -123,7 +124,9 @@ def main() -> None:
 
             # Malformed uploads (the fuzz test's cases).
             st: Counter = Counter()
-            cases = _cases(tmp, np.random.default_rng(12))
+            # (Not the one with a lying Content-Length: a real HTTP client refuses to send it.)
+            cases = [c for c in _cases(tmp, np.random.default_rng(12)) if "content-length" not in
+                     c[1].get("headers", {})]
             for _, kw in cases:
                 kw = {**kw, "headers": {**kw.get("headers", {}), **KEY}}
                 r = c.post(f"{base}/v1/jobs", **kw)
@@ -168,10 +171,9 @@ def main() -> None:
                 res = str(r.status_code)
             except httpx.HTTPError as e:
                 res = f"connection closed by server ({type(e).__name__})"
-            disk = sum(p.stat().st_size for p in (env.data / "jobs").rglob("*") if p.is_file())
+            staged = [p for p in (env.data / "jobs").iterdir() if p.name.startswith("upload-")]
             rows.append(("chunked multipart, 295 MB, limit 2 MB", 1,
-                         (f"{res}; client got to send {sent['n'] / 1e6:.0f} MB; data dir after: {disk / 1e6:.2f} MB "
-                         "(the one queued job's video)")))
+                         f"{res}; client got to send {sent['n'] / 1e6:.0f} MB; uploads left on disk: {len(staged)}"))
 
             long = tmp / "long.mp4"
             make_video(long, 1500, 32, 32)

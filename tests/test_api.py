@@ -257,3 +257,26 @@ def test_redis_down_every_route_503_fast_and_nothing_on_disk(settings, tmp_path:
             body = _assert_problem(r, 503)
             assert r.headers["retry-after"] and "Redis" in body["detail"], path
     _nothing_left(settings)
+
+
+def test_api_key_bytes_are_compared_exactly() -> None:
+    """Header bytes as a server receives them (TestClient's transport differs): a key followed
+    by a byte that Python counts as whitespace (NEL, 0x85) is not the key."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.api.deps import caller
+    from service.api.problems import Problem
+
+    svc = SimpleNamespace(settings=Settings(api_keys="alpha"))
+
+    def ask(name: bytes, value: bytes) -> str:
+        return caller(Request({"type": "http", "headers": [(name, value)]}), svc)
+
+    assert ask(b"authorization", b"Bearer alpha") == ask(b"x-api-key", b"alpha")
+    for name, value in ((b"authorization", b"Bearer alpha\x85"), (b"x-api-key", b"alpha\x85"),
+                        (b"authorization", b"Bearer \xa0alpha"), (b"x-api-key", "alphä".encode())):
+        with pytest.raises(Problem) as e:
+            ask(name, value)
+        assert e.value.status == 401

@@ -61,7 +61,7 @@ def caller(request: Request, svc: ServicesDep) -> str:
     given = request.headers.get("x-api-key") or ""
     auth = request.headers.get("authorization", "")
     if not given and auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
+        given = auth[7:].strip(" \t")  # HTTP whitespace only: str.strip() would also drop \x85 (NEL)
     # Headers arrive as latin-1 text: compare their raw bytes, so any byte is just a wrong key.
     raw = given.encode("latin-1", "replace")
     if not any(hmac.compare_digest(raw, k.encode()) for k in keys):

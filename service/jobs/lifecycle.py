@@ -344,11 +344,9 @@ class Jobs:
         so an upload being received is left alone), ids of expired jobs in the state sets, and
         consumers of the task group that are idle and hold nothing (dead workers)."""
         files = 0
-        for name in self.storage.jobs():
-            job_id = name.removeprefix("upload-")
+        for name in self.storage.jobs():  # job ids, and "upload-..." for uploads being received
             stale = self.storage.age_s(name) > grace_s
-            if (name.startswith("upload-") and stale) or (
-                    valid_job_id(name) and stale and not self.r.exists(self.keys.job(job_id))):
+            if stale and (name.startswith("upload-") or (valid_job_id(name) and not self.r.exists(self.keys.job(name)))):
                 self.storage.delete_job(name)
                 files += 1
         ids = 0

@@ -322,3 +322,13 @@ def test_worker_concurrency_two_slots_share_one_engine(weights: Path, tmp_path: 
         keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
         if keys:
             client.delete(*keys)
+
+
+def test_worker_runs_the_sweeper(worker) -> None:
+    orphan = uuid.uuid4().hex  # files of a job whose record expired
+    worker.storage.write(orphan, "video", b"old")
+    worker.settings.sweep_grace_s = -1
+    worker._next_sweep = 0.0
+    worker.step()
+    assert list(worker.storage.jobs()) == []
+    assert worker.r.ttl(worker.jobs.keys.sweep) > 0  # the lease: one worker sweeps per interval

@@ -360,6 +360,7 @@ class Jobs:
                 self.r.srem(self.keys.state(s), *gone)
                 ids += len(gone)
         consumers = 0
+        self.queue.ensure_group()
         for c in self.r.xinfo_consumers(self.keys.tasks, GROUP):
             if int(c["pending"]) == 0 and int(c["idle"]) > consumer_idle_s * 1000:
                 self.r.xgroup_delconsumer(self.keys.tasks, GROUP, c["name"])

@@ -224,3 +224,27 @@ def test_stalled_upload_is_dropped_with_408(tmp_path: Path, weights: Path) -> No
         assert list((env.data / "jobs").iterdir()) == []
     finally:
         env.close()
+
+
+def test_hung_redis_is_503_within_2_s(private_redis: PrivateRedis, tmp_path: Path, weights: Path) -> None:
+    """Redis accepting connections but not answering (SIGSTOP): still 503 within 2 s."""
+    import os
+    import signal
+
+    env = ServiceEnv(tmp_path, weights, STEMSEG_REDIS_URL=private_redis.url)
+    env.redis = redis.Redis.from_url(private_redis.url)
+    try:
+        env.start_api()
+        assert httpx.get(f"{env.base}/v1/jobs").status_code == 200
+        os.kill(private_redis.proc.pid, signal.SIGSTOP)
+        try:
+            for path in (f"/v1/jobs/{'a' * 32}", "/v1/jobs", "/metrics", f"/v1/jobs/{'a' * 32}/events"):
+                t0 = time.monotonic()
+                r = httpx.get(f"{env.base}{path}", timeout=10)
+                assert time.monotonic() - t0 < 2, path
+                assert r.status_code == 503 and r.headers["retry-after"], (path, r.text)
+        finally:
+            os.kill(private_redis.proc.pid, signal.SIGCONT)
+        assert httpx.get(f"{env.base}/v1/jobs").status_code == 200
+    finally:
+        env.close()

@@ -119,6 +119,13 @@ def test_health_and_openapi(settings) -> None:
                   "/v1/jobs/{job_id}/overlay.mp4", "/healthz", "/readyz", "/metrics"):
             assert p in paths, p
         assert "Job" in spec["components"]["schemas"]
+        post = paths["/v1/jobs"]["post"]
+        assert set(post["requestBody"]["content"]) == {"multipart/form-data", "video/*", "application/octet-stream"}
+        assert {"413", "415", "429", "503", "507"} <= set(post["responses"])
+        get = paths["/v1/jobs/{job_id}"]["get"]
+        assert list(get["responses"]["404"]["content"]) == ["application/problem+json"]
+        assert "Retry-After" in get["responses"]["503"]["headers"]
+        assert "409" in paths["/v1/jobs/{job_id}/result"]["get"]["responses"]
 
 
 # -- hostile input ---------------------------------------------------------------------------------

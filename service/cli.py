@@ -411,11 +411,10 @@ def _server_modules():
         import uvicorn
 
         from service.api.main import create_app
-        from service.jobs.worker import Worker, load_service_engine
     except ImportError as e:
         raise UsageError(f"this command needs the server extra ({e.name} is missing): "
                          "pip install 'stemseg-serve[server]'") from None
-    return redis, uvicorn, create_app, Worker, load_service_engine
+    return redis, uvicorn, create_app
 
 
 def _ping_redis(redis, url: str) -> None:
@@ -429,20 +428,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     from service.config import get_settings
-    from service.model.checkpoint import load_model
-    from service.model.presets import get_preset
 
-    redis, uvicorn, create_app, Worker, load_service_engine = _server_modules()
+    redis, uvicorn, create_app = _server_modules()
     settings = get_settings()
     _ping_redis(redis, settings.redis_url)
-    # Every configuration mistake surfaces here, as one line, before the server starts listening.
-    model_cfg = get_preset(settings.preset) if settings.preset else load_model(settings.weights_path).cfg
+    # Every configuration mistake surfaces here, as one line, before the server starts listening;
+    # the model's preset is read without torch (service.jobs.model_info).
+    app = create_app(settings)
     worker = None
-    if args.with_worker:
+    if args.with_worker:  # only then does this process load torch
+        from service.jobs.worker import Worker, load_service_engine
+
         worker = Worker(settings, engine=load_service_engine(settings))
         threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True).start()
     try:
-        uvicorn.run(create_app(settings, model_cfg=model_cfg), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         if worker is not None:
             worker.stopping.set()
@@ -454,7 +454,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
 
-    redis, _, _, Worker, load_service_engine = _server_modules()
+    redis, _, _ = _server_modules()
+    from service.jobs.worker import Worker, load_service_engine
+
     settings = get_settings()
     _ping_redis(redis, settings.redis_url)
     if args.check:
@@ -532,23 +534,29 @@ def cmd_synth_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input, from the modules the command loaded: evaluated when
+    an error is caught, so `stemseg serve` never imports torch just to name them."""
+    errors: list[type[Exception]] = [UsageError]
+    for module, name in (("service.model.checkpoint", "CheckpointError"), ("service.model.engines", "EngineError"),
+                         ("service.video.decode", "VideoError"), ("service.jobs.model_info", "ModelInfoError"),
+                         ("service.config", "WeightsNotFound"), ("service.model.hub", "FetchError"),
+                         ("service.outputs.write", "OutputExists")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     args = build_parser().parse_args(argv)
-    from service.config import WeightsNotFound
-    from service.model.checkpoint import CheckpointError
-    from service.model.engines import EngineError
-    from service.model.hub import FetchError
-    from service.outputs import OutputExists
-    from service.video import VideoError
-
     handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval,
                 "serve": cmd_serve, "worker": cmd_worker, "weights": cmd_weights, "synth": cmd_synth,
                 "train": cmd_train, "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
-    except (UsageError, CheckpointError, VideoError, EngineError, WeightsNotFound, OutputExists, FetchError) as e:
+    except _bad_input_errors() as e:
         # One line: a long list of checkpoint mismatches is summarised by its first entry.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         print(f"stemseg: error: {' '.join(lines[:2])}", file=sys.stderr)

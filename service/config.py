@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(5, description="Deliveries of one webhook before giving up")
     webhook_backoff_s: float = Field(1.0, description="First retry delay of a webhook; doubles per attempt")
     webhook_timeout_s: float = Field(5.0, description="Timeout of one webhook delivery")
+    worker_concurrency: int = Field(1, ge=1, description="Tasks one worker runs at once (threads sharing one engine)")
 
     # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
     engine: str = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")

@@ -119,6 +119,13 @@ def test_health_and_openapi(settings) -> None:
                   "/v1/jobs/{job_id}/overlay.mp4", "/healthz", "/readyz", "/metrics"):
             assert p in paths, p
         assert "Job" in spec["components"]["schemas"]
+        post = paths["/v1/jobs"]["post"]
+        assert set(post["requestBody"]["content"]) == {"multipart/form-data", "video/*", "application/octet-stream"}
+        assert {"413", "415", "429", "503", "507"} <= set(post["responses"])
+        get = paths["/v1/jobs/{job_id}"]["get"]
+        assert list(get["responses"]["404"]["content"]) == ["application/problem+json"]
+        assert "Retry-After" in get["responses"]["503"]["headers"]
+        assert "409" in paths["/v1/jobs/{job_id}/result"]["get"]["responses"]
 
 
 # -- hostile input ---------------------------------------------------------------------------------
@@ -257,3 +264,26 @@ def test_redis_down_every_route_503_fast_and_nothing_on_disk(settings, tmp_path:
             body = _assert_problem(r, 503)
             assert r.headers["retry-after"] and "Redis" in body["detail"], path
     _nothing_left(settings)
+
+
+def test_api_key_bytes_are_compared_exactly() -> None:
+    """Header bytes as a server receives them (TestClient's transport differs): a key followed
+    by a byte that Python counts as whitespace (NEL, 0x85) is not the key."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from service.api.deps import caller
+    from service.api.problems import Problem
+
+    svc = SimpleNamespace(settings=Settings(api_keys="alpha"))
+
+    def ask(name: bytes, value: bytes) -> str:
+        return caller(Request({"type": "http", "headers": [(name, value)]}), svc)
+
+    assert ask(b"authorization", b"Bearer alpha") == ask(b"x-api-key", b"alpha")
+    for name, value in ((b"authorization", b"Bearer alpha\x85"), (b"x-api-key", b"alpha\x85"),
+                        (b"authorization", b"Bearer \xa0alpha"), (b"x-api-key", "alphä".encode())):
+        with pytest.raises(Problem) as e:
+            ask(name, value)
+        assert e.value.status == 401

@@ -204,3 +204,47 @@ def test_full_tmpfs_on_upload_is_507(tmp_path: Path) -> None:
         assert [p for p in (disk / "jobs").rglob("*")] == []
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_stalled_upload_is_dropped_with_408(tmp_path: Path, weights: Path) -> None:
+    import socket
+
+    env = ServiceEnv(tmp_path, weights, STEMSEG_UPLOAD_IDLE_TIMEOUT_S="1")
+    try:
+        env.start_api()
+        port = int(env.base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000)
+            t0 = time.monotonic()
+            reply = sock.recv(65536)  # then nothing more: the server must not wait forever
+            waited = time.monotonic() - t0
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"application/problem+json" in reply and 0.9 < waited < 5
+        assert list((env.data / "jobs").iterdir()) == []
+    finally:
+        env.close()
+
+
+def test_hung_redis_is_503_within_2_s(private_redis: PrivateRedis, tmp_path: Path, weights: Path) -> None:
+    """Redis accepting connections but not answering (SIGSTOP): still 503 within 2 s."""
+    import os
+    import signal
+
+    env = ServiceEnv(tmp_path, weights, STEMSEG_REDIS_URL=private_redis.url)
+    env.redis = redis.Redis.from_url(private_redis.url)
+    try:
+        env.start_api()
+        assert httpx.get(f"{env.base}/v1/jobs").status_code == 200
+        os.kill(private_redis.proc.pid, signal.SIGSTOP)
+        try:
+            for path in (f"/v1/jobs/{'a' * 32}", "/v1/jobs", "/metrics", f"/v1/jobs/{'a' * 32}/events"):
+                t0 = time.monotonic()
+                r = httpx.get(f"{env.base}{path}", timeout=10)
+                assert time.monotonic() - t0 < 2, path
+                assert r.status_code == 503 and r.headers["retry-after"], (path, r.text)
+        finally:
+            os.kill(private_redis.proc.pid, signal.SIGCONT)
+        assert httpx.get(f"{env.base}/v1/jobs").status_code == 200
+    finally:
+        env.close()

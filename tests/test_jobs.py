@@ -272,3 +272,63 @@ def test_deleted_running_job_leaves_no_files(worker, tmp_path: Path, monkeypatch
         worker.step()
     assert list(worker.storage.jobs()) == []
     assert worker.jobs.queue.depth() == 0
+
+
+def test_stemseg_serve_process_has_no_torch(tmp_path: Path, lite_weights: Path) -> None:
+    """The real `stemseg serve` process: no torch library mapped into it."""
+    from service_env import ServiceEnv
+
+    env = ServiceEnv(tmp_path, lite_weights)
+    try:
+        env.start_api()
+        maps = Path(f"/proc/{env.procs[0].pid}/maps").read_text()
+        assert "libtorch" not in maps and "torch/lib" not in maps
+    finally:
+        env.close()
+
+
+def test_worker_concurrency_two_slots_share_one_engine(weights: Path, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from service.jobs.worker import Worker
+
+    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "data",
+                 weights=weights, device="cpu", visibility_timeout_s=3, clips_per_task=2, sweep_interval_s=3600,
+                 worker_concurrency=2)
+    w = Worker(s, name="w-two")
+    video = tmp_path / "v.mp4"
+    make_video(video, 21, 64, 48)
+    runner = threading.Thread(target=w.run, kwargs={"install_signals": False})
+    try:
+        runner.start()
+        while not hasattr(w, "stitcher"):
+            time.sleep(0.05)
+        ids = [_admit(w, video) for _ in range(2)]
+        deadline = time.monotonic() + 240
+        while any(w.jobs.get(i)["status"] not in ("succeeded", "failed") for i in ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert [w.jobs.get(i)["status"] for i in ids] == ["succeeded"] * 2
+        results = [w.storage.read(i, "out/results.json") for i in ids]
+        assert results[0] == results[1]
+        consumers = {c["name"].decode() for c in w.r.xinfo_consumers(w.jobs.keys.tasks, "workers")}
+        assert consumers <= {"w-two/0", "w-two/1"} and consumers
+    finally:
+        w.stopping.set()
+        runner.join(30)
+        client = redis.Redis.from_url(REDIS_URL)
+        assert not {c["name"] for c in client.xinfo_consumers(f"{s.redis_prefix}:tasks", "workers")}  # deregistered
+        keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
+        if keys:
+            client.delete(*keys)
+
+
+def test_worker_runs_the_sweeper(worker) -> None:
+    orphan = uuid.uuid4().hex  # files of a job whose record expired
+    worker.storage.write(orphan, "video", b"old")
+    worker.settings.sweep_grace_s = -1
+    worker._next_sweep = 0.0
+    worker.step()
+    assert list(worker.storage.jobs()) == []
+    assert worker.r.ttl(worker.jobs.keys.sweep) > 0  # the lease: one worker sweeps per interval

@@ -21,6 +21,8 @@ from service.jobs.lifecycle import Jobs
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 
+EVENTS_BLOCK_MS = 500
+
 
 @dataclass
 class Services:
@@ -35,12 +37,13 @@ class Services:
     @classmethod
     def connect(cls, settings: Settings, model: ModelConfig) -> Services:
         # No retries and short timeouts: with Redis down a request answers 503 at once.
-        opts = {"socket_connect_timeout": settings.redis_timeout_s, "socket_timeout": settings.redis_timeout_s + 2,
-                "retry": Retry(NoBackoff(), 0)}
-        r = redis.Redis.from_url(settings.redis_url, **opts)
-        ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
-                                   socket_timeout=settings.redis_timeout_s + 2,
-                                   retry=AsyncRetry(NoBackoff(), 0))
+        # A hung Redis (accepting, never answering) too: every call gives up after the timeout.
+        t = settings.redis_timeout_s
+        r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=t, socket_timeout=t,
+                                 retry=Retry(NoBackoff(), 0))
+        # Event streams block in XREAD for EVENTS_BLOCK_MS: their client waits that much longer.
+        ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=t,
+                                   socket_timeout=t + EVENTS_BLOCK_MS / 1000, retry=AsyncRetry(NoBackoff(), 0))
         storage = LocalStorage(settings.data_dir)
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
         return cls(settings, model, r, ar, jobs, storage)
@@ -61,7 +64,7 @@ def caller(request: Request, svc: ServicesDep) -> str:
     given = request.headers.get("x-api-key") or ""
     auth = request.headers.get("authorization", "")
     if not given and auth.lower().startswith("bearer "):
-        given = auth[7:].strip()
+        given = auth[7:].strip(" \t")  # HTTP whitespace only: str.strip() would also drop \x85 (NEL)
     # Headers arrive as latin-1 text: compare their raw bytes, so any byte is just a wrong key.
     raw = given.encode("latin-1", "replace")
     if not any(hmac.compare_digest(raw, k.encode()) for k in keys):

@@ -10,7 +10,7 @@ Lifetimes (the reason where a key has no TTL):
 | `job:{id}` (hash), `job:{id}:events` (capped stream) | `job_ttl_s`, restarted when the job ends |
 | `job:{id}:lock` (stitch lock) | the lock's own PX |
 | `jobs:{owner}` (sorted set, the owner's listing) | `job_ttl_s` from the owner's last job change |
-| `active:{owner}` (set of unfinished jobs, the quota) | `job_ttl_s` from its last change |
+| `active:{owner}` (set of unfinished jobs, the quota) | `job_ttl_s` from the owner's last new job |
 | `state:{status}` (set of job ids per state, the gauges) | none: one per state, pruned of expired ids by the sweeper |
 | `rate:{owner}:{window}` (fixed-window counter) | the window |
 | `tasks` (the stream) and its consumer group | none: it is the queue; acknowledged entries are deleted, so it holds only live work |

@@ -107,8 +107,10 @@ class RateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
-# KEYS: job hash, events stream. ARGV: new status, prefix, job id, ttl, now, allowed-from count,
-# allowed-from states..., then field/value pairs (JSON-encoded values) to write with the status.
+# KEYS: job hash, events stream. ARGV: new status, prefix, job id, TTL to restart (0: the job
+# has not ended), now, allowed-from count, allowed-from states..., then field/value pairs
+# (JSON-encoded values) to write with the status. Key names built from the prefix here: fine on
+# one Redis, not on Redis Cluster.
 _TRANSITION = """
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return 0 end
@@ -121,7 +123,7 @@ redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'updated_at', ARGV[
 for i = 7 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SREM', ARGV[2] .. ':state:' .. cur, ARGV[3])
 redis.call('SADD', ARGV[2] .. ':state:' .. ARGV[1], ARGV[3])
-if ARGV[1] == 'succeeded' or ARGV[1] == 'failed' or ARGV[1] == 'cancelled' then
+if tonumber(ARGV[4]) > 0 then
   local owner = cjson.decode(redis.call('HGET', KEYS[1], 'owner'))
   if owner == '' then owner = '-' end
   redis.call('SREM', ARGV[2] .. ':active:' .. owner, ARGV[3])
@@ -165,15 +167,18 @@ class Jobs:
             pipe.hgetall(self.keys.job(i))
         jobs, gone = [], []
         for i, raw in zip(ids, pipe.execute()):
-            (jobs.append(_decode(raw)) if raw else gone.append(i))
+            if raw:
+                jobs.append(_decode(raw))
+            else:
+                gone.append(i)
         if gone:  # expired records: drop them from the listing
             self.r.zrem(index, *gone)
         return self.r.zcard(index), jobs
 
     def counts(self) -> dict[str, int]:
         """Jobs per state: the sizes of the per-state sets. Unfinished jobs are few, so their
-        sets are checked member by member (a job that expired unfinished is not counted);
-        the sweeper prunes the others."""
+        sets are checked member by member (a job that expired unfinished is not counted); ended
+        jobs' sets may still hold ids that expired since the last sweep (`sweep_interval_s`)."""
         pipe = self.r.pipeline()
         for s in JobStatus:
             (pipe.smembers if not s.final else pipe.scard)(self.keys.state(s))
@@ -280,7 +285,8 @@ class Jobs:
         """Move the job to `status` if the table allows it from its current state; False if
         the job is gone or in a state that cannot move there."""
         allowed = [s.value for s in TRANSITIONS[status]]
-        args: list[Any] = [status.value, self.keys.prefix, job_id, self.ttl, json.dumps(time.time()),
+        ttl = self.ttl if status.final else 0
+        args: list[Any] = [status.value, self.keys.prefix, job_id, ttl, json.dumps(time.time()),
                            len(allowed), *allowed]
         for f, v in fields.items():
             args += [f, json.dumps(v)]
@@ -344,11 +350,9 @@ class Jobs:
         so an upload being received is left alone), ids of expired jobs in the state sets, and
         consumers of the task group that are idle and hold nothing (dead workers)."""
         files = 0
-        for name in self.storage.jobs():
-            job_id = name.removeprefix("upload-")
+        for name in self.storage.jobs():  # job ids, and "upload-..." for uploads being received
             stale = self.storage.age_s(name) > grace_s
-            if (name.startswith("upload-") and stale) or (
-                    valid_job_id(name) and stale and not self.r.exists(self.keys.job(job_id))):
+            if stale and (name.startswith("upload-") or (valid_job_id(name) and not self.r.exists(self.keys.job(name)))):
                 self.storage.delete_job(name)
                 files += 1
         ids = 0
@@ -362,6 +366,7 @@ class Jobs:
                 self.r.srem(self.keys.state(s), *gone)
                 ids += len(gone)
         consumers = 0
+        self.queue.ensure_group()
         for c in self.r.xinfo_consumers(self.keys.tasks, GROUP):
             if int(c["pending"]) == 0 and int(c["idle"]) > consumer_idle_s * 1000:
                 self.r.xgroup_delconsumer(self.keys.tasks, GROUP, c["name"])

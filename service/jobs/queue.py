@@ -94,7 +94,8 @@ class TaskQueue:
         pipe.execute()
 
     def forget_consumer(self, consumer: str) -> None:
-        self.r.xgroup_delconsumer(self.stream, GROUP, consumer)
+        if self.r.exists(self.stream):  # (no stream: never used, nothing to forget)
+            self.r.xgroup_delconsumer(self.stream, GROUP, consumer)
 
     def depth(self) -> int:
         """Tasks waiting or held: the group's lag plus its pending entries."""

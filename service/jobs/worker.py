@@ -75,8 +75,12 @@ class Worker:
         self.engine = engine
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
-        self._held: str | None = None
+        # Task id -> the consumer (one per task slot) holding it; the heartbeat refreshes them.
+        self._held: dict[str, str] = {}
+        self._lock = threading.Lock()
         self._next_sweep = 0.0
+        n = max(self.settings.worker_concurrency, 1)
+        self.consumers = [self.name] if n == 1 else [f"{self.name}/{i}" for i in range(n)]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -170,8 +174,9 @@ class Worker:
         self.stopping.set()
         try:
             self.r.delete(self._beat_key)
-            if self._held is None:
-                self.queue.forget_consumer(self.name)
+            for consumer in self.consumers:
+                if consumer not in self._held.values():
+                    self.queue.forget_consumer(consumer)
         except redis.RedisError:
             log.warning("could not deregister from Redis (the sweeper removes idle consumers)")
         self.r.close()
@@ -182,37 +187,54 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stopping.set())
         self.initialize()
-        log.info("worker %s ready", self.name)
-        backoff = 0.5
+        log.info("worker %s ready (%d task slots)", self.name, len(self.consumers))
+        # worker_concurrency > 1: one thread per slot, all sharing the engine (torch and ONNX
+        # Runtime allow concurrent inference calls), so one slot's decoding, clustering and
+        # stitching overlap another's network time.
+        slots = [threading.Thread(target=self._loop, args=(c,), daemon=True, name=f"slot-{c}")
+                 for c in self.consumers[1:]]
+        for t in slots:
+            t.start()
         try:
-            while not self.stopping.is_set():
-                try:
-                    self.step()
-                    backoff = 0.5
-                except redis.RedisError as e:
-                    log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
-                    self.stopping.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
+            self._loop(self.consumers[0])
         finally:
+            self.stopping.set()
+            for t in slots:
+                t.join()
             self.finalize()
 
-    def step(self) -> None:
+    def _loop(self, consumer: str) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                self.step(consumer)
+                backoff = 0.5
+            except redis.RedisError as e:
+                log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def step(self, consumer: str | None = None) -> None:
         """Sweep when due, then take one task (if any), execute and settle it."""
+        consumer = consumer or self.consumers[0]
         self._maybe_sweep()
-        task = self.queue.take(self.name, block_ms=500)
+        task = self.queue.take(consumer, block_ms=500)
         if task is None:
             return
-        self._held = task.id
+        with self._lock:
+            self._held[task.id] = consumer
         try:
             self.settle(task, self.execute(task))
         finally:
-            self._held = None
+            with self._lock:
+                self._held.pop(task.id, None)
 
     def _maybe_sweep(self) -> None:
         s = self.settings
-        if time.monotonic() < self._next_sweep:
-            return
-        self._next_sweep = time.monotonic() + s.sweep_interval_s
+        with self._lock:
+            if time.monotonic() < self._next_sweep:
+                return
+            self._next_sweep = time.monotonic() + s.sweep_interval_s
         if self.r.set(self.jobs.keys.sweep, self.name, nx=True, ex=max(int(s.sweep_interval_s), 1)):
             gone = self.jobs.sweep(s.sweep_grace_s, consumer_idle_s=max(10 * s.visibility_timeout_s, 60))
             if any(gone.values()):
@@ -236,8 +258,10 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 self.r.set(self._beat_key, time.time(), ex=max(int(self.settings.visibility_timeout_s), 2))
-                if self._held:
-                    self.queue.touch(self.name, self._held)
+                with self._lock:
+                    held = list(self._held.items())
+                for task_id, consumer in held:
+                    self.queue.touch(consumer, task_id)
             except redis.RedisError:
                 log.warning("heartbeat failed", exc_info=True)
             self.stopping.wait(period)

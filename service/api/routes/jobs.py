@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import JobIdPath, OwnerDep, Services, ServicesDep
+from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.uploads import receive
 from service.jobs.lifecycle import JobStatus, Limits
@@ -236,15 +236,17 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
     after = request.headers.get("last-event-id") or "0-0"
     if not _valid_stream_id(after):
         after = "0-0"
-    svc.open_streams += 1
 
     async def stream():
         nonlocal after
+        # Counted from the first iteration, so the finally below always balances it (a response
+        # whose client left before it started never runs its body).
+        svc.open_streams += 1
         loop = asyncio.get_running_loop()
         end_at, idle_since = loop.time() + s.sse_max_s, loop.time()
         try:
             while loop.time() < end_at:
-                res = await ar.xread({keys.events(job_id): after}, block=1000, count=100)
+                res = await ar.xread({keys.events(job_id): after}, block=EVENTS_BLOCK_MS, count=100)
                 for _, entries in res or []:
                     for entry_id, fields in entries:
                         after = entry_id.decode()

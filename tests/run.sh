@@ -8,11 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${STEMSEG_TEST_VENV:-.venv-test}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip=("$venv/bin/pip" --quiet --disable-pip-version-check)
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   # Only torch from this index (--no-deps): its dependencies come from PyPI with the project's.
-  "${pip[@]}" install --retries 2 --no-deps -c .ci/constraints.txt torch \
+  "$venv"/bin/pip install --quiet --retries 2 --no-deps -c .ci/constraints.txt torch \
     --index-url "${STEMSEG_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 fi
-"${pip[@]}" install -c .ci/constraints.txt -e '.[test,export,server,eval]'
+"$venv"/bin/pip install --quiet -c .ci/constraints.txt -e '.[test,export,server,eval]'
 exec "$venv/bin/python" -m pytest "$@"

@@ -9,6 +9,7 @@ wrong file never sits where `--weights NAME` would find it.
 
 from __future__ import annotations
 
+import http.client
 import os
 import sys
 import urllib.error
@@ -92,7 +93,7 @@ def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = T
                     while chunk := response.read(CHUNK):
                         f.write(chunk)
                         bar.update(len(chunk))
-                except OSError as e:  # the partial file stays for the next run to resume
+                except (OSError, http.client.HTTPException) as e:  # the partial file stays for the next run
                     raise FetchError(f"{url}: download interrupted ({e}); run the command again to resume") from None
                 f.flush()
                 os.fsync(f.fileno())

@@ -842,3 +842,23 @@ def test_redis_keeps_the_queue(overlay):
     compose_cmd = command_of(load_compose()["services"]["redis"])
     for flag in ("--appendonly", "--appendfsync", "--maxmemory-policy"):
         assert compose_cmd[compose_cmd.index(flag) + 1] == args[args.index(flag) + 1], flag
+
+
+def test_readme_deployment_section_names_what_exists():
+    """The README's deployment commands name files and overlays that exist, and the variables compose reads."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Deployment"):]
+    section = section[:section.index("\n## ", 5)]
+    for path in set(re.findall(r"(?:docker|deploy)/[\w./-]+", section)):
+        assert (ROOT / path.rstrip(".")).exists(), path
+    compose_text = COMPOSE.read_text()
+    for var in set(re.findall(r"\b(STEMSEG_[A-Z_]+_(?:IMAGE|NAME))\b", section)) | {"STEMSEG_PORT"}:
+        assert "${" + var in compose_text, var
+    so = by_kind(render("gpu"), "ScaledObject")
+    stream, group = queue_names("stemseg")
+    assert f"`{stream}`" in section and f"`{group}`" in section
+    for overlay in OVERLAYS:  # "workers 0..N" as the overlay's ScaledObject says
+        spec = by_kind(render(overlay), "ScaledObject")["spec"]
+        assert f"overlays/{overlay}" in section and f"workers {spec['minReplicaCount']}..{spec['maxReplicaCount']}" in section
+    lag = next(t["metadata"]["lagCount"] for t in so["spec"]["triggers"] if "lagCount" in t["metadata"])
+    assert f"ceil(lag / {lag})" in section

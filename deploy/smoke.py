@@ -217,7 +217,7 @@ def main() -> int:
         at_restart = get_job(base, job["id"])["progress"]
         log(f"progress after the restart: {at_restart}")
         job = wait_job(base, job["id"], 900)
-        expect(job["status"] == "succeeded", f"job {job['status']} {job.get('error') or ''} in "
+        expect(job["status"] == "succeeded", f"job {job['status']}{': ' + job['error'] if job.get('error') else ''} in "
                f"{time.monotonic() - t:.1f}s from upload")
         status, data, _ = http("GET", f"{base}/v1/jobs/{job['id']}/result")
         expect(status == 200, f"GET result: {status}")
@@ -259,7 +259,8 @@ def main() -> int:
         expect(state[0] == "running" and int(state[1]) > restarts,
                f"restart policy brought the killed worker back (restart count {state[1]})")
         job = wait_job(base, job["id"], 900)
-        expect(job["status"] == "succeeded", f"job after kill -9: {job['status']} {job.get('error') or ''} in "
+        expect(job["status"] == "succeeded", f"job after kill -9: {job['status']}"
+               f"{': ' + job['error'] if job.get('error') else ''} in "
                f"{time.monotonic() - t:.1f}s from upload")
         status, data, _ = http("GET", f"{base}/v1/jobs/{job['id']}/result")
         again = json.loads(data)["tracks"] if status == 200 else []

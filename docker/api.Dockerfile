@@ -39,6 +39,11 @@ RUN pip install --no-cache-dir -c .ci/constraints.txt --index-url "${TORCH_INDEX
     && python -c "import torch; assert not torch.version.cuda, torch.__version__" \
     && rm -rf /opt/venv/lib/python3*/site-packages/torch/include /opt/venv/lib/python3*/site-packages/torch/test
 
+# The shipped lite model (8 MB) and its card are in the image, so a container with no weights mounted
+# serves it; official checkpoints are mounted at /weights and named by STEMSEG_WEIGHTS. Copied before the
+# install, where the package may take them as package data.
+COPY weights/lite.safetensors weights/MODEL_CARD.md weights/
+
 # The whole package (pyproject's packages: service, model_export), installed like CI installs it.
 COPY pyproject.toml README.md ./
 COPY service/ service/
@@ -46,14 +51,10 @@ COPY model_export/ model_export/
 RUN pip install --no-cache-dir -c .ci/constraints.txt '.[server]' \
     && python -c "import torch, av, fastapi, redis, service.cli; assert not torch.version.cuda, torch.__version__"
 
-# The shipped lite model (8 MB, weights/MODEL_CARD.md) is in the image, so a container with no weights
-# mounted serves it. Official checkpoints are mounted at /weights and named by STEMSEG_WEIGHTS.
-COPY weights/lite.safetensors /opt/stemseg/weights/lite.safetensors
-
 # /data: uploads and results, a volume every API and worker container shares (a new named volume takes the
 # directory's owner, uid 10001, from the image).
 ENV STEMSEG_DATA_DIR=/data \
-    STEMSEG_WEIGHTS=/opt/stemseg/weights/lite.safetensors \
+    STEMSEG_WEIGHTS=/app/weights/lite.safetensors \
     STEMSEG_DEVICE=cpu
 
 USER 10001:10001

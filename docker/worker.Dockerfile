@@ -49,6 +49,11 @@ print('\n'.join(sorted({str(p.parent) for d in nvidia.__path__ for p in pathlib.
        > /etc/ld.so.conf.d/nvidia-wheels.conf \
     && ldconfig
 
+# The shipped lite model (8 MB) and its card are in the image, so a container with no weights mounted
+# serves it; official checkpoints are mounted at /weights and named by STEMSEG_WEIGHTS. Copied before the
+# install, where the package may take them as package data.
+COPY weights/lite.safetensors weights/MODEL_CARD.md weights/
+
 # The whole package (pyproject's packages: service, model_export), installed like CI installs it.
 COPY pyproject.toml README.md ./
 COPY service/ service/
@@ -57,11 +62,8 @@ RUN pip install --no-cache-dir -c .ci/constraints.txt -c docker/gpu-constraints.
         --extra-index-url "${NVIDIA_INDEX_URL}" '.[server,gpu]' \
     && python -c "import torch, av, tensorrt, onnxruntime, service.cli; assert torch.version.cuda, torch.__version__"
 
-# The shipped lite model (8 MB) is in the image; official checkpoints are mounted at /weights.
-COPY weights/lite.safetensors /opt/stemseg/weights/lite.safetensors
-
 ENV STEMSEG_DATA_DIR=/data \
-    STEMSEG_WEIGHTS=/opt/stemseg/weights/lite.safetensors \
+    STEMSEG_WEIGHTS=/app/weights/lite.safetensors \
     STEMSEG_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

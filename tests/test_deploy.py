@@ -315,6 +315,7 @@ def test_hadolint(path):
 # toolkit release notes, "CUDA Toolkit and Corresponding Driver Versions"; no minor-version compatibility
 # below it for the libraries torch and TensorRT load).
 DEFAULT_BASES = {"api": "python:3.11-slim-bookworm", "worker": "nvidia/cuda:13.0.1-base-ubuntu24.04"}
+IMAGE_WEIGHTS = "/app/weights/lite.safetensors"  # the shipped model inside both images
 MIN_DRIVER = {"13.0": "580.65.06"}
 
 
@@ -371,8 +372,12 @@ def test_dockerfile_runs_as_non_root_with_healthcheck(name):
 def test_dockerfile_sets_in_container_weights_and_data(name):
     instr = instructions(DOCKERFILES[name])
     env = " ".join(a for k, a in instr if k == "ENV")
-    assert "STEMSEG_WEIGHTS=/opt/stemseg/weights/lite.safetensors" in env
-    assert ("COPY", "weights/lite.safetensors /opt/stemseg/weights/lite.safetensors") in instr
+    assert f"STEMSEG_WEIGHTS={IMAGE_WEIGHTS}" in env
+    copy_at = instr.index(("COPY", "weights/lite.safetensors weights/MODEL_CARD.md weights/"))
+    assert instr[[k for k, _ in instr].index("WORKDIR")][1] + "/weights/lite.safetensors" == IMAGE_WEIGHTS
+    # Before the package's install, which may take the model as package data (through service/model/shipped).
+    package_install = max(i for i, (k, a) in enumerate(instr) if k == "RUN" and "'.[" in a)
+    assert copy_at < package_install
     assert "STEMSEG_DATA_DIR=/data" in env
     assert (ROOT / "weights" / "lite.safetensors").is_file()
 
@@ -408,7 +413,8 @@ def test_dockerignore_matcher_follows_dockers_rules():
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_dockerfile_copies_only_what_exists_and_is_not_dockerignored(name):
     ignore = dockerignore_patterns()
-    assert [p for p in ignore if p.startswith("!")] == ["!weights/lite.safetensors"], "one exception: the shipped model"
+    assert [p for p in ignore if p.startswith("!")] == ["!weights/lite.safetensors", "!weights/MODEL_CARD.md"], \
+        "the only exceptions: the shipped model and its card"
     copies = [a for k, a in instructions(DOCKERFILES[name]) if k == "COPY"]
     sources = [src.rstrip("/") for a in copies for src in a.split()[:-1] if not src.startswith("--")]
     assert {"pyproject.toml", "README.md", ".ci/constraints.txt", "service", "model_export"} <= set(sources)
@@ -434,11 +440,11 @@ def test_dockerfile_copies_every_package_pyproject_packages(name):
 def test_dockerignore_keeps_heavy_and_private_files_out():
     ignore = dockerignore_patterns()
     for path in (".git/HEAD", ".venv/bin/python", "tests/fixtures/reference/x.npz", "weights/youtube_vis.pth",
-                 "weights/MODEL_CARD.md", "youtube_vis.pth", "onnx/backbone.onnx", "x.whl", ".env", ".env.local",
+                 "weights/eval/pooled.json", "youtube_vis.pth", "onnx/backbone.onnx", "x.whl", ".env", ".env.local",
                  "service/__pycache__/cli.cpython-311.pyc", "stemseg-data/jobs/a/video", "deploy/smoke.py"):
         assert dockerignored(path, ignore), path
     for path in ("service/cli.py", "service/model/classes.json", "model_export/onnx_export.py",
-                 "weights/lite.safetensors", "pyproject.toml", "README.md", ".ci/constraints.txt",
+                 "weights/lite.safetensors", "weights/MODEL_CARD.md", "pyproject.toml", "README.md", ".ci/constraints.txt",
                  "docker/gpu-constraints.txt"):
         assert not dockerignored(path, ignore), path
 
@@ -826,7 +832,7 @@ def test_settings_selectors_and_budgets(overlay):
     assert by_kind(docs, "Deployment", "stemseg-api")["spec"]["replicas"] >= 2
     assert by_kind(docs, "PodDisruptionBudget", "stemseg-worker")["spec"]["maxUnavailable"] == 1
     config = by_kind(docs, "ConfigMap", "stemseg-config")["data"]
-    assert config["STEMSEG_WEIGHTS"] == "/opt/stemseg/weights/lite.safetensors"
+    assert config["STEMSEG_WEIGHTS"] == IMAGE_WEIGHTS
     assert config["STEMSEG_DATA_DIR"] == "/data"
 
 
@@ -842,3 +848,23 @@ def test_redis_keeps_the_queue(overlay):
     compose_cmd = command_of(load_compose()["services"]["redis"])
     for flag in ("--appendonly", "--appendfsync", "--maxmemory-policy"):
         assert compose_cmd[compose_cmd.index(flag) + 1] == args[args.index(flag) + 1], flag
+
+
+def test_readme_deployment_section_names_what_exists():
+    """The README's deployment commands name files and overlays that exist, and the variables compose reads."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Deployment"):]
+    section = section[:section.index("\n## ", 5)]
+    for path in set(re.findall(r"(?:docker|deploy)/[\w./-]+", section)):
+        assert (ROOT / path.rstrip(".")).exists(), path
+    compose_text = COMPOSE.read_text()
+    for var in set(re.findall(r"\b(STEMSEG_[A-Z_]+_(?:IMAGE|NAME))\b", section)) | {"STEMSEG_PORT"}:
+        assert "${" + var in compose_text, var
+    so = by_kind(render("gpu"), "ScaledObject")
+    stream, group = queue_names("stemseg")
+    assert f"`{stream}`" in section and f"`{group}`" in section
+    for overlay in OVERLAYS:  # "workers 0..N" as the overlay's ScaledObject says
+        spec = by_kind(render(overlay), "ScaledObject")["spec"]
+        assert f"overlays/{overlay}" in section and f"workers {spec['minReplicaCount']}..{spec['maxReplicaCount']}" in section
+    lag = next(t["metadata"]["lagCount"] for t in so["spec"]["triggers"] if "lagCount" in t["metadata"])
+    assert f"ceil(lag / {lag})" in section

@@ -248,7 +248,7 @@ def test_clustering_without_host_reads_gives_the_same_labels(secondary: str) -> 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: proves clustering queues without syncs")
 def test_cuda_clustering_makes_no_per_instance_host_syncs() -> None:
     """torch.cuda.set_sync_debug_mode('warn') warns on every synchronising call: the count must
-    not grow with the number of instances (the foreground gather's one read per clip remains)."""
+    not grow with the number of instances (the foreground gather's reads per clip remain)."""
     import warnings
 
     from service.pipeline.clustering import ClusteringConfig, cluster_clip
@@ -274,7 +274,8 @@ def test_cuda_clustering_makes_no_per_instance_host_syncs() -> None:
     few, n_few = syncs(2)
     many, n_many = syncs(12)
     assert (n_few, n_many) == (2, 12)
-    assert few == many and few <= 2, (few, many)
+    # A few per clip (gathering the foreground pixels, staging constants), none per instance.
+    assert few == many and few <= 8, (few, many)
 
 
 def test_bf16_autocast_runs_on_cpu_and_tracks_agree_with_fp32(lite_weights) -> None:

@@ -57,11 +57,15 @@ class SegmenterOptions:
 
 @dataclass
 class PipelineOptions:
-    """How the work is scheduled; none of it changes the outputs (tests/test_pipeline.py).
+    """How the work is scheduled. The threads never change the outputs, bit for bit
+    (tests/test_pipeline.py); see clips_per_forward for the one caveat.
 
     prefetch: clip windows decoded ahead on their own thread (0: decode inline).
     clips_per_forward: consecutive clips whose heads run as one batch, their new frames through
         the backbone as one batch too (more work per forward for a large GPU; memory grows with it).
+        Batched 3-D convolutions may round differently from single-clip ones (about 1e-5 on the
+        CPU; see service.model.batching), so above 1 a pixel at a threshold can change; 1 keeps
+        the reference outputs exactly.
     post_workers: 1 runs per-frame statistics, mask upsampling to full size and RLE encoding on a
         post-processing thread, off the network's critical path; 0 runs them inline.
     """

@@ -214,13 +214,21 @@ def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     return FileResponse(path, media_type="video/mp4")
 
 
+# One server-sent event (OpenAPI 3.2's itemSchema); `data` is JSON text; lines starting with
+# ":" are keep-alive comments.
+_SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
+    "id": {"type": "string", "description": "Redis stream entry id; send back as Last-Event-ID"},
+    "event": {"type": "string", "enum": ["status", "frame", "track", "end", "error"]},
+    "data": {"type": "string", "description": "JSON"}}}
+
+
 def _sse(entry_id: str | None, kind: str, data: str) -> str:
     return (f"id: {entry_id}\n" if entry_id else "") + f"event: {kind}\ndata: {data}\n\n"
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "Server-sent events: status, frame, track, then end",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}}},
     **responses(401, 404, 422, 503)})
 async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owner: OwnerDep) -> StreamingResponse:
     """Waits on Redis with redis.asyncio (no thread per client); at most `max_event_streams`

@@ -24,8 +24,8 @@ def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
     report = json.loads((out / "gpu_report_dry_run.json").read_text())
     assert report["dry_run"] and report["complete"]
     steps = report["steps"]
-    assert list(steps) == ["environment", "assets", "tensorrt_build", "reference", "bench", "agreement", "ap",
-                           "service"]
+    assert list(steps) == ["environment", "assets", "tensorrt_build", "reference", "bench", "service", "agreement",
+                           "ap"]
     for name, step in steps.items():
         assert step["status"] == "ok" or step["status"].startswith("skipped: "), (name, step["status"])
     assert steps["tensorrt_build"]["status"] == "skipped: needs a CUDA GPU"
@@ -56,3 +56,15 @@ def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
     # The scratch directory is removed; only the report is left.
     assert [p.name for p in out.iterdir()] == ["gpu_report_dry_run.json"]
     assert not list(tmp_path.glob("stemseg-bench-*"))
+
+
+def test_time_budget_skips_the_remaining_steps_with_the_reason(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--budget-s", "1"], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    steps = json.loads((tmp_path / "out" / "gpu_report_dry_run.json").read_text())["steps"]
+    assert steps["assets"]["status"] == "ok"
+    for name in ("tensorrt_build", "reference", "bench", "service", "agreement", "ap"):
+        assert steps[name]["status"].startswith("skipped: time budget"), (name, steps[name])

@@ -564,11 +564,15 @@ def step_service(plan: dict, why: dict, assets: dict, work: Path, dry_run: bool)
         env_engine["STEMSEG_ONNX_DIR"] = assets["onnx"]
     elif plan["device"] == "cuda":
         env_engine["STEMSEG_AUTOCAST"] = "fp16"
+    # The batcher only pays when the worker runs several tasks at once (a worker_concurrency
+    # setting); with one task thread it would only add its queue delay to every forward.
+    concurrent = "worker_concurrency" in Settings.model_fields
+    batch = 16 if concurrent else 0
     url, redis_proc = _redis(work, dry_run)
     prefix = f"stemseg-bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "STEMSEG_REDIS_URL": url, "STEMSEG_REDIS_PREFIX": prefix,
            "STEMSEG_DATA_DIR": str(work / "service-data"), "STEMSEG_WEIGHTS": assets["bench_weights"],
-           "STEMSEG_DEVICE": plan["device"], "STEMSEG_BATCH_MAX_SIZE": "16", "STEMSEG_BATCH_MAX_DELAY_MS": "5",
+           "STEMSEG_DEVICE": plan["device"], "STEMSEG_BATCH_MAX_SIZE": str(batch), "STEMSEG_BATCH_MAX_DELAY_MS": "5",
            "STEMSEG_WORKER_CONCURRENCY": str(plan["service_jobs"]), "PYTHONPATH": str(ROOT), **env_engine}
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -626,8 +630,8 @@ def step_service(plan: dict, why: dict, assets: dict, work: Path, dry_run: bool)
             nvml = sampler.summary()
         else:
             many = run_jobs(plan["service_jobs"])
-        return {"engine": env_engine, "batch_max_size": 16, "min_dim": min_dim,
-                "worker_concurrency_setting_exists": "worker_concurrency" in Settings.model_fields,
+        return {"engine": env_engine, "batch_max_size": batch, "min_dim": min_dim,
+                "worker_concurrency_setting_exists": concurrent,
                 "one_job": one, "concurrent_jobs": many,
                 "aggregate_speedup": round(many["aggregate_frames_per_second"] / one["aggregate_frames_per_second"], 2),
                 "gpu_utilization": nvml}

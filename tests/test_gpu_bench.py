@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 
 
+@pytest.mark.slow  # 30 to 70 s on a shared 2-core machine
 def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
@@ -24,8 +25,8 @@ def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
     report = json.loads((out / "gpu_report_dry_run.json").read_text())
     assert report["dry_run"] and report["complete"]
     steps = report["steps"]
-    assert list(steps) == ["environment", "assets", "tensorrt_build", "reference", "bench", "agreement", "ap",
-                           "service"]
+    assert list(steps) == ["environment", "assets", "tensorrt_build", "reference", "bench", "service", "agreement",
+                           "ap"]
     for name, step in steps.items():
         assert step["status"] == "ok" or step["status"].startswith("skipped: "), (name, step["status"])
     assert steps["tensorrt_build"]["status"] == "skipped: needs a CUDA GPU"
@@ -40,7 +41,7 @@ def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
 
     # Every engine at both sizes: measured, or skipped with the reason.
     runs = steps["bench"]["runs"]
-    assert len(runs) == 2 * 6
+    assert len(runs) == 2 * 7
     for key in ("torch-fp32@96", "torch-bf16@96", "onnxruntime@64", "torch-fp32@64"):
         assert runs[key]["frames"] == 16 and runs[key]["frames_per_second"] > 0, key
     assert runs["tensorrt-fp16@96"] == "skipped: needs a CUDA GPU"
@@ -56,3 +57,15 @@ def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
     # The scratch directory is removed; only the report is left.
     assert [p.name for p in out.iterdir()] == ["gpu_report_dry_run.json"]
     assert not list(tmp_path.glob("stemseg-bench-*"))
+
+
+def test_time_budget_skips_the_remaining_steps_with_the_reason(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--budget-s", "1"], env=env,
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    steps = json.loads((tmp_path / "out" / "gpu_report_dry_run.json").read_text())["steps"]
+    assert steps["assets"]["status"] == "ok"
+    for name in ("tensorrt_build", "reference", "bench", "service", "agreement", "ap"):
+        assert steps[name]["status"].startswith("skipped: time budget"), (name, steps[name])

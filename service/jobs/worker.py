@@ -39,7 +39,7 @@ from service.jobs.storage import LocalStorage, NoSpace, is_no_space
 from service.jobs.webhooks import Notifier, payload
 from service.model.engines import Engine, engine_from_settings
 from service.pipeline.clips import clip_plan, context_range
-from service.pipeline.runner import ClipProcessor, SegmenterOptions
+from service.pipeline.runner import ClipProcessor, PipelineOptions, SegmenterOptions
 from service.video import VideoError, iter_frames, read_frames
 
 log = logging.getLogger("stemseg.worker")
@@ -142,7 +142,8 @@ class Worker:
             wanted = sorted({f for k in context for f in clips[k]})
             frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, "video")), wanted)}
             windows = ((k, [frames[i] for i in clips[k]]) for k in context)
-            processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.get("min_iou")), cfg=cfg)
+            processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.get("min_iou")), cfg=cfg,
+                                      pipeline=PipelineOptions.from_settings(self.settings))
             started = time.perf_counter()
             for clip in processor.run(windows, clips, job["height"], job["width"],
                                       cluster=range(todo[0], todo[-1] + 1)):

@@ -31,29 +31,30 @@ from service.video import VideoInfo, iter_clip_windows, iter_frames, probe
 
 
 def load(weights: str | Path | None = None, *, preset: str | None = None, device: str = "auto",
-         min_dim: int | None = None) -> Engine:
+         min_dim: int | None = None, **engine_options) -> Engine:
     """The torch engine for a weights file, an official name fetched with `stemseg weights fetch`, or
-    (None) the shipped model; on `device` ("auto": CUDA when usable)."""
+    (None) the shipped model; on `device` ("auto": CUDA when usable). engine_options go to
+    service.model.engines.load_engine."""
     from service.model.checkpoint import load_model
 
     settings = get_settings()
     model = load_model(resolve_weights(weights, settings.weights_dir), preset, device=resolve_device(device))
     if min_dim is not None:
         model.cfg = model.cfg.with_min_dim(min_dim)
-    return load_engine("torch", model=model)
+    return load_engine("torch", model=model, **engine_options)
 
 
 class VideoSession:
     """One video opened with one model: its probe and clip plan, ready to propagate."""
 
     def __init__(self, path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None,
-                 timer: StageTimer | None = None, max_pixels: int | None = None) -> None:
+                 timer: StageTimer | None = None, max_pixels: int | None = None, **segmenter_options) -> None:
         self.path = Path(path)
         self.engine = engine
         self.max_pixels = max_pixels or get_settings().max_frame_pixels
         self.info: VideoInfo = probe(self.path, max_pixels=self.max_pixels)
         self.plan = clip_plan(self.info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
-        self.segmenter = Segmenter(engine, device=engine.device, options=options, timer=timer)
+        self.segmenter = Segmenter(engine, device=engine.device, options=options, timer=timer, **segmenter_options)
 
     @property
     def timer(self) -> StageTimer:
@@ -81,9 +82,10 @@ class VideoSession:
 
 
 def open_video(path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None,
-               timer: StageTimer | None = None, max_pixels: int | None = None) -> VideoSession:
-    """Probe a video (VideoError for a bad file) and plan its clips for `engine`."""
-    return VideoSession(path, engine, options=options, timer=timer, max_pixels=max_pixels)
+               timer: StageTimer | None = None, max_pixels: int | None = None, **segmenter_options) -> VideoSession:
+    """Probe a video (VideoError for a bad file) and plan its clips for `engine`; segmenter_options go
+    to service.pipeline.runner.Segmenter."""
+    return VideoSession(path, engine, options=options, timer=timer, max_pixels=max_pixels, **segmenter_options)
 
 
 def segment(path: str | Path, engine: Engine, *, options: SegmenterOptions | None = None) -> VideoResult:

@@ -26,3 +26,18 @@ def test_shipped_model_finds_the_sample_objects() -> None:
     gt, root = load_ground_truth(EXAMPLES / "sample.json")
     report = evaluate(gt, predict(gt, root, load(device="cpu")), metrics=("ytvis",))
     assert len(gt["annotations"]) == 3 and report["AP50"] > 0.99, report
+
+
+def test_two_call_library_shape_gives_what_segment_writes(tmp_path: Path) -> None:
+    from service.cli import main
+    from service.outputs.ytvis import ytvis_entries
+    from service.pipeline.session import open_video
+
+    video = open_video(EXAMPLES / "sample.mp4", load(device="cpu"))
+    frames = list(video.propagate())
+    assert [f.index for f in frames] == list(range(48))
+    assert all(f.masks().shape == (len(f.track_ids), 256, 320) for f in frames)
+    result = video.result()
+    assert main(["segment", str(EXAMPLES / "sample.mp4"), "--out", str(tmp_path / "o"), "--format", "ytvis",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text()) == ytvis_entries(result)

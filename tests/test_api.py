@@ -287,3 +287,17 @@ def test_api_key_bytes_are_compared_exactly() -> None:
         with pytest.raises(Problem) as e:
             ask(name, value)
         assert e.value.status == 401
+
+
+def test_default_formats_are_the_clis_and_follow_stemseg_formats(settings, tmp_path: Path) -> None:
+    from service.config import DEFAULT_FORMATS
+
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    body = {"content": video.read_bytes(), "headers": {"content-type": "video/mp4"}}
+    with _client(settings) as c:
+        assert c.post("/v1/jobs", **body).json()["options"]["formats"] == list(DEFAULT_FORMATS)
+        assert c.post("/v1/jobs?formats=mots,ytvis", **body).json()["options"]["formats"] == ["mots", "ytvis"]
+        _assert_problem(c.post("/v1/jobs?formats=ytvis,gif", **body), 422)
+    with _client(settings, formats="davis") as c:
+        assert c.post("/v1/jobs", **body).json()["options"]["formats"] == ["davis"]

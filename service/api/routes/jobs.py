@@ -20,12 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.uploads import receive
+from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs.lifecycle import JobStatus, Limits
 from service.jobs.webhooks import check_callback_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-FORMATS = ("ytvis", "davis", "mots", "overlay")
-_FORMATS_PATTERN = r"^\s*(ytvis|davis|mots|overlay)\s*(,\s*(ytvis|davis|mots|overlay)\s*)*$"
+_NAMES = "|".join(OUTPUT_FORMATS)
+_FORMATS_PATTERN = rf"^\s*({_NAMES})\s*(,\s*({_NAMES})\s*)*$"
 _MAX_OFFSET = 1_000_000
 
 _UPLOAD_BODY = {"required": True, "content": {
@@ -114,14 +115,15 @@ async def create_job(
     response: Response,
     svc: ServicesDep,
     owner: OwnerDep,
-    formats: Annotated[str, Query(pattern=_FORMATS_PATTERN, max_length=200,
-                                  description="comma-separated: ytvis, davis, mots, overlay")] = "ytvis,davis,mots",
+    formats: Annotated[str | None, Query(pattern=_FORMATS_PATTERN, max_length=200,
+                                         description="comma-separated: ytvis, davis, mots, overlay "
+                                                     "(default: STEMSEG_FORMATS, as the CLI)")] = None,
     preset: Annotated[str | None, Query(max_length=64, description="must match the served model when given")] = None,
     min_dim: Annotated[int | None, Query(ge=32, le=4096)] = None,
     callback_url: Annotated[str | None, Query(max_length=2048, description="POSTed to when the job ends")] = None,
 ) -> Job:
     s = svc.settings
-    wanted = list(dict.fromkeys(f.strip() for f in formats.split(",")))
+    wanted = list(parse_formats(formats) if formats else s.format_list)
     if preset and preset != svc.model.name:
         raise Problem(422, f"this service runs the {svc.model.name!r} model, not {preset!r}")
     if callback_url:

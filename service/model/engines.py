@@ -262,9 +262,7 @@ def engine_from_settings(settings: Settings) -> Engine:
     except ValueError as e:
         raise EngineError(f"STEMSEG_DEVICE: {e}") from None
     if kind == "torch":
-        weights = settings.weights_path
-        if weights is None:
-            raise EngineError("the worker needs weights: set STEMSEG_WEIGHTS")
+        weights = settings.weights_path  # WeightsNotFound (one line) when the setting names no file
         if device.startswith("cuda"):
             # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, not fp32.
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -91,3 +92,32 @@ class ServiceEnv:
         if keys:
             self.redis.delete(*keys)
         self.redis.close()
+
+
+@contextmanager
+def in_process_worker(weights: Path, data_dir: Path, name: str, **settings: object):
+    """A Worker in this process under a private key prefix (small clips per task, no sweeps unless
+    asked), initialised, and its keys deleted afterwards."""
+    from service.config import Settings
+    from service.jobs.worker import Worker
+
+    options: dict[str, object] = {"visibility_timeout_s": 3, "clips_per_task": 2, "sweep_interval_s": 3600,
+                                  **settings}
+    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=data_dir,
+                 weights=weights, device="cpu", **options)
+    w = Worker(s, name=name)
+    w.initialize()
+    try:
+        yield w
+    finally:
+        w.finalize()
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def small_service_weights(official_weights, tmp_path_factory) -> Path:
+    """kitti_mots synthetic weights in our format, small and seeding at 0.5 (see service_weights)."""
+    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from service_env import REDIS_URL, service_weights
+from service_env import REDIS_URL, in_process_worker, small_service_weights
 from videos import make_video
 
 from service.config import Settings
@@ -62,24 +62,14 @@ def test_callback_url_policy() -> None:
 
 @pytest.fixture(scope="module")
 def weights(official_weights, tmp_path_factory) -> Path:
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+    return small_service_weights(official_weights, tmp_path_factory)
 
 
 @pytest.fixture
 def worker(weights: Path, tmp_path: Path):
-    from service.jobs.worker import Worker
-
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "data",
-                 weights=weights, device="cpu", visibility_timeout_s=3, clips_per_task=4, sweep_interval_s=3600,
-                 webhook_secret=SECRET, webhook_attempts=4, webhook_backoff_s=0.2)
-    w = Worker(s, name="w-hooks")
-    w.initialize()
-    yield w
-    w.finalize()
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    with in_process_worker(weights, tmp_path / "data", "w-hooks", clips_per_task=4,
+                           webhook_secret=SECRET, webhook_attempts=4, webhook_backoff_s=0.2) as w:
+        yield w
 
 
 def _job_with_callback(worker, video: Path, url: str) -> str:

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the JSON here")
     bench.add_argument("--serial", action="store_true",
                        help="no decode or post-processing threads, one clip per forward (the old pipeline)")
-    bench.add_argument("--clips-per-forward", type=int, default=1, help="consecutive clips per heads forward")
+    bench.add_argument("--clips-per-forward", type=_int_at_least(1), default=1, help="consecutive clips per heads forward")
 
     exp = sub.add_parser("export", help="export the network for other engines")
     exp_sub = exp.add_subparsers(dest="target", required=True)

@@ -66,6 +66,8 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
         ["segment", v, "--out", str(tmp / "mine")], ["segment", v, "--engine", "onnxruntime"],
         ["segment"], ["segment", v, "--unknown-option"],
         ["bench", v, "--min-dim", "10"], ["bench", v, "--device", "cuda:x"], ["bench", str(tmp)],
+        ["bench", v, "--clips-per-forward", "0"], ["bench", v, "--engine", "onnxruntime", "--autocast", "bf16"],
+        ["bench", v, "--autocast", "fp16", "--device", "cpu"], ["bench", v, "--compile", "bogus"],
         ["bench", v, "--json", str(tmp / "no" / "such" / "dir.json"), "--min-dim", "32"],
         ["eval", "--gt", str(tmp / "missing")], ["eval", "--gt", str(garbage)], ["eval", "--metric", "foo"],
         ["export", "onnx", "--opset", "5"], ["export", "onnx", "--preset", "bogus"],

@@ -79,16 +79,16 @@ class Settings(BaseSettings):
                                           "(default ~/.cache/stemseg/weights)")
     preset: str | None = Field(None, description="Preset name; inferred from the weights when unset")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    max_frame_pixels: int = Field(4096 * 2160, description="Larger frames are refused (width x height)")
+    max_frame_pixels: int = Field(4096 * 2160, gt=0, description="Larger frames are refused (width x height)")
     data_dir: Path = Field(Path("./stemseg-data"), description="Uploads, clip results and outputs")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("stemseg", description="Namespace of every Redis key")
     api_keys: str = Field("", description="Comma-separated API keys; empty disables authentication")
-    max_upload_bytes: int = Field(2 * 1024**3, description="Uploads above this are refused (413)")
-    clips_per_task: int = Field(8, description="Consecutive clips one worker task processes")
-    visibility_timeout_s: float = Field(60.0, description="A task held this long without a heartbeat is redelivered")
-    max_deliveries: int = Field(3, description="Deliveries of one task before its job fails")
-    job_ttl_s: int = Field(7 * 24 * 3600, description="Jobs, their keys and files expire after this")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Uploads above this are refused (413)")
+    clips_per_task: int = Field(8, ge=1, description="Consecutive clips one worker task processes")
+    visibility_timeout_s: float = Field(60.0, gt=0, description="A task held this long without a heartbeat is redelivered")
+    max_deliveries: int = Field(3, ge=1, description="Deliveries of one task before its job fails")
+    job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Jobs, their keys and files expire after this")
     formats: str = Field(",".join(DEFAULT_FORMATS),
                          description="Outputs written when none are asked for (CLI --format, API ?formats=)")
 
@@ -98,24 +98,24 @@ class Settings(BaseSettings):
         return ",".join(parse_formats(v))
 
     # --- Job lifecycle, limits and faults (issue 12; owned by service/jobs and service/api) ---
-    max_frames: int = Field(20_000, description="Videos with more frames are refused (413)")
-    max_duration_s: float = Field(3600.0, description="Videos longer than this are refused (413)")
-    max_active_jobs: int = Field(100, description="Unfinished jobs per API key (429 above); 0: no quota")
-    rate_limit_jobs: int = Field(60, description="Uploads one API key may send per rate window (429); 0: off")
-    rate_window_s: int = Field(60, description="Length of the rate-limit window in seconds")
-    max_event_streams: int = Field(256, description="Open /events streams per API process (503 above)")
-    sse_keepalive_s: float = Field(15.0, description="Comment line sent on an idle event stream")
-    sse_max_s: float = Field(3600.0, description="An event stream ends after this; clients resume with Last-Event-ID")
-    upload_idle_timeout_s: float = Field(30.0, description="An upload that sends nothing for this long is dropped (408)")
-    redis_timeout_s: float = Field(1.0, description="Connect and reply timeout of every Redis call")
-    retry_after_s: int = Field(5, description="Retry-After sent with 503 when Redis is unreachable")
-    sweep_interval_s: float = Field(60.0, description="How often a worker runs the sweeper (one worker at a time)")
-    sweep_grace_s: float = Field(600.0, description="Files without a job record are deleted once this old")
+    max_frames: int = Field(20_000, ge=1, description="Videos with more frames are refused (413)")
+    max_duration_s: float = Field(3600.0, gt=0, description="Videos longer than this are refused (413)")
+    max_active_jobs: int = Field(100, ge=0, description="Unfinished jobs per API key (429 above); 0: no quota")
+    rate_limit_jobs: int = Field(60, ge=0, description="Uploads one API key may send per rate window (429); 0: off")
+    rate_window_s: int = Field(60, ge=1, description="Length of the rate-limit window in seconds")
+    max_event_streams: int = Field(256, ge=0, description="Open /events streams per API process (503 above)")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent on an idle event stream")
+    sse_max_s: float = Field(3600.0, gt=0, description="An event stream ends after this; clients resume with Last-Event-ID")
+    upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is dropped (408)")
+    redis_timeout_s: float = Field(1.0, gt=0, description="Connect and reply timeout of every Redis call")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when Redis is unreachable")
+    sweep_interval_s: float = Field(60.0, gt=0, description="How often a worker runs the sweeper (one worker at a time)")
+    sweep_grace_s: float = Field(600.0, ge=0, description="Files without a job record are deleted once this old")
     webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="Hosts a callback_url may name (comma-separated)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
-    webhook_attempts: int = Field(5, description="Deliveries of one webhook before giving up")
-    webhook_backoff_s: float = Field(1.0, description="First retry delay of a webhook; doubles per attempt")
-    webhook_timeout_s: float = Field(5.0, description="Timeout of one webhook delivery")
+    webhook_attempts: int = Field(5, ge=1, description="Deliveries of one webhook before giving up")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles per attempt")
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook delivery")
     worker_concurrency: int = Field(1, ge=1, description="Tasks one worker runs at once (threads sharing one engine)")
 
     # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
@@ -126,11 +126,11 @@ class Settings(BaseSettings):
     torch_compile: str = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) or "
                                                   "max-autotune (torch.compile modes)")
     tf32: bool = Field(False, description="torch engine on CUDA: TF32 matmuls and convolutions")
-    batch_max_size: int = Field(0, description="Cross-task dynamic batching: most frames (backbone) or clips "
+    batch_max_size: int = Field(0, ge=0, description="Cross-task dynamic batching: most frames (backbone) or clips "
                                                "(heads) in one forward; 0 or 1 disables it")
-    batch_max_delay_ms: float = Field(5.0, description="Dynamic batching: longest a request waits for others")
-    clips_per_forward: int = Field(1, description="Consecutive clips whose heads run as one batch")
-    decode_prefetch: int = Field(4, description="Clip windows decoded ahead of the network (0: decode inline)")
+    batch_max_delay_ms: float = Field(5.0, ge=0, description="Dynamic batching: longest a request waits for others")
+    clips_per_forward: int = Field(1, ge=1, description="Consecutive clips whose heads run as one batch")
+    decode_prefetch: int = Field(4, ge=0, description="Clip windows decoded ahead of the network (0: decode inline)")
 
     @property
     def webhook_host_list(self) -> list[str]:

@@ -107,6 +107,7 @@ def test_frame_size_limit_and_weights_errors_in_a_real_process(small_weights, ba
     assert p.returncode == 2 and "not a PyTorch checkpoint" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_onnxruntime_engine_gives_the_same_tracks_as_torch(small_weights, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     video = tmp_path / "v.mp4"

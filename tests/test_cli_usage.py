@@ -217,3 +217,13 @@ def test_serve_without_the_server_extra_one_line(tmp_path: Path) -> None:
                        env={**base, "PYTHONPATH": f"{tmp_path / 'hide'}:{root}"}, cwd=tmp_path, check=False)
     assert p.returncode == 2 and "stemseg-serve[server]" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert json.dumps(p.stderr).count("\\n") == 1
+
+
+def test_settings_out_of_range_are_one_line_exit_2(tmp_path: Path) -> None:
+    for name, value in (("STEMSEG_CLIPS_PER_TASK", "0"), ("STEMSEG_MAX_DELIVERIES", "0"),
+                        ("STEMSEG_MAX_UPLOAD_BYTES", "-5"), ("STEMSEG_REDIS_TIMEOUT_S", "0"),
+                        ("STEMSEG_CLIPS_PER_FORWARD", "0"), ("STEMSEG_WEBHOOK_ATTEMPTS", "0")):
+        p = subprocess.run([sys.executable, "-m", "service.cli", "worker", "--check"], capture_output=True, text=True,
+                           timeout=120, check=False, cwd=tmp_path, env={**os.environ, name: value})
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stderr)
+        assert p.stderr.strip().splitlines() == [p.stderr.strip()] and name in p.stderr, p.stderr

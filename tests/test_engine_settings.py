@@ -33,6 +33,7 @@ def onnx_dir(weights: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_worker_runs_onnxruntime_from_settings_and_agrees_with_the_cli(weights: Path, onnx_dir: Path,
                                                                       tmp_path: Path) -> None:
     import httpx

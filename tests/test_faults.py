@@ -72,6 +72,7 @@ def _uploads_left(data: Path) -> list[Path]:
     return [p for p in jobs.iterdir() if p.name.startswith("upload-")] if jobs.exists() else []
 
 
+@pytest.mark.slow
 def test_redis_outage_api_503_worker_survives_job_completes(private_redis: PrivateRedis, tmp_path: Path,
                                                             weights: Path) -> None:
     video = tmp_path / "v.mp4"

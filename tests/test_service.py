@@ -80,6 +80,7 @@ def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weigh
     assert 'stemseg_jobs{state="succeeded"} 1.0' in metrics and "stemseg_queue_depth" in metrics
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_clip_job_still_succeeds_with_same_tracks(env: ServiceEnv, tmp_path: Path) -> None:
     video = tmp_path / "long.mp4"
     make_video(video, 45, 64, 48)
@@ -119,6 +120,7 @@ def test_cancel_deletes_job_and_files(env: ServiceEnv, tmp_path: Path) -> None:
     assert httpx.get(f"{env.base}/v1/jobs/{job_id}").status_code == 404
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_uploads(env: ServiceEnv, tmp_path: Path) -> None:
     video = tmp_path / "short.mp4"
     make_video(video, 9, 64, 48)

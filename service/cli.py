@@ -381,6 +381,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         gt, root = load_ground_truths(args.gt)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    except (KeyError, TypeError, AttributeError) as e:  # a video, category or annotation missing a field
+        raise UsageError(f"malformed ground truth ({type(e).__name__}: {e})") from None
     if args.pred is not None:
         try:
             predictions = json.loads(args.pred.read_text())
@@ -399,7 +401,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = evaluate(gt, predictions, args.metric, bootstrap=args.bootstrap)
     except RuntimeError as e:
         raise UsageError(str(e)) from None
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # e.g. a ground truth with no categories
         raise UsageError(f"malformed results entry or annotation ({type(e).__name__}: {e})") from None
     _print_json(report, args.json)
     return 0
@@ -455,12 +457,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.config import get_settings
 
     redis, _, _ = _server_modules()
-    from service.jobs.worker import Worker, load_service_engine
-
     settings = get_settings()
     _ping_redis(redis, settings.redis_url)
-    if args.check:
+    if args.check:  # the containers' health probe: settings and Redis, without loading torch
         return 0
+    from service.jobs.worker import Worker, load_service_engine
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     Worker(settings, engine=load_service_engine(settings)).run()
     return 0

@@ -40,6 +40,11 @@ def default_weights_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemseg" / "weights"
 
 
+def fetched_weights_path(name: str, weights_dir: Path) -> Path:
+    """Where `stemseg weights fetch NAME` keeps an official checkpoint (and `--weights NAME` finds it)."""
+    return Path(weights_dir) / f"{name}.pth"
+
+
 class WeightsNotFound(ValueError):
     """The configured weights name no file; the message says how to get one (one line)."""
 
@@ -57,7 +62,7 @@ def resolve_weights(value: str | Path | None, weights_dir: Path | None = None) -
     if path.is_file():
         return path
     if str(value) in OFFICIAL_WEIGHTS:
-        fetched = weights_dir / f"{value}.pth"
+        fetched = fetched_weights_path(str(value), weights_dir)
         if fetched.is_file():
             return fetched
         raise WeightsNotFound(f"official weights '{value}' are not fetched: run `stemseg weights fetch {value}` "
@@ -69,7 +74,8 @@ def resolve_weights(value: str | Path | None, weights_dir: Path | None = None) -
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STEMSEG_", env_file=".env", extra="ignore")
+    # env_ignore_empty: `STEMSEG_WEIGHTS=` in a .env or ConfigMap means unset, not Path(".").
+    model_config = SettingsConfigDict(env_prefix="STEMSEG_", env_file=".env", extra="ignore", env_ignore_empty=True)
 
     weights: Path | None = Field(None, description="Weights file (.pth or .safetensors) or an official name "
                                                    "(davis, youtube_vis, kitti_mots) fetched into weights_dir; "

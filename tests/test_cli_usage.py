@@ -55,6 +55,8 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
     (tmp / "mine" / "data.csv").write_text("1,2\n")
     garbage = tmp / "garbage.json"
     garbage.write_text("{not json")
+    no_ids = tmp / "no_ids.json"  # parses, but a video has no id and there are no categories
+    no_ids.write_text(json.dumps({"videos": [{"file_names": ["a.jpg"]}], "annotations": [], "categories": []}))
     return [
         ["segment", v, "--min-iou", "2"], ["segment", v, "--min-iou", "-1"], ["segment", v, "--min-iou", "nan"],
         ["segment", v, "--min-dim", "0"], ["segment", v, "--min-dim", "abc"], ["segment", v, "--device", "bogus"],
@@ -62,7 +64,7 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
         ["segment", v, "--min-score", "1.5"], ["segment", v, "--engine", "bogus"], ["segment", v, "--secondary", "x"],
         ["segment", v, "--masks", "x"], ["segment", v, "--weights", str(tmp / "missing.pth")],
         ["segment", v, "--weights", "youtube_vis"], ["segment", v, "--weights", str(notes)],
-        ["segment", str(tmp / "missing.mp4")], ["segment", v, "--out", str(notes)], ["segment", v, "--out", "."],
+        ["segment", str(tmp / "missing.mp4")], ["segment", v, "--out", str(notes)], ["segment", v, "--out", str(notes / "x")], ["segment", v, "--out", "."],
         ["segment", v, "--out", str(tmp / "mine")], ["segment", v, "--engine", "onnxruntime"],
         ["segment"], ["segment", v, "--unknown-option"],
         ["bench", v, "--min-dim", "10"], ["bench", v, "--device", "cuda:x"], ["bench", str(tmp)],
@@ -70,6 +72,7 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
         ["bench", v, "--autocast", "fp16", "--device", "cpu"], ["bench", v, "--compile", "bogus"],
         ["bench", v, "--json", str(tmp / "no" / "such" / "dir.json"), "--min-dim", "32"],
         ["eval", "--gt", str(tmp / "missing")], ["eval", "--gt", str(garbage)], ["eval", "--metric", "foo"],
+        ["eval", "--gt", str(no_ids), str(no_ids), "--pred", str(no_ids)],
         ["export", "onnx", "--opset", "5"], ["export", "onnx", "--preset", "bogus"],
         ["export", "onnx", "--weights", str(tmp / "missing.pth")], ["export", "tensorrt", "--onnx", str(tmp)],
         ["export", "bogus"], ["export"],
@@ -91,8 +94,10 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
 
 
 def test_every_subcommand_refuses_bad_values_in_one_line(video: Path, tmp_path: Path, capsys) -> None:
+    cases = bad_cases(video, tmp_path)  # makes the user's files the cases point at
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for argv in bad_cases(video, tmp_path):
+    assert before, "the cases need files of the user's to protect"
+    for argv in cases:
         rc = run(argv)
         captured = capsys.readouterr()
         err = captured.err.strip()
@@ -100,6 +105,7 @@ def test_every_subcommand_refuses_bad_values_in_one_line(video: Path, tmp_path: 
         assert len(err.splitlines()) == 1 and "error: " in err and "Traceback" not in err, (argv, err)
     # Nothing the user had was touched, and no output appeared.
     assert {p: p.read_bytes() for p in before} == before
+    assert {p for p in tmp_path.rglob("*") if p.is_file()} == set(before)
     assert not (tmp_path / "v_stemseg").exists() and not (tmp_path / "s").exists()
 
 

@@ -131,3 +131,19 @@ def test_a_file_that_does_not_load_strictly_is_not_kept(official_weights, tmp_pa
         with pytest.raises(FetchError, match="HTTP 404"):
             fetch("davis", to, url=f"{base}/missing.pth", progress=False)
         assert list(to.iterdir()) == []
+
+
+def test_an_existing_file_of_that_name_is_never_replaced(official_weights, tmp_path: Path) -> None:
+    to = tmp_path / "to"
+    to.mkdir()
+    mine = to / "kitti_mots.pth"
+    mine.write_bytes(b"my own notes, not a checkpoint")
+    with http_server() as (server, base):
+        server.files["k.pth"] = official_weights("kitti_mots")
+        with pytest.raises(FetchError, match="exists and is not a valid kitti_mots checkpoint"):
+            fetch("kitti_mots", to, url=f"{base}/k.pth", progress=False)
+        assert mine.read_bytes() == b"my own notes, not a checkpoint" and list(to.iterdir()) == [mine]
+        mine.unlink()
+        fetch("kitti_mots", to, url=f"{base}/k.pth", progress=False)
+        server.files.clear()  # a second fetch finds the checkpoint in place and downloads nothing
+        assert fetch("kitti_mots", to, url=f"{base}/k.pth", progress=False) == mine

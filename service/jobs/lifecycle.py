@@ -135,6 +135,17 @@ return 1
 """
 
 
+# KEYS: job hash. ARGV: "set" then field/value pairs, or "incr", field, amount. Writes only while
+# the record exists, in one step: a DELETE between a check and a write would otherwise leave a
+# record with no status, owner or TTL behind.
+_WRITE_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[1] == 'incr' then return redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3]) end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
 def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
@@ -146,6 +157,7 @@ class Jobs:
         self.keys = Keys(prefix)
         self.queue = TaskQueue(r, self.keys, visibility_timeout_s)
         self._transition = r.register_script(_TRANSITION)
+        self._write = r.register_script(_WRITE_IF_EXISTS)
         # Called with the job id after it succeeded or failed here (workers send webhooks).
         self.on_end: Callable[[str], None] | None = None
 
@@ -330,12 +342,13 @@ class Jobs:
     def update(self, job_id: str, **fields: Any) -> None:
         """Write fields of a job that still exists (a deleted job is never resurrected)."""
         fields["updated_at"] = time.time()
-        if self.r.exists(self.keys.job(job_id)):
-            self.r.hset(self.keys.job(job_id), mapping={f: json.dumps(v) for f, v in fields.items()})
+        args = ["set"]
+        for f, v in fields.items():
+            args += [f, json.dumps(v)]
+        self._write(keys=[self.keys.job(job_id)], args=args)
 
     def incr(self, job_id: str, field: str, by: int = 1) -> None:
-        if self.r.exists(self.keys.job(job_id)):
-            self.r.hincrby(self.keys.job(job_id), field, by)
+        self._write(keys=[self.keys.job(job_id)], args=["incr", field, by])
 
     def event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         key = self.keys.events(job_id)
@@ -350,9 +363,17 @@ class Jobs:
         so an upload being received is left alone), ids of expired jobs in the state sets, and
         consumers of the task group that are idle and hold nothing (dead workers)."""
         files = 0
-        for name in self.storage.jobs():  # job ids, and "upload-..." for uploads being received
-            stale = self.storage.age_s(name) > grace_s
-            if stale and (name.startswith("upload-") or (valid_job_id(name) and not self.r.exists(self.keys.job(name)))):
+        # Directories without a record (one pipeline of EXISTS), and only those are walked for
+        # their age: live jobs' directories are never read.
+        names = list(self.storage.jobs())  # job ids, and "upload-..." for uploads being received
+        ids = [n for n in names if valid_job_id(n)]
+        pipe = self.r.pipeline()
+        for n in ids:
+            pipe.exists(self.keys.job(n))
+        orphans = [n for n in names if n.startswith("upload-")]
+        orphans += [n for n, alive in zip(ids, pipe.execute()) if not alive]
+        for name in orphans:
+            if self.storage.age_s(name) > grace_s:
                 self.storage.delete_job(name)
                 files += 1
         ids = 0

@@ -92,7 +92,12 @@ class LocalStorage:
         """Seconds since anything in the job's directory last changed (inf once it is gone)."""
         d = self._job_dir(job_id)
         try:
-            newest = max((p.stat().st_mtime for p in d.rglob("*")), default=d.stat().st_mtime)
+            newest = d.stat().st_mtime
         except FileNotFoundError:
             return float("inf")
+        for p in d.rglob("*"):
+            try:
+                newest = max(newest, p.stat().st_mtime)
+            except FileNotFoundError:  # renamed or deleted during the walk (an upload being finished)
+                return 0.0
         return time.time() - newest

@@ -29,6 +29,16 @@ TIMESTAMP_HEADER = "X-Stemseg-Timestamp"
 SIGNATURE_HEADER = "X-Stemseg-Signature"
 
 
+class _Refuse(urllib.request.HTTPRedirectHandler):
+    """A 3xx is a failed delivery, not a hop: following it would reach hosts the allow-list never saw."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
+
+
 def signature(secret: str, timestamp: str, body: bytes) -> str:
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
     return f"sha256={mac.hexdigest()}"
@@ -83,7 +93,7 @@ class Notifier:
             attempt: dict[str, Any] = {"at": time.time(), "status": None, "error": None}
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with _NO_REDIRECTS.open(req, timeout=self.timeout_s) as resp:
                     attempt["status"] = resp.status
             except urllib.error.HTTPError as e:
                 attempt["status"] = e.code

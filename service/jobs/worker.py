@@ -214,6 +214,11 @@ class Worker:
                 log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+            except Exception:  # a bug outside execute (settle, the sweeper): the slot lives on, the task
+                # stays pending and is redelivered, and execute's delivery count bounds the retries
+                log.exception("worker slot %s", consumer)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
 
     def step(self, consumer: str | None = None) -> None:
         """Sweep when due, then take one task (if any), execute and settle it."""

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.config import OFFICIAL_WEIGHTS
+from service.config import OFFICIAL_WEIGHTS, fetched_weights_path
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,7 @@ class FetchError(RuntimeError):
     """A download that could not be completed or verified (one-line message)."""
 
 
-def target_path(name: str, to_dir: Path) -> Path:
-    return Path(to_dir) / f"{name}.pth"
+target_path = fetched_weights_path
 
 
 def _open(url: str, offset: int, timeout: float):
@@ -77,6 +76,14 @@ def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = T
     to_dir = Path(to_dir)
     to_dir.mkdir(parents=True, exist_ok=True)
     target = target_path(name, to_dir)
+    if target.exists() or target.is_symlink():
+        # Never replaced: it may be the user's own file of that name (a fine-tuned davis.pth, say).
+        try:
+            load_model(target, preset=name)
+        except CheckpointError:
+            raise FetchError(f"{target} exists and is not a valid {name} checkpoint: move it or choose "
+                             "another --to") from None
+        return target  # already fetched
     part = to_dir / f".{target.name}.part"
     offset = part.stat().st_size if part.is_file() else 0
     response = _open(url, offset, timeout)

@@ -54,7 +54,15 @@ def check_output_dir(out_dir: Path, *, replace: bool) -> None:
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputExists(f"{out_dir} exists and is not a directory: choose another --out")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if not out_dir.exists():
+        # Its parents are made at the end, after minutes of work: see now that they can be.
+        ancestor = out_dir.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputExists(f"cannot create {out_dir}: {ancestor} is not a writable directory")
+        return
+    if not any(out_dir.iterdir()):
         return
     if not _previous_output(out_dir):
         raise OutputExists(f"{out_dir} is a non-empty directory that is not a stemseg output "

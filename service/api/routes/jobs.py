@@ -283,7 +283,8 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
 
 def _valid_stream_id(entry_id: str) -> bool:
     head, _, tail = entry_id.partition("-")
-    return head.isdigit() and tail.isdigit() and len(entry_id) <= 41
+    # ASCII digits within Redis's 64-bit parts: isdigit() alone also takes "²", which XREAD refuses.
+    return all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in (head, tail))
 
 
 @router.delete("/{job_id}", status_code=204, responses=responses(401, 404, 422, 503))

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from service.config import DEFAULT_FORMATS, ENGINES, OFFICIAL_WEIGHTS, OUTPUT_FORMATS
+from service.model.presets import PRESETS  # plain dataclasses: no torch
 
 EXIT_BAD_INPUT = 2
-PRESET_NAMES = ("davis", "youtube_vis", "kitti_mots", "lite")
+PRESET_NAMES = tuple(PRESETS)
 
 
 class UsageError(Exception):

@@ -14,7 +14,7 @@ ENGINES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt")
 
 # --- Outputs (issue 13): the one default set the CLI, the API and STEMSEG_FORMATS share -------------
 OUTPUT_FORMATS = ("ytvis", "davis", "mots", "overlay")
-DEFAULT_FORMATS = ("ytvis", "davis", "mots", "overlay")
+DEFAULT_FORMATS = OUTPUT_FORMATS  # every format unless STEMSEG_FORMATS or --format says fewer
 
 
 def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -136,7 +136,6 @@ class Settings(BaseSettings):
                                                "(heads) in one forward; 0 or 1 disables it")
     batch_max_delay_ms: float = Field(5.0, ge=0, description="Dynamic batching: longest a request waits for others")
     clips_per_forward: int = Field(1, ge=1, description="Consecutive clips whose heads run as one batch")
-    decode_prefetch: int = Field(4, ge=0, description="Clip windows decoded ahead of the network (0: decode inline)")
 
     @property
     def webhook_host_list(self) -> list[str]:

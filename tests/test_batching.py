@@ -116,11 +116,25 @@ def test_an_engine_error_reaches_every_caller_of_that_forward() -> None:
     class Broken:
         cfg = None
         device = torch.device("cpu")
+        calls = 0
 
         def frame_features(self, images):
+            Broken.calls += 1
             raise RuntimeError("out of memory")
 
-    batcher = DynamicBatcher(Broken(), max_batch=4, max_delay_s=0.0)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        batcher.frame_features(torch.zeros(1, 3, 32, 32))
-    batcher.close()
+    # Three callers, one shape, a long delay and room for all: one forward, and each caller must
+    # get its failure (none left waiting, none handed a result).
+    batcher = DynamicBatcher(Broken(), max_batch=4, max_delay_s=1.0)
+    raised: list[str] = []
+
+    def call(i: int) -> None:
+        try:
+            batcher.frame_features(torch.zeros(1, 3, 32, 32))
+        except RuntimeError as e:
+            raised.append(str(e))
+
+    try:
+        _concurrently(call, 3, 30)
+    finally:
+        batcher.close()
+    assert raised == ["out of memory"] * 3 and Broken.calls == 1

@@ -89,6 +89,7 @@ def test_engine_from_settings_builds_each_configured_engine(weights: Path, onnx_
     ({"engine": "tvm"}, "is not an engine"),
     ({"autocast": "fp8"}, "unknown autocast"),
     ({"torch_compile": "fast"}, "unknown torch.compile mode"),
+    ({"torch_compile": "default", "batch_max_size": 4}, "recompile per batch size"),
 ])
 def test_misconfigured_engines_are_errors_not_fallbacks(weights: Path, tmp_path: Path, settings: dict,
                                                         message: str) -> None:

@@ -91,7 +91,7 @@ def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
     jobs.cancel(a)
     assert jobs.get(a) is None and not jobs.storage.path(a, "video").parent.exists()
-    assert jobs.counts()["succeeded"] == 0 and min(jobs.counts().values()) == 0
+    assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 1, "cancelled": 0}
     kinds = [e[1][b"type"] for e in r.xrange(jobs.keys.events(b))]
     assert kinds == [b"status", b"status"]  # queued, failed
     # Every key of a job carries a TTL.
@@ -257,7 +257,6 @@ def test_deleted_running_job_leaves_no_files(worker, tmp_path: Path, monkeypatch
     worker.step()
     assert worker.jobs.get(job_id) is None
     assert not worker.storage.path(job_id, "video").parent.exists()
-    assert worker.jobs.queue.depth() == 0 or worker.jobs.get(job_id) is None
     for _ in range(4):  # its other tasks are skipped and leave nothing either
         worker.step()
     assert list(worker.storage.jobs()) == []
@@ -287,6 +286,14 @@ def test_worker_concurrency_two_slots_share_one_engine(weights: Path, tmp_path: 
                  weights=weights, device="cpu", visibility_timeout_s=3, clips_per_task=2, sweep_interval_s=3600,
                  worker_concurrency=2)
     w = Worker(s, name="w-two")
+    executed_on: set[str] = set()
+    real_execute = w.execute
+
+    def execute(task):
+        executed_on.add(threading.current_thread().name)
+        return real_execute(task)
+
+    w.execute = execute
     video = tmp_path / "v.mp4"
     make_video(video, 21, 64, 48)
     runner = threading.Thread(target=w.run, kwargs={"install_signals": False})
@@ -302,8 +309,7 @@ def test_worker_concurrency_two_slots_share_one_engine(weights: Path, tmp_path: 
         assert [w.jobs.get(i)["status"] for i in ids] == ["succeeded"] * 2
         results = [w.storage.read(i, "out/results.json") for i in ids]
         assert results[0] == results[1]
-        consumers = {c["name"].decode() for c in w.r.xinfo_consumers(w.jobs.keys.tasks, "workers")}
-        assert consumers <= {"w-two/0", "w-two/1"} and consumers
+        assert len(executed_on) == 2, executed_on  # both slots ran tasks, side by side on one engine
     finally:
         w.stopping.set()
         runner.join(30)

@@ -143,7 +143,7 @@ class Worker:
             frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, "video")), wanted)}
             windows = ((k, [frames[i] for i in clips[k]]) for k in context)
             processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.get("min_iou")), cfg=cfg,
-                                      pipeline=PipelineOptions.from_settings(self.settings))
+                                      pipeline=PipelineOptions.for_worker(self.settings))
             started = time.perf_counter()
             for clip in processor.run(windows, clips, job["height"], job["width"],
                                       cluster=range(todo[0], todo[-1] + 1)):

@@ -119,19 +119,27 @@ class DynamicBatcher:
                 self._cond.wait(timeout=wait)
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            try:
-                results = self._run(batch)
-            except Exception as e:  # noqa: BLE001 - every caller of this forward gets the failure, whatever it is
-                for req in batch:
-                    req.error = e
+        batch: list[_Request] = []
+        try:
+            while (batch := self._take()) is not None:
+                try:
+                    results = self._run(batch)
+                except Exception as e:  # noqa: BLE001 - every caller of this forward gets the failure, whatever it is
+                    for req in batch:
+                        req.error = e
+                        req.done.set()
+                    continue
+                for req, result in zip(batch, results):
+                    req.result = result
                     req.done.set()
-                continue
-            for req, result in zip(batch, results):
-                req.result = result
+        finally:
+            # Should this thread ever stop for another reason, no caller waits forever on it.
+            with self._cond:
+                self._closed = True
+                stranded = [r for r in (batch or []) if not r.done.is_set()] + self._queue
+                self._queue = []
+            for req in stranded:
+                req.error = RuntimeError("the batcher stopped")
                 req.done.set()
 
     @torch.inference_mode()

@@ -257,6 +257,11 @@ def engine_from_settings(settings: Settings) -> Engine:
     kind = settings.engine
     if kind not in ENGINES:
         raise EngineError(f"STEMSEG_ENGINE={kind!r} is not an engine; choose one of {', '.join(ENGINES)}")
+    if settings.batch_max_size > 1 and kind == "torch" and settings.torch_compile != "off":
+        # Every merged batch size is a new shape: torch.compile (dynamic=False) would recompile per
+        # size until its limit, then silently run eager (and capture a CUDA graph per size).
+        raise EngineError("STEMSEG_BATCH_MAX_SIZE > 1 and STEMSEG_TORCH_COMPILE together would recompile per "
+                          "batch size; choose one")
     try:
         device = resolve_device(settings.device)
     except ValueError as e:

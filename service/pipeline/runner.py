@@ -80,8 +80,10 @@ class PipelineOptions:
         return cls(prefetch=0, clips_per_forward=1, post_workers=0)
 
     @classmethod
-    def from_settings(cls, settings) -> PipelineOptions:
-        return cls(prefetch=settings.decode_prefetch, clips_per_forward=settings.clips_per_forward)
+    def for_worker(cls, settings) -> PipelineOptions:
+        """A worker's task reads its frames into memory before the network runs (read_frames), so
+        there is no decoding left to overlap: no prefetch thread."""
+        return cls(prefetch=0, clips_per_forward=settings.clips_per_forward)
 
 
 @dataclass
@@ -258,7 +260,9 @@ class ClipProcessor:
 
     def _heads(self, clips: list[list[int]], features: dict[int, list[Tensor]]) -> list[ClipOutputs]:
         """Head outputs of consecutive clips, run as one batch."""
-        stacked = [torch.cat([torch.stack([features[f][lvl] for f in c], 1).unsqueeze(0) for c in clips])
+        # One clip (the default) is stacked straight into its batch of one: no extra copy per level.
+        stacked = [torch.stack([features[f][lvl] for f in clips[0]], 1).unsqueeze(0) if len(clips) == 1 else
+                   torch.cat([torch.stack([features[f][lvl] for f in c], 1).unsqueeze(0) for c in clips])
                    for lvl in range(4)]
         out = self.engine.clip_heads(stacked)
         if len(clips) == 1:

@@ -22,16 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _job(engine, video: str) -> tuple[int, list]:
-    from service.pipeline.clips import clip_plan
-    from service.pipeline.runner import Segmenter
-    from service.video import iter_clip_windows, probe
+    from service.pipeline.session import open_video
 
-    info = probe(video)
-    plan = clip_plan(info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
-    seg = Segmenter(engine)
-    frames = [(f.index, f.track_ids, f.rles) for f in
-              seg.propagate(iter_clip_windows(video, plan), plan, info.height, info.width)]
-    return info.num_frames, (frames, seg.result())
+    v = open_video(video, engine)
+    frames = [(f.index, f.track_ids, f.rles) for f in v.propagate()]
+    return v.info.num_frames, (frames, v.result())
 
 
 def run_jobs(engine, videos: list[str]) -> tuple[float, int, list]:

@@ -447,16 +447,9 @@ def step_bench(plan: dict, why: dict, assets: dict, work: Path) -> dict:
 
 
 def _segment(engine, video: str):
-    from service.pipeline.clips import clip_plan
-    from service.pipeline.runner import Segmenter
-    from service.video import iter_clip_windows, probe
+    from service.pipeline.session import segment
 
-    info = probe(video)
-    plan = clip_plan(info.num_frames, engine.cfg.clip_len, engine.cfg.overlap)
-    seg = Segmenter(engine)
-    for _ in seg.propagate(iter_clip_windows(video, plan), plan, info.height, info.width):
-        pass
-    return seg.result()
+    return segment(video, engine)
 
 
 def step_agreement(plan: dict, why: dict, assets: dict) -> dict:

@@ -376,7 +376,8 @@ def _exported_vs_torch(plan: dict, why: dict, assets: dict, ref_dir: Path) -> di
     import torch
 
     from service.model.checkpoint import load_model
-    from service.model.engines import TorchEngine, load_engine
+    from service.model.engine_spec import EngineSpec
+    from service.model.engines import TorchEngine, build_engine
     from service.model.stemseg import stack_clip
 
     z = np.load(ref_dir / "model_youtube_vis_s0.npz")
@@ -398,7 +399,7 @@ def _exported_vs_torch(plan: dict, why: dict, assets: dict, ref_dir: Path) -> di
             entry[name] = f"skipped: {why[name]}"
             continue
         try:
-            engine = load_engine(kind, onnx_dir=Path(assets["onnx"]), device=device)
+            engine = build_engine(EngineSpec(kind, onnx_dir=Path(assets["onnx"]), device=device))
             got = run(engine, images.to(engine.device))
         except Exception as e:  # noqa: BLE001 - recorded per engine
             entry[name] = f"failed: {type(e).__name__}: {e}"
@@ -455,7 +456,8 @@ def _segment(engine, video: str):
 def step_agreement(plan: dict, why: dict, assets: dict) -> dict:
     from service.evaluation.agreement import track_agreement
     from service.model.checkpoint import load_model
-    from service.model.engines import TorchEngine, load_engine
+    from service.model.engine_spec import EngineSpec
+    from service.model.engines import TorchEngine, build_engine
 
     out: dict = {}
     for label, weights, min_dim in (("lite", assets["lite"], None),
@@ -474,8 +476,8 @@ def step_agreement(plan: dict, why: dict, assets: dict) -> dict:
                 if weights != assets["bench_weights"] or "onnx" not in assets:
                     entry[name] = "skipped: TensorRT engines are built for the benchmarked network only"
                     continue
-                engine = load_engine("tensorrt", onnx_dir=Path(assets["onnx"]), device=plan["device"])
-                engine.cfg = engine.cfg.with_min_dim(min_dim)
+                engine = build_engine(EngineSpec("tensorrt", onnx_dir=Path(assets["onnx"]), device=plan["device"],
+                                                 min_dim=min_dim))
             else:
                 engine = TorchEngine(model, autocast=ENGINES[name][0][-1])
             entry[name] = track_agreement(fp32, _segment(engine, assets["video"]))

@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Ways to run the network (service.model.engines), listed here so the CLI need not import torch.
-ENGINES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt")
+from service.errors import UserError
+from service.model.presets import OFFICIAL_WEIGHTS  # torch-free
+
+# Ways to run the network (service.model.engines) and the torch engine's speed options, as the
+# settings and the CLI offer them; service.model.engine_spec checks how they combine.
+EngineKind = Literal["torch", "onnxruntime", "onnxruntime-trt", "tensorrt"]
+Autocast = Literal["off", "bf16", "fp16"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
 # --- Outputs (issue 13): the one default set the CLI, the API and STEMSEG_FORMATS share -------------
 OUTPUT_FORMATS = ("ytvis", "davis", "mots", "overlay")
@@ -32,9 +39,6 @@ def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 # checkout and an installed wheel (which carries the files as package data) find it at the same place.
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "shipped" / "lite.safetensors"
 SHIPPED_CARD = SHIPPED_WEIGHTS.with_name("MODEL_CARD.md")
-# Names `stemseg weights fetch` downloads (service/model/hub.py has their URLs) into weights_dir.
-OFFICIAL_WEIGHTS = ("davis", "youtube_vis", "kitti_mots")
-
 
 def default_weights_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemseg" / "weights"
@@ -45,7 +49,7 @@ def fetched_weights_path(name: str, weights_dir: Path) -> Path:
     return Path(weights_dir) / f"{name}.pth"
 
 
-class WeightsNotFound(ValueError):
+class WeightsNotFound(UserError, ValueError):
     """The configured weights name no file; the message says how to get one (one line)."""
 
 
@@ -125,12 +129,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1, description="Tasks one worker runs at once (threads sharing one engine)")
 
     # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
-    engine: str = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
+    engine: EngineKind = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
     onnx_dir: Path | None = Field(None, description="Graphs of `stemseg export onnx`; needed by every engine but torch")
     trt_cache: Path | None = Field(None, description="Native TensorRT engine cache (default ONNX_DIR/trt-engines)")
-    autocast: str = Field("off", description="torch engine: off, bf16 or fp16 autocast (off keeps the fp32 outputs)")
-    torch_compile: str = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) or "
-                                                  "max-autotune (torch.compile modes)")
+    autocast: Autocast = Field("off", description="torch engine: off, bf16 or fp16 autocast (off keeps the fp32 "
+                                                  "outputs)")
+    torch_compile: CompileMode = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) "
+                                                          "or max-autotune (torch.compile modes)")
     tf32: bool = Field(False, description="torch engine on CUDA: TF32 matmuls and convolutions")
     batch_max_size: int = Field(0, ge=0, description="Cross-task dynamic batching: most frames (backbone) or clips "
                                                "(heads) in one forward; 0 or 1 disables it")

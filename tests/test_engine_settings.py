@@ -1,4 +1,4 @@
-"""The service runs the engine its settings name (issue 14), or refuses to start with one line."""
+"""The service runs the engine its settings name, or refuses to start with one line."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from service_env import ServiceEnv, service_weights
 from videos import make_video
 
 from service.config import Settings
-from service.model.engines import EngineError, TorchEngine, engine_from_settings
+from service.model.engine_spec import EngineSpec
+from service.model.engines import Engine, EngineError, TorchEngine, build_engine
 
 pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 
@@ -66,6 +68,10 @@ def _settings(**kw) -> Settings:
     return Settings(_env_file=None, **kw)
 
 
+def engine_from_settings(settings: Settings) -> Engine:
+    return build_engine(EngineSpec.from_settings(settings))
+
+
 def test_engine_from_settings_builds_each_configured_engine(weights: Path, onnx_dir: Path) -> None:
     from service.model.batching import DynamicBatcher
     from service.model.engines import OnnxRuntimeEngine
@@ -86,10 +92,9 @@ def test_engine_from_settings_builds_each_configured_engine(weights: Path, onnx_
     ({"engine": "onnxruntime", "onnx_dir": "EMPTY"}, "no exported graphs"),
     ({"engine": "tensorrt", "onnx_dir": "EMPTY"}, "needs a CUDA GPU"),
     ({"engine": "onnxruntime-trt", "onnx_dir": "EMPTY"}, "needs a CUDA GPU"),
-    ({"engine": "tvm"}, "is not an engine"),
-    ({"autocast": "fp8"}, "unknown autocast"),
-    ({"torch_compile": "fast"}, "unknown torch.compile mode"),
-    ({"torch_compile": "default", "batch_max_size": 4}, "recompile per batch size"),
+    ({"preset": "tiny"}, "STEMSEG_PRESET='tiny' is not a preset"),
+    ({"torch_compile": "default", "batch_max_size": 4},
+     "STEMSEG_BATCH_MAX_SIZE > 1 and STEMSEG_TORCH_COMPILE together would recompile per batch size"),
 ])
 def test_misconfigured_engines_are_errors_not_fallbacks(weights: Path, tmp_path: Path, settings: dict,
                                                         message: str) -> None:
@@ -98,6 +103,18 @@ def test_misconfigured_engines_are_errors_not_fallbacks(weights: Path, tmp_path:
     settings = {k: (tmp_path if v == "EMPTY" else v) for k, v in settings.items()}
     with pytest.raises(EngineError, match=message):
         engine_from_settings(_settings(weights=weights, device="cpu", **settings))
+
+
+@pytest.mark.parametrize("settings", [{"engine": "tvm"}, {"autocast": "fp8"}, {"torch_compile": "fast"}])
+def test_unknown_engine_options_are_refused_by_the_settings(settings: dict) -> None:
+    with pytest.raises(ValidationError, match=next(iter(settings))):
+        _settings(**settings)
+
+
+def test_torch_options_of_another_engine_are_unused_not_refused(tmp_path: Path) -> None:
+    """One environment serves every engine (compose sets them all), as before the spec existed."""
+    spec = EngineSpec.from_settings(_settings(engine="onnxruntime", onnx_dir=tmp_path, autocast="bf16", tf32=True))
+    assert (spec.kind, spec.autocast, spec.tf32) == ("onnxruntime", "off", False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")

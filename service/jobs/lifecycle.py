@@ -271,8 +271,8 @@ class Jobs:
         try:
             try:
                 info = probe(video, max_pixels=limits.max_pixels)
-            except VideoError as e:  # the message names our path: say "the upload" instead
-                raise Refused(400, str(e).splitlines()[0].replace(str(video), "the upload")) from None
+            except VideoError as e:  # the user knows the file as "the upload", not by our path
+                raise Refused(400, e.about("the upload")) from None
             if info.num_frames > limits.max_frames:
                 raise Refused(413, f"the video has {info.num_frames} frames; the limit is {limits.max_frames} "
                                    "(STEMSEG_MAX_FRAMES)")

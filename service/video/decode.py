@@ -37,6 +37,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from service.errors import UserError
+
 try:
     from av.stream import Disposition
 
@@ -49,8 +51,20 @@ _VERIFY_PACKETS = 48  # enough to cover the start-of-stream cases above, cheap t
 _NO_PTS = np.iinfo(np.int64).min
 
 
-class VideoError(Exception):
-    """A file that cannot be used as a video, with a one-line message meant for the user."""
+class VideoError(UserError):
+    """A file that cannot be used as a video: `path` and the one-line `reason` apart, so a face
+    that knows the file by another name (the upload, the job's video) says it without the path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(self.about(self.path))
+
+    def about(self, name: str) -> str:
+        """The message with the file called `name`."""
+        return f"{name}: {self.reason}"
+
+    def __reduce__(self):  # crosses process and thread boundaries with both parts
+        return type(self), (self.path, self.reason)
 
 
 @dataclass(frozen=True)
@@ -95,12 +109,12 @@ def _reason(e: BaseException) -> str:
 def _check_path(path: str | Path) -> os.stat_result:
     p = Path(path)
     if not p.exists():
-        raise VideoError(f"{p}: no such file")
+        raise VideoError(p, "no such file")
     if not p.is_file():
-        raise VideoError(f"{p}: not a file")
+        raise VideoError(p, "not a file")
     st = p.stat()
     if st.st_size == 0:
-        raise VideoError(f"{p}: the file is empty")
+        raise VideoError(p, "the file is empty")
     return st
 
 
@@ -110,7 +124,7 @@ def _open(path: str | Path) -> av.container.InputContainer:
     try:
         return av.open(str(p), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise VideoError(f"{p}: not a readable video, or damaged/truncated ({_reason(e)})") from None
+        raise VideoError(p, f"not a readable video, or damaged/truncated ({_reason(e)})") from None
 
 
 def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
@@ -119,12 +133,12 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
     if not videos:
         kinds = sorted({s.type for s in container.streams} & {"audio", "subtitle"})
         if not kinds:  # also what a cut-off MP4 header leaves: a stream of unknown type
-            raise VideoError(f"{path}: no video stream found (not a video, or the file is damaged or "
-                             "truncated)")
+            raise VideoError(path, "no video stream found (not a video, or the file is damaged or "
+                                   "truncated)")
         extra = " and a cover picture" if container.streams.video else ""
-        raise VideoError(f"{path}: no video stream (the file has only {' and '.join(kinds)} streams{extra})")
+        raise VideoError(path, f"no video stream (the file has only {' and '.join(kinds)} streams{extra})")
     if videos[0].codec_context is None:  # an MP4 cut inside its moov box: a track without codec parameters
-        raise VideoError(f"{path}: the video stream has no codec parameters (the file is damaged or truncated)")
+        raise VideoError(path, "the video stream has no codec parameters (the file is damaged or truncated)")
     return videos[0]
 
 
@@ -147,7 +161,7 @@ def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
 
 def _check_size(path: str | Path, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise VideoError(f"{path}: frames of {width}x{height} exceed the limit of {max_pixels} pixels")
+        raise VideoError(path, f"frames of {width}x{height} exceed the limit of {max_pixels} pixels")
 
 
 def _seconds(ts: int | None, tb) -> float | None:
@@ -189,8 +203,8 @@ def _decode_all(container, stream, path, limit: int | None) -> tuple[tuple | Non
             for frame in stream.decode(None):
                 take(frame)
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: the video cannot be decoded past frame {len(pts)} "
-                         f"(damaged or truncated: {_reason(e)})") from None
+        raise VideoError(path, f"the video cannot be decoded past frame {len(pts)} "
+                               f"(damaged or truncated: {_reason(e)})") from None
     return first, pts
 
 
@@ -219,8 +233,8 @@ def _demux_pass(container, stream, path) -> _Packets:
             discard.append(p.is_discard)
             corrupt = p.is_corrupt
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: the file is damaged: reading stopped after {len(pts)} video packets "
-                         f"({_reason(e)})") from None
+        raise VideoError(path, f"the file is damaged: reading stopped after {len(pts)} video packets "
+                               f"({_reason(e)})") from None
     ints = [np.array(a, dtype=np.int64) for a in (pts, dts, dur)]
     return _Packets(*ints, np.array(key, dtype=bool), ~np.array(discard, dtype=bool), corrupt)
 
@@ -229,14 +243,14 @@ def _check_complete(path, packets: _Packets, declared: int, declared_end: float 
     """Refuse a file that holds fewer frames than its container states; returns the end of the
     video track in seconds where the packets tell."""
     if packets.corrupt_last:
-        raise VideoError(f"{path}: the file is truncated (its last video packet is cut off)")
+        raise VideoError(path, "the file is truncated (its last video packet is cut off)")
     if declared > packets.pts.size:
-        raise VideoError(f"{path}: the file is truncated or damaged: the container lists {declared} "
-                         f"frames, only {packets.pts.size} are present")
+        raise VideoError(path, f"the file is truncated or damaged: the container lists {declared} "
+                               f"frames, only {packets.pts.size} are present")
     pts = packets.pts[packets.kept]
     if not pts.size:
         hint = " (the file is truncated)" if declared or declared_end else ""
-        raise VideoError(f"{path}: the video stream has no frames{hint}")
+        raise VideoError(path, f"the video stream has no frames{hint}")
     if (pts == _NO_PTS).any() or tb is None:
         return None
     steps = np.diff(np.sort(pts))
@@ -245,8 +259,8 @@ def _check_complete(path, packets: _Packets, declared: int, declared_end: float 
     end = float((pts + np.where(durations > 0, durations, step)).max() * tb)  # unknown: a typical one
     # More than about a frame short of what the container states: frames are missing.
     if declared_end is not None and step and declared_end - end > 1.5 * float(step * tb) + 1e-3:
-        raise VideoError(f"{path}: the file is truncated: the video track should last {declared_end:.2f} s, "
-                         f"it ends at {end:.2f} s")
+        raise VideoError(path, f"the file is truncated: the video track should last {declared_end:.2f} s, "
+                               f"it ends at {end:.2f} s")
     return end
 
 
@@ -287,7 +301,7 @@ def _scan(path: str, max_pixels: int) -> tuple[_Index, VideoInfo]:
             first, got = _decoded(path)
         frame_pts = np.array(got, dtype=np.int64)
     if first is None or frame_pts.size == 0:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     width, height, rotation, pix_fmt = first
     _check_size(path, width, height, max_pixels)
 
@@ -346,17 +360,17 @@ def iter_frames(path: str | Path, *, threads: bool = True, max_pixels: int = DEF
                     size = (frame.width, frame.height)
                     _check_size(path, *size, max_pixels)
                 elif (frame.width, frame.height) != size:
-                    raise VideoError(f"{path}: the frame size changes from {size[0]}x{size[1]} to "
-                                     f"{frame.width}x{frame.height} at frame {n}, which is not supported")
+                    raise VideoError(path, f"the frame size changes from {size[0]}x{size[1]} to "
+                                           f"{frame.width}x{frame.height} at frame {n}, which is not supported")
                 yield Frame(n, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 n += 1
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed at frame {n} "
-                             f"(damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"decoding failed at frame {n} "
+                                   f"(damaged or truncated: {_reason(e)})") from None
     if n == 0:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     if expected is not None and n < expected:
-        raise VideoError(f"{path}: the video ends at frame {n} of {expected} (damaged or truncated)")
+        raise VideoError(path, f"the video ends at frame {n} of {expected} (damaged or truncated)")
 
 
 def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, threads: bool = True,
@@ -375,8 +389,8 @@ def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, thread
                 while f not in held:
                     frame = next(frames, None)
                     if frame is None or frame.index > f:
-                        raise VideoError(f"{path}: frame {f} is not available (the video ends or the plan "
-                                         "goes back to a frame already dropped)")
+                        raise VideoError(path, f"frame {f} is not available (the video ends or the plan "
+                                               "goes back to a frame already dropped)")
                     if frame.index in last:
                         held[frame.index] = frame
             yield k, [held[f] for f in clip]
@@ -397,7 +411,7 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
     if wanted[0] < 0:
         raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
     if wanted[-1] >= info.num_frames:
-        raise VideoError(f"{path}: frame {wanted[-1]} asked for, the video has {info.num_frames}")
+        raise VideoError(path, f"frame {wanted[-1]} asked for, the video has {info.num_frames}")
     got = None
     if index.seekable:
         got = _read_seeking(path, index, wanted, threads)
@@ -414,7 +428,7 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
             frames.close()
     missing = [i for i in wanted if i not in got]
     if missing:
-        raise VideoError(f"{path}: could not decode frames {missing[:5]} (damaged file)")
+        raise VideoError(path, f"could not decode frames {missing[:5]} (damaged file)")
     return [got[i] for i in indices]
 
 
@@ -457,11 +471,11 @@ def _read_seeking(path: str | Path, index: _Index, wanted: list[int],
                     i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
                     if 0 <= i < index.pts.size and index.pts[i] == frame.pts and i in keep and i not in got:
                         if (frame.width, frame.height) != (index.width, index.height):
-                            raise VideoError(f"{path}: the frame size changes at frame {i}, "
-                                             "which is not supported")
+                            raise VideoError(path, f"the frame size changes at frame {i}, "
+                                                   "which is not supported")
                         got[i] = Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 if len(got) == len(keep):
                     break
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed (damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"decoding failed (damaged or truncated: {_reason(e)})") from None
     return got

@@ -16,10 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_export.onnx_export import LEVELS
+from service.model.graph import GRAPHS, LEVELS, STRIDES, graph_path
 from service.model.presets import ModelConfig
-
-STRIDES = (4, 8, 16, 32)
 
 
 def _pad32(x: float) -> int:
@@ -114,8 +112,8 @@ def build_or_load(onnx_dir: Path, cfg: ModelConfig, *, buckets: list[Bucket] | N
     cache_dir = Path(cache_dir or Path(onnx_dir) / "trt-engines")
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = {}
-    for graph in ("backbone", "heads"):
-        onnx_path = Path(onnx_dir) / f"{graph}.onnx"
+    for graph in GRAPHS:
+        onnx_path = graph_path(onnx_dir, graph)
         key = cache_key(onnx_path, gpu=gpu_identity(), trt_version=trt.__version__, fp16=fp16, buckets=buckets)
         path = cache_dir / f"{graph}-{key}.engine"
         if not path.is_file():
@@ -146,8 +144,8 @@ def cached_buckets(onnx_dir: Path, *, gpu: str, trt_version: str, fp16: bool = T
             continue
         if info.get("fp16") != fp16:
             continue
-        keys = {g: cache_key(Path(onnx_dir) / f"{g}.onnx", gpu=gpu, trt_version=trt_version, fp16=fp16,
-                             buckets=buckets) for g in ("backbone", "heads")}
+        keys = {g: cache_key(graph_path(onnx_dir, g), gpu=gpu, trt_version=trt_version, fp16=fp16,
+                             buckets=buckets) for g in GRAPHS}
         if all((cache_dir / f"{g}-{k}.engine").is_file() for g, k in keys.items()):
             return buckets
     return None

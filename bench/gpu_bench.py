@@ -1,4 +1,4 @@
-"""Issue 14's GPU measurements in one run, written to one JSON report (see bench/gpu.sh).
+"""The GPU measurements (engines, precisions, serving) in one run, written to one JSON report (see bench/gpu.sh).
 
 Steps, each recorded as {"status": "ok" | "skipped: why" | "failed: error", "seconds": ...} so a
 step that cannot run here never hides the others, and the report is rewritten after every step

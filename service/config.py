@@ -19,7 +19,7 @@ EngineKind = Literal["torch", "onnxruntime", "onnxruntime-trt", "tensorrt"]
 Autocast = Literal["off", "bf16", "fp16"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
-# --- Outputs (issue 13): the one default set the CLI, the API and STEMSEG_FORMATS share -------------
+# --- Outputs: the one default set the CLI, the API and STEMSEG_FORMATS share -------------
 OUTPUT_FORMATS = ("ytvis", "davis", "mots", "overlay")
 DEFAULT_FORMATS = OUTPUT_FORMATS  # every format unless STEMSEG_FORMATS or --format says fewer
 
@@ -34,7 +34,7 @@ def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# --- Weights (issue 13): the one resolver the API, the worker and the CLI call -------------------------
+# --- Weights: the one resolver the API, the worker and the CLI call -------------------------
 # The model we train and ship (weights/MODEL_CARD.md). service/model/shipped links to weights/, so a
 # checkout and an installed wheel (which carries the files as package data) find it at the same place.
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "shipped" / "lite.safetensors"
@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     def _known_formats(cls, v: str) -> str:
         return ",".join(parse_formats(v))
 
-    # --- Job lifecycle, limits and faults (issue 12; owned by service/jobs and service/api) ---
+    # --- Job lifecycle, limits and faults (owned by service/jobs and service/api) ---
     max_frames: int = Field(20_000, ge=1, description="Videos with more frames are refused (413)")
     max_duration_s: float = Field(3600.0, gt=0, description="Videos longer than this are refused (413)")
     max_active_jobs: int = Field(100, ge=0, description="Unfinished jobs per API key (429 above); 0: no quota")
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook delivery")
     worker_concurrency: int = Field(1, ge=1, description="Tasks one worker runs at once (threads sharing one engine)")
 
-    # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
+    # --- GPU serving: which engine the worker runs and how it keeps the GPU fed ---
     engine: EngineKind = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
     onnx_dir: Path | None = Field(None, description="Graphs of `stemseg export onnx`; needed by every engine but torch")
     trt_cache: Path | None = Field(None, description="Native TensorRT engine cache (default ONNX_DIR/trt-engines)")

@@ -1,4 +1,4 @@
-"""Attacks against a real `stemseg serve` and its numbers, for issue 12's closing note.
+"""Attacks against a real `stemseg serve`, and how it holds up: outcomes, and GET latency under open streams.
 
     OMP_NUM_THREADS=1 .venv/bin/python tests/measure_service.py [--streams 100] [--gets 400]
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from service_env import REDIS_URL
 from videos import make_audio_only, make_video
@@ -20,14 +18,9 @@ from service.model.presets import get_preset
 
 
 @pytest.fixture
-def settings(tmp_path: Path):
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}",
-                 data_dir=tmp_path / "data", max_upload_bytes=200_000, rate_limit_jobs=0)
-    yield s
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{s.redis_prefix}:*"))
-    if keys:
-        r.delete(*keys)
+def settings(tmp_path: Path, redis_prefix: str) -> Settings:
+    return Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "data",
+                    max_upload_bytes=200_000, rate_limit_jobs=0)
 
 
 def _client(settings: Settings, **overrides) -> TestClient:

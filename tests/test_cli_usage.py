@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -172,13 +171,12 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_serve_without_configuration_serves_the_shipped_model(tmp_path: Path) -> None:
+def test_serve_without_configuration_serves_the_shipped_model(tmp_path: Path, redis_prefix: str) -> None:
     pytest.importorskip("uvicorn", reason="the server extra is not installed")
     port = free_port()
-    prefix = f"stemseg-test-{uuid.uuid4().hex[:8]}"
     # Only where Redis is and a private key prefix: no weights, no preset.
     proc = _serve(tmp_path, "--port", str(port), "--with-worker", STEMSEG_REDIS_URL=REDIS_URL,
-                  STEMSEG_REDIS_PREFIX=prefix, STEMSEG_DATA_DIR=str(tmp_path / "data"))
+                  STEMSEG_REDIS_PREFIX=redis_prefix, STEMSEG_DATA_DIR=str(tmp_path / "data"))
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
@@ -192,12 +190,6 @@ def test_serve_without_configuration_serves_the_shipped_model(tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(20)
-        import redis
-
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(f"{prefix}:*"))
-        if keys:
-            r.delete(*keys)
 
 
 @pytest.mark.parametrize("env", [{"STEMSEG_REDIS_URL": "redis://127.0.0.1:1/0"},

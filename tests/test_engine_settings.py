@@ -10,33 +10,26 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from service_env import ServiceEnv, service_weights
+from service_env import ServiceEnv
 from videos import make_video
 
 from service.config import Settings
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, EngineError, TorchEngine, build_engine
 
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
-
 
 @pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
-
-
-@pytest.fixture(scope="module")
-def onnx_dir(weights: Path, tmp_path_factory) -> Path:
+def onnx_dir(small_weights: Path, tmp_path_factory) -> Path:
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")
     from service.cli import main
 
     out = tmp_path_factory.mktemp("graphs") / "onnx"
-    assert main(["export", "onnx", "--weights", str(weights), "--out", str(out)]) == 0
+    assert main(["export", "onnx", "--weights", str(small_weights), "--out", str(out)]) == 0
     return out
 
 
 @pytest.mark.slow
-def test_worker_runs_onnxruntime_from_settings_and_agrees_with_the_cli(weights: Path, onnx_dir: Path,
+def test_worker_runs_onnxruntime_from_settings_and_agrees_with_the_cli(small_weights: Path, onnx_dir: Path,
                                                                       tmp_path: Path) -> None:
     import httpx
 
@@ -44,7 +37,7 @@ def test_worker_runs_onnxruntime_from_settings_and_agrees_with_the_cli(weights: 
 
     video = tmp_path / "clip.mp4"
     make_video(video, 21, 64, 48)
-    env = ServiceEnv(tmp_path, weights, STEMSEG_ENGINE="onnxruntime", STEMSEG_ONNX_DIR=str(onnx_dir))
+    env = ServiceEnv(tmp_path, small_weights, STEMSEG_ENGINE="onnxruntime", STEMSEG_ONNX_DIR=str(onnx_dir))
     try:
         env.start_api()
         env.start_worker()
@@ -72,15 +65,15 @@ def engine_from_settings(settings: Settings) -> Engine:
     return build_engine(EngineSpec.from_settings(settings))
 
 
-def test_engine_from_settings_builds_each_configured_engine(weights: Path, onnx_dir: Path) -> None:
+def test_engine_from_settings_builds_each_configured_engine(small_weights: Path, onnx_dir: Path) -> None:
     from service.model.batching import DynamicBatcher
     from service.model.engines import OnnxRuntimeEngine
 
-    torch_engine = engine_from_settings(_settings(weights=weights, device="cpu", autocast="bf16"))
+    torch_engine = engine_from_settings(_settings(weights=small_weights, device="cpu", autocast="bf16"))
     assert isinstance(torch_engine, TorchEngine) and torch_engine.autocast == "bf16"
     ort_engine = engine_from_settings(_settings(engine="onnxruntime", onnx_dir=onnx_dir, device="cpu"))
     assert isinstance(ort_engine, OnnxRuntimeEngine) and ort_engine.cfg.name == "kitti_mots"
-    batched = engine_from_settings(_settings(weights=weights, device="cpu", batch_max_size=8))
+    batched = engine_from_settings(_settings(weights=small_weights, device="cpu", batch_max_size=8))
     try:
         assert isinstance(batched, DynamicBatcher) and batched.max_batch == 8 and isinstance(batched.engine, TorchEngine)
     finally:
@@ -96,13 +89,13 @@ def test_engine_from_settings_builds_each_configured_engine(weights: Path, onnx_
     ({"torch_compile": "default", "batch_max_size": 4},
      "STEMSEG_BATCH_MAX_SIZE > 1 and STEMSEG_TORCH_COMPILE together would recompile per batch size"),
 ])
-def test_misconfigured_engines_are_errors_not_fallbacks(weights: Path, tmp_path: Path, settings: dict,
+def test_misconfigured_engines_are_errors_not_fallbacks(small_weights: Path, tmp_path: Path, settings: dict,
                                                         message: str) -> None:
     if torch.cuda.is_available() and "CUDA" in message:
         pytest.skip("this machine has a GPU")
     settings = {k: (tmp_path if v == "EMPTY" else v) for k, v in settings.items()}
     with pytest.raises(EngineError, match=message):
-        engine_from_settings(_settings(weights=weights, device="cpu", **settings))
+        engine_from_settings(_settings(weights=small_weights, device="cpu", **settings))
 
 
 @pytest.mark.parametrize("settings", [{"engine": "tvm"}, {"autocast": "fp8"}, {"torch_compile": "fast"}])
@@ -122,8 +115,8 @@ def test_torch_options_of_another_engine_are_unused_not_refused(tmp_path: Path) 
     ({"STEMSEG_DEVICE": "cuda"}, "STEMSEG_DEVICE: device 'cuda' asked for, but no CUDA GPU is available"),
     ({"STEMSEG_ENGINE": "tensorrt", "STEMSEG_ONNX_DIR": "/nonexistent"}, "needs a CUDA GPU"),
 ])
-def test_worker_process_refuses_to_start_with_one_line(weights: Path, tmp_path: Path, env: dict, message: str) -> None:
-    e = ServiceEnv(tmp_path, weights, **env)
+def test_worker_process_refuses_to_start_with_one_line(small_weights: Path, tmp_path: Path, env: dict, message: str) -> None:
+    e = ServiceEnv(tmp_path, small_weights, **env)
     try:
         p = subprocess.run([sys.executable, "-m", "service.cli", "worker"], env=e.env, capture_output=True, check=False,
                            text=True, timeout=120)
@@ -145,7 +138,7 @@ def test_torch_engine_options(official_weights) -> None:
     assert TorchEngine(model, compile=True).compile == "default"  # compiled lazily, on the first call
 
 
-def test_cli_speed_options_apply_to_the_torch_engine_only(weights: Path, onnx_dir: Path, tmp_path: Path,
+def test_cli_speed_options_apply_to_the_torch_engine_only(small_weights: Path, onnx_dir: Path, tmp_path: Path,
                                                           capsys) -> None:
     from service.cli import main
 
@@ -154,9 +147,9 @@ def test_cli_speed_options_apply_to_the_torch_engine_only(weights: Path, onnx_di
     assert main(["bench", str(video), "--engine", "onnxruntime", "--onnx", str(onnx_dir), "--autocast", "bf16"]) == 2
     assert capsys.readouterr().err.strip() == "stemseg: error: --autocast, --compile and --tf32 apply to --engine torch only"
     out = tmp_path / "bench.json"
-    assert main(["bench", str(video), "--weights", str(weights), "--device", "cpu", "--serial", "--json", str(out)]) == 0
+    assert main(["bench", str(video), "--weights", str(small_weights), "--device", "cpu", "--serial", "--json", str(out)]) == 0
     serial = json.loads(out.read_text())
-    assert main(["bench", str(video), "--weights", str(weights), "--device", "cpu", "--autocast", "bf16",
+    assert main(["bench", str(video), "--weights", str(small_weights), "--device", "cpu", "--autocast", "bf16",
                  "--clips-per-forward", "2", "--json", str(out)]) == 0
     fast = json.loads(out.read_text())
     assert (serial["pipeline"], fast["pipeline"]) == ("serial", "threaded, 2 clip(s) per forward")

@@ -73,7 +73,8 @@ class Report:
 
     def step(self, name: str, fn, needs_s: float = 0.0):
         if self.left() < needs_s:
-            self.data["steps"][name] = {"status": f"skipped: time budget ({self.left():.0f} s left, needs ~{needs_s:.0f})"}
+            self.data["steps"][name] = {
+                "status": f"skipped: time budget ({self.left():.0f} s left, needs ~{needs_s:.0f})"}
             self.write()
             return None
         start = time.monotonic()
@@ -668,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     why = _availability(plan["device"])
     report = Report(args.out / ("gpu_report_dry_run.json" if args.dry_run else "gpu_report.json"), args.budget_s,
-                    {"dry_run": args.dry_run, "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
+                    {"dry_run": args.dry_run,
+                     "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
                      "command": "bash bench/gpu.sh" + (" --dry-run" if args.dry_run else ""),
                      "engines_unavailable": {k: v for k, v in why.items() if v}})
     report.step("environment", lambda: {"versions": _versions()})

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the JSON here")
     bench.add_argument("--serial", action="store_true",
                        help="no decode or post-processing threads, one clip per forward (the old pipeline)")
-    bench.add_argument("--clips-per-forward", type=_int_at_least(1), default=1, help="consecutive clips per heads forward")
+    bench.add_argument("--clips-per-forward", type=_int_at_least(1), default=1,
+                       help="consecutive clips per heads forward")
 
     exp = sub.add_parser("export", help="export the network for other engines")
     exp_sub = exp.add_subparsers(dest="target", required=True)
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     trt_p = exp_sub.add_parser("tensorrt", help="native TensorRT engines from the ONNX graphs (cached per GPU)")
     trt_p.add_argument("--onnx", type=Path, default=Path("onnx"), help="directory of `stemseg export onnx`")
     trt_p.add_argument("--buckets", nargs="+", metavar="HxW",
-                       help="optimisation profiles' preferred padded sizes (default: 16:9 both ways at the preset's size)")
+                       help="optimisation profiles' preferred padded sizes "
+                            "(default: 16:9 both ways at the preset's size)")
     trt_p.add_argument("--fp32", action="store_true", help="build fp32 engines (default fp16)")
     trt_p.add_argument("--cache", type=Path, help="engine cache directory (default ONNX_DIR/trt-engines)")
 
@@ -205,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a preset on a synthetic dataset")
     tr.add_argument("--data", type=Path, nargs="+", required=True, help="one or more `stemseg synth` folders")
     tr.add_argument("--preset", default="lite", choices=PRESET_NAMES)
-    tr.add_argument("--out", type=Path, required=True, help="weights file (.safetensors); resumes if its checkpoint exists")
+    tr.add_argument("--out", type=Path, required=True,
+                    help="weights file (.safetensors); resumes if its checkpoint exists")
     tr.add_argument("--steps", type=_int_at_least(1), default=4000)
     tr.add_argument("--batch", type=_int_at_least(1), default=4)
     tr.add_argument("--lr", type=_float_in(0, 1, low_open=True), default=2e-3)
@@ -338,7 +341,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from model_export.onnx_export import export_onnx
     except ImportError as e:
-        raise UsageError(f"export needs the onnx package ({e.name} missing): pip install 'stemseg-serve[export]'") from None
+        raise UsageError(f"export needs the onnx package ({e.name} missing): "
+                         "pip install 'stemseg-serve[export]'") from None
     graphs = export_onnx(load_model(weights, args.preset), args.out, opset=args.opset, fp16=args.fp16)
     print(f"wrote {graphs.backbone} and {graphs.heads}")
     return 0

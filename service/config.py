@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys; empty disables authentication")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Uploads above this are refused (413)")
     clips_per_task: int = Field(8, ge=1, description="Consecutive clips one worker task processes")
-    visibility_timeout_s: float = Field(60.0, gt=0, description="A task held this long without a heartbeat is redelivered")
+    visibility_timeout_s: float = Field(60.0, gt=0,
+                                        description="A task held this long without a heartbeat is redelivered")
     max_deliveries: int = Field(3, ge=1, description="Deliveries of one task before its job fails")
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Jobs, their keys and files expire after this")
     formats: str = Field(",".join(DEFAULT_FORMATS),
@@ -115,11 +116,14 @@ class Settings(BaseSettings):
     rate_window_s: int = Field(60, ge=1, description="Length of the rate-limit window in seconds")
     max_event_streams: int = Field(256, ge=0, description="Open /events streams per API process (503 above)")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent on an idle event stream")
-    sse_max_s: float = Field(3600.0, gt=0, description="An event stream ends after this; clients resume with Last-Event-ID")
-    upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is dropped (408)")
+    sse_max_s: float = Field(3600.0, gt=0,
+                             description="An event stream ends after this; clients resume with Last-Event-ID")
+    upload_idle_timeout_s: float = Field(30.0, gt=0,
+                                         description="An upload that sends nothing for this long is dropped (408)")
     redis_timeout_s: float = Field(1.0, gt=0, description="Connect and reply timeout of every Redis call")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when Redis is unreachable")
-    sweep_interval_s: float = Field(60.0, gt=0, description="How often a worker runs the sweeper (one worker at a time)")
+    sweep_interval_s: float = Field(60.0, gt=0,
+                                    description="How often a worker runs the sweeper (one worker at a time)")
     sweep_grace_s: float = Field(600.0, ge=0, description="Files without a job record are deleted once this old")
     webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="Hosts a callback_url may name (comma-separated)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")

@@ -122,7 +122,8 @@ def main() -> None:
             c = httpx.Client(headers=KEY, timeout=60)
             video = tmp / "v.mp4"
             make_video(video, 9, 64, 48)
-            job_id = c.post(f"{base}/v1/jobs", content=video.read_bytes(), headers={"content-type": "video/mp4"}).json()["id"]
+            job_id = c.post(f"{base}/v1/jobs", content=video.read_bytes(),
+                            headers={"content-type": "video/mp4"}).json()["id"]
 
             # Malformed uploads (the fuzz test's cases).
             st: Counter = Counter()

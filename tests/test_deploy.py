@@ -444,8 +444,8 @@ def test_dockerignore_keeps_heavy_and_private_files_out():
                  "service/__pycache__/cli.cpython-311.pyc", "stemseg-data/jobs/a/video", "deploy/smoke.py"):
         assert dockerignored(path, ignore), path
     for path in ("service/cli.py", "service/model/classes.json", "model_export/onnx_export.py",
-                 "weights/lite.safetensors", "weights/MODEL_CARD.md", "pyproject.toml", "README.md", ".ci/constraints.txt",
-                 "docker/gpu-constraints.txt"):
+                 "weights/lite.safetensors", "weights/MODEL_CARD.md", "pyproject.toml", "README.md",
+                 ".ci/constraints.txt", "docker/gpu-constraints.txt"):
         assert not dockerignored(path, ignore), path
 
 
@@ -485,6 +485,20 @@ def test_ci_installs_with_the_constraints_file():
     assert cmds and all(CONSTRAINTS_ARG in c for c in cmds), cmds
     assert (ROOT / ".ci" / "constraints.txt").is_file()
     assert re.search(r"^torch==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
+
+
+def test_ci_lints_with_the_test_environment_before_the_tests():
+    """.ci/run runs the README's command, and that command lints before pytest with the test
+    environment's ruff (in the test extra, pinned like torch)."""
+    readme = (ROOT / "README.md").read_text()
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "tests/run.sh" in ln]
+    assert "bash tests/run.sh\n" in readme and len(ci) == 1 and ci[0].startswith("bash tests/run.sh"), ci
+    steps = [ln.strip() for ln in (ROOT / "tests" / "run.sh").read_text().splitlines()]
+    lint = steps.index('"$venv/bin/ruff" check service model_export tests bench')
+    assert lint < next(i for i, ln in enumerate(steps) if "-m pytest" in ln)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("ruff") for d in extras["test"])
+    assert re.search(r"^ruff==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
 
 
 @pytest.mark.parametrize("name,extras", [("api", {"server"}), ("worker", {"server", "gpu"})])
@@ -796,7 +810,8 @@ def test_probes_resources_and_termination(overlay):
     port = next(p for p in a["ports"] if p["name"] == "http")["containerPort"]
     assert port == 8000 and a["command"][:2] == ["stemseg", "serve"] and a["command"][-1] == str(port)
     w = container_of(worker)
-    assert w["command"] == ["stemseg", "worker"] and w["livenessProbe"]["exec"]["command"] == ["stemseg", "worker", "--check"]
+    assert w["command"] == ["stemseg", "worker"]
+    assert w["livenessProbe"]["exec"]["command"] == ["stemseg", "worker", "--check"]
     # Long enough to finish the task in hand after SIGTERM, and a drain takes one worker at a time.
     assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 120
     for d in (api, worker):
@@ -877,7 +892,8 @@ def test_readme_deployment_section_names_what_exists():
     assert f"`{stream}`" in section and f"`{group}`" in section
     for overlay in OVERLAYS:  # "workers 0..N" as the overlay's ScaledObject says
         spec = by_kind(render(overlay), "ScaledObject")["spec"]
-        assert f"overlays/{overlay}" in section and f"workers {spec['minReplicaCount']}..{spec['maxReplicaCount']}" in section
+        assert f"overlays/{overlay}" in section
+        assert f"workers {spec['minReplicaCount']}..{spec['maxReplicaCount']}" in section
     lag = next(t["metadata"]["lagCount"] for t in so["spec"]["triggers"] if "lagCount" in t["metadata"])
     assert f"ceil(lag / {lag})" in section
 

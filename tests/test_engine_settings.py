@@ -75,7 +75,8 @@ def test_engine_from_settings_builds_each_configured_engine(small_weights: Path,
     assert isinstance(ort_engine, OnnxRuntimeEngine) and ort_engine.cfg.name == "kitti_mots"
     batched = engine_from_settings(_settings(weights=small_weights, device="cpu", batch_max_size=8))
     try:
-        assert isinstance(batched, DynamicBatcher) and batched.max_batch == 8 and isinstance(batched.engine, TorchEngine)
+        assert isinstance(batched, DynamicBatcher) and batched.max_batch == 8
+        assert isinstance(batched.engine, TorchEngine)
     finally:
         batched.close()
 
@@ -115,7 +116,8 @@ def test_torch_options_of_another_engine_are_unused_not_refused(tmp_path: Path) 
     ({"STEMSEG_DEVICE": "cuda"}, "STEMSEG_DEVICE: device 'cuda' asked for, but no CUDA GPU is available"),
     ({"STEMSEG_ENGINE": "tensorrt", "STEMSEG_ONNX_DIR": "/nonexistent"}, "needs a CUDA GPU"),
 ])
-def test_worker_process_refuses_to_start_with_one_line(small_weights: Path, tmp_path: Path, env: dict, message: str) -> None:
+def test_worker_process_refuses_to_start_with_one_line(small_weights: Path, tmp_path: Path, env: dict,
+                                                        message: str) -> None:
     e = ServiceEnv(tmp_path, small_weights, **env)
     try:
         p = subprocess.run([sys.executable, "-m", "service.cli", "worker"], env=e.env, capture_output=True, check=False,
@@ -145,9 +147,11 @@ def test_cli_speed_options_apply_to_the_torch_engine_only(small_weights: Path, o
     video = tmp_path / "clip.mp4"
     make_video(video, 9, 64, 48)
     assert main(["bench", str(video), "--engine", "onnxruntime", "--onnx", str(onnx_dir), "--autocast", "bf16"]) == 2
-    assert capsys.readouterr().err.strip() == "stemseg: error: --autocast, --compile and --tf32 apply to --engine torch only"
+    assert capsys.readouterr().err.strip() == ("stemseg: error: --autocast, --compile and --tf32 apply to "
+                                               "--engine torch only")
     out = tmp_path / "bench.json"
-    assert main(["bench", str(video), "--weights", str(small_weights), "--device", "cpu", "--serial", "--json", str(out)]) == 0
+    assert main(["bench", str(video), "--weights", str(small_weights), "--device", "cpu", "--serial",
+                 "--json", str(out)]) == 0
     serial = json.loads(out.read_text())
     assert main(["bench", str(video), "--weights", str(small_weights), "--device", "cpu", "--autocast", "bf16",
                  "--clips-per-forward", "2", "--json", str(out)]) == 0

@@ -36,9 +36,10 @@ def exported(official_weights, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("preset, vector", [("kitti_mots", "model_kitti_mots_2_s0.npz"),
-                                            pytest.param("youtube_vis", "model_youtube_vis_s0.npz", marks=pytest.mark.slow),
-                                            pytest.param("davis", "model_davis_2_s0.npz", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("preset, vector", [
+    ("kitti_mots", "model_kitti_mots_2_s0.npz"),
+    pytest.param("youtube_vis", "model_youtube_vis_s0.npz", marks=pytest.mark.slow),
+    pytest.param("davis", "model_davis_2_s0.npz", marks=pytest.mark.slow)])
 def test_onnxruntime_cpu_matches_torch(exported, preset: str, vector: str) -> None:
     model, graphs = exported(preset)
     engine = OnnxRuntimeEngine(graphs.backbone.parent, "cpu")

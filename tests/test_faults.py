@@ -75,7 +75,8 @@ def test_redis_outage_api_503_worker_survives_job_completes(private_redis: Priva
         env.start_api()
         worker = env.start_worker()
         with video.open("rb") as f:
-            job_id = httpx.post(f"{env.base}/v1/jobs", files={"file": ("v.mp4", f, "video/mp4")}, timeout=60).json()["id"]
+            r = httpx.post(f"{env.base}/v1/jobs", files={"file": ("v.mp4", f, "video/mp4")}, timeout=60)
+        job_id = r.json()["id"]
         deadline = time.monotonic() + 120
         while httpx.get(f"{env.base}/v1/jobs/{job_id}").json()["progress"]["clips_done"] == 0:
             assert time.monotonic() < deadline

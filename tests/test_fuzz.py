@@ -61,8 +61,10 @@ def _cases(tmp_path: Path, rng: np.random.Generator) -> list[tuple[str, dict]]:
         cases.append((f"content-type {ctype!r}", {"content": data, "headers": {"content-type": ctype}}))
     boundary = "xyz"
     bodies = {
-        "no file field": f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhi\r\n--{boundary}--\r\n",
-        "no closing boundary": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc",
+        "no file field": f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\n"
+                         f"hi\r\n--{boundary}--\r\n",
+        "no closing boundary": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                               "filename=\"a\"\r\n\r\nabc",
         "garbage": "this is not multipart at all",
         "header only": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"\r\n",
         "many parts": "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nx\r\n"

@@ -111,7 +111,8 @@ class OnnxRuntimeEngine:
         providers = _providers(kind, device, onnx_dir / "trt-cache")
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if wanted not in ort.get_available_providers():
-            raise EngineError(f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())})")
+            available = ", ".join(ort.get_available_providers())
+            raise EngineError(f"ONNX Runtime here has no {wanted} (available: {available})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._backbone = ort.InferenceSession(str(paths[0]), opts, providers=providers)
@@ -143,7 +144,8 @@ class TensorRTEngine:
         try:
             import tensorrt as trt
         except ImportError:
-            raise EngineError("the tensorrt engine needs the tensorrt package (pip install 'stemseg-serve[gpu]')") from None
+            raise EngineError("the tensorrt engine needs the tensorrt package "
+                              "(pip install 'stemseg-serve[gpu]')") from None
         from service.model.tensorrt_build import build_or_load, cached_buckets, default_buckets, gpu_identity
 
         onnx_dir = Path(onnx_dir)
@@ -187,7 +189,8 @@ class TensorRTEngine:
             out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=self.device)
             ctx.set_tensor_address(name, out[name].data_ptr())
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise EngineError(f"TensorRT failed to run the {graph} engine for inputs {[tuple(t.shape) for t in keep.values()]}")
+            shapes = [tuple(t.shape) for t in keep.values()]
+            raise EngineError(f"TensorRT failed to run the {graph} engine for inputs {shapes}")
         return out
 
     def frame_features(self, images: Tensor) -> list[Tensor]:

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from service.config import DEFAULT_FORMATS, OUTPUT_FORMATS
 from service.errors import UserError
-from service.model.engine_spec import AUTOCAST_MODES, COMPILE_MODES, ENGINES, EngineSpec, Spelling  # no torch
+from service.model.engine_spec import (  # no torch
+    AUTOCAST_MODES,
+    COMPILE_MODES,
+    ENGINES,
+    SETTINGS_SPELLING,
+    EngineSpec,
+    Spelling,
+)
 from service.model.presets import OFFICIAL_WEIGHTS, PRESETS  # plain dataclasses: no torch
 
 EXIT_BAD_INPUT = 2
@@ -224,17 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # How the engine's options are called on this command line, for EngineSpec's messages.
-FLAGS = Spelling({"kind": "--engine", "weights": "--weights", "preset": "--preset", "device": "--device",
-                  "onnx_dir": "--onnx", "autocast": "--autocast", "compile": "--compile", "tf32": "--tf32",
-                  "min_dim": "--min-dim"}, joiner=" ")
+FLAGS = {"kind": "--engine", "weights": "--weights", "preset": "--preset", "device": "--device", "onnx_dir": "--onnx",
+         "autocast": "--autocast", "compile": "--compile", "tf32": "--tf32", "min_dim": "--min-dim"}
 
 
 def _engine_spec(args: argparse.Namespace, settings) -> EngineSpec:
-    """The engine `_add_model_options` asked for; weights, preset and device default to the settings'."""
-    return EngineSpec(kind=args.engine, weights=args.weights if args.weights is not None else settings.weights,
+    """The engine `_add_model_options` asked for; weights, preset and device default to the settings',
+    and a message about one of those names the setting where the value came from there."""
+    unset = {f for f in ("weights", "preset", "device") if getattr(args, f) is None}
+    spelling = Spelling({**FLAGS, **{f: SETTINGS_SPELLING(f) for f in unset}}, joiner=" ")
+    return EngineSpec(kind=args.engine, weights=settings.weights if "weights" in unset else args.weights,
                       weights_dir=settings.weights_dir, preset=args.preset or settings.preset,
                       device=args.device or settings.device, onnx_dir=args.onnx, autocast=args.autocast,
-                      compile=args.compile, tf32=args.tf32, min_dim=args.min_dim, spelling=FLAGS)
+                      compile=args.compile, tf32=args.tf32, min_dim=args.min_dim, spelling=spelling)
 
 
 def _load(args: argparse.Namespace):

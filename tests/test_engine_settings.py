@@ -159,3 +159,23 @@ def test_cli_speed_options_apply_to_the_torch_engine_only(small_weights: Path, o
     assert (serial["pipeline"], fast["pipeline"]) == ("serial", "threaded, 2 clip(s) per forward")
     assert fast["autocast"] == "bf16" and serial["frames"] == fast["frames"] == 9
     assert "decode_wait" in fast["seconds"] and "decode_wait" not in serial["seconds"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cli_names_the_flag_or_the_setting_the_device_came_from(small_weights: Path, tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    from service.cli import main
+    from service.config import get_settings
+
+    video = tmp_path / "clip.mp4"
+    make_video(video, 9, 64, 48)
+    args = ["bench", str(video), "--weights", str(small_weights)]
+    assert main([*args, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("stemseg: error: --device: device 'cuda' asked for")
+    monkeypatch.setenv("STEMSEG_DEVICE", "cuda")
+    get_settings.cache_clear()
+    try:
+        assert main(args) == 2
+        assert capsys.readouterr().err.startswith("stemseg: error: STEMSEG_DEVICE: device 'cuda' asked for")
+    finally:
+        get_settings.cache_clear()

@@ -17,6 +17,7 @@ from typing import get_args
 
 from service.config import Autocast, CompileMode, EngineKind, Settings
 from service.errors import UserError
+from service.model.presets import PRESETS  # plain dataclasses: no torch
 
 ENGINES: tuple[str, ...] = get_args(EngineKind)
 AUTOCAST_MODES: tuple[str, ...] = get_args(Autocast)
@@ -81,12 +82,8 @@ class EngineSpec:
         if self.kind not in ENGINES:
             raise EngineError(f"{say('kind', repr(self.kind))} is not an engine; choose one of {', '.join(ENGINES)}")
         check_torch_options(self.compile, self.autocast)
-        if self.preset is not None:
-            from service.model.presets import PRESETS  # plain dataclasses: no torch
-
-            if self.preset not in PRESETS:
-                raise EngineError(f"{say('preset', repr(self.preset))} is not a preset; choose one of "
-                                  f"{', '.join(PRESETS)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise EngineError(f"{say('preset', repr(self.preset))} is not a preset; choose one of {', '.join(PRESETS)}")
         if self.kind != "torch":
             if self.autocast != "off" or self.compile != "off" or self.tf32:
                 raise EngineError(f"{', '.join(say(o) for o in TORCH_ONLY[:-1])} and {say(TORCH_ONLY[-1])} apply "

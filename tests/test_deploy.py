@@ -653,7 +653,7 @@ def queue_names(prefix: str) -> tuple[str, str]:
     return Keys(prefix).tasks, queue.GROUP
 
 
-def _api_serves_get(*paths: str) -> bool:
+def _api_serves_get(data_dir: Path, *paths: str) -> bool:
     """Whether the API app has a GET route for every path, asked of its router (no request is made,
     so no Redis)."""
     from starlette.routing import Match
@@ -662,7 +662,8 @@ def _api_serves_get(*paths: str) -> bool:
     from service.config import Settings
     from service.model.presets import get_preset
 
-    app = create_app(Settings(_env_file=None, redis_url="redis://127.0.0.1:1/0"), model_cfg=get_preset("lite"))
+    settings = Settings(_env_file=None, redis_url="redis://127.0.0.1:1/0", data_dir=data_dir)
+    app = create_app(settings, model_cfg=get_preset("lite"))
     scopes = [{"type": "http", "method": "GET", "path": p, "root_path": "", "query_string": b"", "headers": []}
               for p in paths]
     return all(any(r.matches(scope)[0] == Match.FULL for r in app.router.routes) for scope in scopes)
@@ -793,7 +794,7 @@ def test_keda_scales_the_workers_on_the_services_own_queue(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_resources_and_termination(overlay):
+def test_probes_resources_and_termination(overlay, tmp_path: Path):
     docs = render(overlay)
     api, worker = by_kind(docs, "Deployment", "stemseg-api"), by_kind(docs, "Deployment", "stemseg-worker")
     a = container_of(api)
@@ -805,8 +806,8 @@ def test_probes_resources_and_termination(overlay):
         # waking workers scaled to 0. Readiness checks what taking a job needs, Redis.
         assert ready.get("httpGet", {}).get("path") != "/readyz"
         assert "STEMSEG_REDIS_URL" in " ".join(ready["exec"]["command"]) and "ping()" in ready["exec"]["command"][-1]
-    assert _api_serves_get("/healthz", "/readyz"), "the probes' paths are routes of the API"
-    assert not _api_serves_get("/no-such-probe")
+    assert _api_serves_get(tmp_path, "/healthz", "/readyz"), "the probes' paths are routes of the API"
+    assert not _api_serves_get(tmp_path, "/no-such-probe")
     port = next(p for p in a["ports"] if p["name"] == "http")["containerPort"]
     assert port == 8000 and a["command"][:2] == ["stemseg", "serve"] and a["command"][-1] == str(port)
     w = container_of(worker)

@@ -69,7 +69,7 @@ def _shapes(graph: str, cfg: ModelConfig, bucket: Bucket) -> dict[str, tuple[tup
                    (1, 256, cfg.clip_len, top // s, top // s)) for name, s in zip(LEVELS, STRIDES)}
 
 
-def build_engine(onnx_path: Path, graph: str, cfg: ModelConfig, buckets: list[Bucket], *, fp16: bool = True,
+def serialize_engine(onnx_path: Path, graph: str, cfg: ModelConfig, buckets: list[Bucket], *, fp16: bool = True,
                  workspace_gib: float = 8.0) -> bytes:
     """Parse an exported graph and build a serialized engine with one profile per bucket."""
     import tensorrt as trt
@@ -117,7 +117,7 @@ def build_or_load(onnx_dir: Path, cfg: ModelConfig, *, buckets: list[Bucket] | N
         key = cache_key(onnx_path, gpu=gpu_identity(), trt_version=trt.__version__, fp16=fp16, buckets=buckets)
         path = cache_dir / f"{graph}-{key}.engine"
         if not path.is_file():
-            data = build_engine(onnx_path, graph, cfg, buckets, fp16=fp16)
+            data = serialize_engine(onnx_path, graph, cfg, buckets, fp16=fp16)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")  # concurrent builders never see half a file
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -151,4 +151,4 @@ def cached_buckets(onnx_dir: Path, *, gpu: str, trt_version: str, fp16: bool = T
     return None
 
 
-__all__ = ["Bucket", "build_engine", "build_or_load", "cache_key", "cached_buckets", "default_buckets"]
+__all__ = ["Bucket", "build_or_load", "cache_key", "cached_buckets", "default_buckets", "serialize_engine"]

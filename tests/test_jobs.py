@@ -47,12 +47,13 @@ def _create(jobs: Jobs, owner: str = "", quota: int = 0) -> str:
     return job_id
 
 
-def test_api_process_never_imports_torch() -> None:
+def test_api_process_never_imports_torch(tmp_path: Path, redis_prefix: str) -> None:
     code = ("import sys\n"
             "from fastapi.testclient import TestClient\n"
             "from service.api.main import create_app\n"
             "from service.config import Settings\n"
-            f"app = create_app(Settings(redis_url={REDIS_URL!r}, redis_prefix='stemseg-test-notorch'))\n"
+            f"app = create_app(Settings(redis_url={REDIS_URL!r}, redis_prefix={redis_prefix!r}, "
+            f"data_dir={str(tmp_path / 'data')!r}))\n"
             "TestClient(app).get('/healthz')\n"
             "assert app.state.model_cfg.name == 'lite', app.state.model_cfg.name\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")

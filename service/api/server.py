@@ -41,7 +41,7 @@ def bounded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
     class BoundedHead(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._in_head, self._head_bytes, self._head_timer = True, 0, None
+            self._in_head, self._head_bytes, self._head_timer, self._boundaries = True, 0, None, 0
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -69,22 +69,26 @@ def bounded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
         def data_received(self, data: bytes) -> None:
             if self._in_head:
                 self._arm()  # a keep-alive connection's next request starts its clock here
+            boundaries_before = self._boundaries
             super().data_received(data)
-            if self._in_head and not self.transport.is_closing():
-                # Still inside a head after this read: all of it counts (a read that also
-                # finished the head is not counted, so a body never does).
+            # Counted only while one head spans whole reads: a read that ended a head or a
+            # message (then its bytes are partly body) is left out, so a body never counts and
+            # the count is short by at most one read.
+            if self._in_head and self._boundaries == boundaries_before and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
                     self._refuse(too_large)
 
         def on_headers_complete(self) -> None:
             self._in_head, self._head_bytes = False, 0
+            self._boundaries += 1
             self._disarm()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
             super().on_message_complete()
             self._in_head, self._head_bytes = True, 0
+            self._boundaries += 1  # a boundary too: the rest of this read is the next head
 
     return BoundedHead
 

@@ -413,7 +413,6 @@ def test_webhook_attempt_has_one_deadline_and_records_no_peer_text() -> None:
 # --- a DELETE while a task runs ------------------------------------------------------------------
 
 def test_task_of_a_deleted_job_ends_as_done(weights: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    from service.jobs import worker as worker_module
     from service.jobs.lifecycle import Limits
 
     with in_process_worker(weights, tmp_path / "data", "w-deleted", clips_per_task=2) as w:
@@ -423,13 +422,13 @@ def test_task_of_a_deleted_job_ends_as_done(weights: Path, tmp_path: Path, monke
         w.storage.write(staging, "video", video.read_bytes())
         job_id = w.jobs.admit(staging, "", model=w.engine.cfg, min_dim=None, clips_per_task=2,
                               limits=Limits(10**9, 10**6, 1e9), quota=0, fields={"formats": ["ytvis"]})["id"]
-        real = worker_module.read_frames
+        real_read = w.storage.read
 
-        def deleted_meanwhile(path, wanted):
-            w.jobs.cancel(job_id)  # the DELETE lands here: record and files go
-            return real(path, wanted)
+        def deleted_meanwhile(jid: str, name: str) -> bytes:
+            w.jobs.cancel(job_id)  # the DELETE lands as the stitcher reads a clip: record and files go
+            return real_read(jid, name)  # FileNotFoundError, naming a path under the data directory
 
-        monkeypatch.setattr(worker_module, "read_frames", deleted_meanwhile)
+        monkeypatch.setattr(w.storage, "read", deleted_meanwhile)
         caplog.set_level("INFO")
         w.step()
         assert w.jobs.get(job_id) is None

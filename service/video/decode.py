@@ -230,6 +230,7 @@ _CHECK_EVERY = 256  # packets between deadline checks
 _BOX_PARENTS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"moof", b"traf"}
 _ISO_FIRST = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"styp"}
 _MAX_BOXES = 1_000_000
+_MAX_BOX_DEPTH = 8
 
 
 def _iso_sample_counts(path: str | Path, bounds: _Bounds) -> tuple[int, int] | None:
@@ -238,9 +239,11 @@ def _iso_sample_counts(path: str | Path, bounds: _Bounds) -> tuple[int, int] | N
     box headers only; a damaged box tree stops the walk (FFmpeg then says what is wrong)."""
     video_tracks: set[int] = set()
     per_track: dict[int, int] = {}
-    state = {"track": 0, "handler": b"", "boxes": 0}
+    state = {"track": 0, "boxes": 0}
 
-    def walk(f, start: int, end: int, parent: bytes) -> bool:
+    def walk(f, start: int, end: int, depth: int) -> bool:
+        if depth > _MAX_BOX_DEPTH:  # moov/trak/mdia/minf/stbl is 5 deep; more is a hostile file
+            return False
         pos = start
         while pos + 8 <= end:
             state["boxes"] += 1
@@ -262,13 +265,11 @@ def _iso_sample_counts(path: str | Path, bounds: _Bounds) -> tuple[int, int] | N
                 size = end - pos
             if size < header or pos + size > end:
                 return False
-            if pos == 0 and parent == b"" and kind not in _ISO_FIRST:
-                return None  # type: ignore[return-value]
             body = pos + header
             if kind in _BOX_PARENTS:
                 if kind in (b"trak", b"traf"):
-                    state["track"], state["handler"] = 0, b""
-                if walk(f, body, pos + size, kind) is False:
+                    state["track"] = 0
+                if not walk(f, body, pos + size, depth + 1):
                     return False
             elif kind in (b"tkhd", b"tfhd", b"hdlr", b"stsz", b"stz2", b"trun"):
                 f.seek(body)
@@ -277,10 +278,8 @@ def _iso_sample_counts(path: str | Path, bounds: _Bounds) -> tuple[int, int] | N
                     state["track"] = struct.unpack(">I", data[20:24] if data[0] == 1 else data[12:16])[0]
                 elif kind == b"tfhd" and len(data) >= 8:
                     state["track"] = struct.unpack(">I", data[4:8])[0]
-                elif kind == b"hdlr" and len(data) >= 12:
-                    state["handler"] = data[8:12]
-                    if data[8:12] == b"vide":
-                        video_tracks.add(state["track"])
+                elif kind == b"hdlr" and len(data) >= 12 and data[8:12] == b"vide":
+                    video_tracks.add(state["track"])
                 elif kind in (b"stsz", b"stz2") and len(data) >= 12:
                     n = struct.unpack(">I", data[8:12])[0]
                     per_track[state["track"]] = per_track.get(state["track"], 0) + n
@@ -295,7 +294,7 @@ def _iso_sample_counts(path: str | Path, bounds: _Bounds) -> tuple[int, int] | N
         first = f.read(8)
         if len(first) < 8 or first[4:8] not in _ISO_FIRST:
             return None
-        walk(f, 0, size, b"")
+        walk(f, 0, size, 0)
     video = max((per_track.get(t, 0) for t in video_tracks), default=0)
     return video, sum(per_track.values())
 

@@ -96,6 +96,16 @@ def test_frame_limit_stops_reading_before_the_end(tmp_path: Path, monkeypatch) -
     with pytest.raises(OverLimit) as samples:
         probe(mp4, max_frames=10**9, max_samples=100_000)
     assert samples.value.kind == "samples"
+    avi = tmp_path / "long.avi"  # FFmpeg reads an AVI's whole idx1 while opening it
+    make_long_video(avi, 150_000)
+    with pytest.raises(OverLimit) as entries:
+        probe(avi, max_frames=10**9, max_samples=100_000)
+    assert entries.value.kind == "samples"
+    for cut in (20, 200, 3000):  # a damaged header is FFmpeg's to judge, never an unexpected error
+        (tmp_path / "cut.avi").write_bytes(avi.read_bytes()[:cut])
+        monkeypatch.undo()
+        with pytest.raises(decode.VideoError):
+            probe(tmp_path / "cut.avi", max_frames=1000, max_samples=100_000)
 
 
 def test_probe_time_budget(tmp_path: Path) -> None:

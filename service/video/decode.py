@@ -299,17 +299,63 @@ def _iso_sample_counts(path: str | Path, bounds: _Bounds) -> tuple[int, int] | N
     return video, sum(per_track.values())
 
 
+def _avi_index_counts(path: str | Path) -> tuple[int, int] | None:
+    """(video frames, index entries) an AVI's indexes list: the frames of its video streams'
+    OpenDML super indexes (`indx`, what FFmpeg follows into every `ix##` chunk) and the entries
+    of its `idx1`; None if the file is not AVI. FFmpeg reads all of them while opening."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"AVI ":
+            return None
+        video = entries = 0
+        end = os.stat(path).st_size
+
+        def chunks(start: int, stop: int):
+            pos, seen = start, 0
+            while pos + 8 <= stop and seen < _MAX_BOXES:
+                f.seek(pos)
+                cid, size = struct.unpack("<4sI", f.read(8))
+                yield cid, pos + 8, size
+                pos += 8 + size + (size & 1)
+                seen += 1
+
+        for cid, body, size in chunks(12, end):
+            if cid == b"idx1":
+                entries += size // 16
+            elif cid == b"LIST" and f.read(4) == b"hdrl":
+                for sid, sbody, ssize in chunks(body + 4, body + size):
+                    f.seek(sbody)
+                    if sid != b"LIST" or f.read(4) != b"strl":
+                        continue
+                    kind = b""
+                    for iid, ibody, isize in chunks(sbody + 4, sbody + ssize):
+                        f.seek(ibody)
+                        if iid == b"strh":
+                            kind = f.read(4)
+                        elif iid == b"indx" and kind == b"vids" and isize >= 24:
+                            _, _, _, n = struct.unpack("<HBBI", f.read(8))
+                            f.seek(ibody + 24)
+                            n = min(n, max(isize - 24, 0) // 16)
+                            table = f.read(16 * n)
+                            video += sum(struct.unpack_from("<QII", table, 16 * i)[2] for i in range(len(table) // 16))
+    return video, entries
+
+
 def _check_declared(path: str | Path, bounds: _Bounds) -> None:
-    """Refuse an ISO file whose tables list too many samples before FFmpeg indexes them all."""
+    """Refuse a file whose index lists too many frames or samples before FFmpeg reads it all
+    (MP4/MOV sample tables, AVI indexes: FFmpeg holds about 24-80 bytes an entry)."""
     if bounds.max_frames is None and bounds.max_samples is None:
         return
-    counts = _iso_sample_counts(path, bounds)
+    try:
+        counts = _iso_sample_counts(path, bounds) or _avi_index_counts(path)
+    except (struct.error, OSError, ValueError):  # a damaged header: FFmpeg says what is wrong with it
+        return
     if counts is None:
         return
     video, total = counts
     bounds.over_frames(path, video)
     if bounds.max_samples is not None and total > bounds.max_samples:
-        raise OverLimit(f"{path}: the container lists {total} samples in all its tracks, more than "
+        raise OverLimit(f"{path}: the container lists {total} samples or index entries in all its tracks, more than "
                         f"{bounds.max_samples}", "samples", bounds.max_samples)
 
 

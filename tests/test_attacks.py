@@ -212,6 +212,43 @@ def test_raw_h264_is_remuxed_seekable_at_admission(make_env, tmp_path: Path) -> 
     _clean_logs(env)
 
 
+@pytest.mark.parametrize("name, codec, container", [("raw.h264", "libx264", "h264"), ("raw.hevc", "libx265", "hevc"),
+                                                    ("bframes.avi", "libx264", "avi")])
+def test_normalise_keeps_every_frame_and_makes_it_seekable(tmp_path: Path, name: str, codec: str,
+                                                          container: str) -> None:
+    from service.video.normalise import normalise
+
+    src = tmp_path / name
+    make_video(src, 50, 64, 48, codec=codec, container=container)
+    with pytest.raises(Unindexed):
+        check_indexable(src)
+    out = tmp_path / "out.mkv"
+    with out.open("wb") as f:
+        assert normalise(src, f) == 50
+    assert check_indexable(out).num_frames == 50
+    original = [f.image for f in decode.iter_frames(src)]
+    got = read_frames(out, [49, 0, 25, 13])
+    assert all(np.array_equal(f.image, original[f.index]) for f in got)
+    with out.open("wb") as f, pytest.raises(OverLimit):
+        normalise(src, f, max_frames=1)  # counted while it decodes: 1 + the start-of-stream slack
+    with out.open("wb") as f, pytest.raises(OverLimit):
+        normalise(src, f, max_bytes=100)
+
+
+def test_openapi_declares_the_new_statuses(tmp_path: Path) -> None:
+    from service.api.main import create_app
+    from service.config import Settings
+    from service.model.presets import get_preset
+
+    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "d")
+    paths = create_app(s, model_cfg=get_preset("kitti_mots")).openapi()["paths"]
+    assert {"200", "206", "400", "416"} <= set(paths["/v1/jobs/{job_id}/overlay.mp4"]["get"]["responses"])
+    assert {"200", "206", "400", "416"} <= set(paths["/v1/jobs/{job_id}/result"]["get"]["responses"])
+    assert "400" in paths["/v1/jobs/{job_id}/events"]["get"]["responses"]
+    ranged = paths["/v1/jobs/{job_id}/overlay.mp4"]["get"]["responses"]
+    assert PROBLEM in ranged["416"]["content"] and "Content-Range" in ranged["416"]["headers"]
+
+
 def test_raw_stream_over_the_probe_budget_is_refused(make_env, tmp_path: Path) -> None:
     env = make_env(STEMSEG_PROBE_BUDGET_S="0.05", STEMSEG_RATE_LIMIT_JOBS="0")
     env.start_api()

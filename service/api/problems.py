@@ -148,5 +148,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %r", request.method, request.url.path, exc_info=exc)  # %r: no raw CR LF
         return problem_response(request, 500, "Internal Server Error", "an unexpected error; it has been logged")

@@ -212,6 +212,28 @@ def test_raw_h264_is_remuxed_seekable_at_admission(make_env, tmp_path: Path) -> 
     _clean_logs(env)
 
 
+def test_raw_h264_job_gives_the_clis_tracks(make_env, tmp_path: Path, weights: Path) -> None:
+    from service.cli import main
+
+    env = make_env(STEMSEG_RATE_LIMIT_JOBS="0")
+    env.start_api()
+    env.start_worker()
+    raw = tmp_path / "camera.h264"
+    make_video(raw, 21, 64, 48, container="h264")
+    r = _post_video(env, raw, formats="ytvis")
+    assert r.status_code == 202, r.text
+    job = env.wait(r.json()["id"])
+    assert job["status"] == "succeeded", job
+    tracks = httpx.get(f"{env.base}/v1/jobs/{job['id']}/result", timeout=60).json()["tracks"]
+    out = tmp_path / "cli"
+    assert main(["segment", str(raw), "--weights", str(weights), "--out", str(out), "--device", "cpu",
+                 "--format", "ytvis", "--no-progress"]) == 0
+    cli = json.loads((out / "results.json").read_text())
+    assert tracks and [(t["category_id"], t["segmentations"]) for t in tracks] == [
+        (c["category_id"], c["segmentations"]) for c in cli]
+    _clean_logs(env)
+
+
 @pytest.mark.parametrize("name, codec, container", [("raw.h264", "libx264", "h264"), ("raw.hevc", "libx265", "hevc"),
                                                     ("bframes.avi", "libx264", "avi")])
 def test_normalise_keeps_every_frame_and_makes_it_seekable(tmp_path: Path, name: str, codec: str,

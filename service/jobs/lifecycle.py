@@ -29,12 +29,13 @@ from typing import Any
 
 import redis
 
+from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
 from service.jobs.queue import GROUP, TaskQueue
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
-from service.video import VideoError
+from service.video import VideoError, VideoInfo
 from service.video.decode import OverLimit, Unindexed, check_indexable
 from service.video.normalise import normalise
 
@@ -88,9 +89,16 @@ class Limits:
     max_pixels: int
     max_frames: int
     max_duration_s: float
-    probe_budget_s: float = 30.0
-    max_samples: int = 1_000_000
-    max_bytes: int = 2 * 1024**3
+    # Unset: the settings' defaults (service/config.py), so a caller naming only the first three
+    # still gets every bound.
+    probe_budget_s: float = Settings.model_fields["probe_budget_s"].default
+    max_samples: int = Settings.model_fields["max_container_samples"].default
+    max_bytes: int = Settings.model_fields["max_upload_bytes"].default
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Limits:
+        return cls(s.max_frame_pixels, s.max_frames, s.max_duration_s, s.probe_budget_s, s.max_container_samples,
+                   s.max_upload_bytes)
 
 
 _OVER = {"frames": ("the video has more than {limit} frames", "STEMSEG_MAX_FRAMES"),
@@ -307,7 +315,7 @@ class Jobs:
             self.storage.delete_job(job_id)
             raise
 
-    def _readable(self, staging: str, limits: Limits):
+    def _readable(self, staging: str, limits: Limits) -> VideoInfo:
         """Probe an upload within the limits; one whose frames cannot be placed without decoding
         from the start is remuxed once into a seekable file (service.video.normalise), so a task's
         decode cost does not depend on where its clips are."""

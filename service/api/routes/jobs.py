@@ -143,8 +143,7 @@ async def create_job(
         raise
     job = await run_in_threadpool(
         svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
-        limits=Limits(s.max_frame_pixels, s.max_frames, s.max_duration_s, s.probe_budget_s, s.max_container_samples,
-                      s.max_upload_bytes), quota=s.max_active_jobs,
+        limits=Limits.from_settings(s), quota=s.max_active_jobs,
         fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
     response.headers["Location"] = f"/v1/jobs/{job['id']}"
     return _view(job)

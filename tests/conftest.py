@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from service_env import drop_prefix
+from service_env import drop_prefix, new_prefix
 
 from service.model.checkpoint import load_model, save_weights
 from service.model.presets import get_preset
@@ -54,7 +53,7 @@ def small_weights(small_model, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture
 def redis_prefix() -> Iterator[str]:
     """A private Redis key prefix for one test; every key under it is deleted afterwards."""
-    prefix = f"stemseg-test-{uuid.uuid4().hex[:8]}"
+    prefix = new_prefix()
     yield prefix
     drop_prefix(prefix)
 

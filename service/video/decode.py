@@ -50,7 +50,7 @@ import av
 import numpy as np
 
 from service.errors import UserError
-from service.video.indexes import declared_counts
+from service.video.indexes import Unindexable, declared_counts
 
 try:
     from av.stream import Disposition
@@ -251,7 +251,11 @@ def _check_declared(path: str | Path, bounds: _Bounds) -> None:
         return
     try:
         counts = declared_counts(path, lambda: bounds.check_time(path))
-    except (struct.error, OSError, ValueError):  # a damaged header: FFmpeg says what is wrong with it
+    except Unindexable as e:  # never handed to FFmpeg uncounted: it would build the index it hides
+        raise VideoError(path, f"the container's index cannot be checked: {e.reason}") from None
+    except struct.error:
+        raise VideoError(path, "the container's index cannot be checked: its headers are damaged") from None
+    except OSError:  # unreadable: opening it says so
         return
     if counts is None:
         return

@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(3600.0, gt=0, description="Videos longer than this are refused (413)")
     probe_budget_s: float = Field(30.0, gt=0, description="Longest the API may spend reading one upload (probe, "
                                                           "and remux of a raw stream) before refusing it (413)")
-    max_container_samples: int = Field(1_000_000, ge=1, description="MP4/MOV uploads whose tables list more samples "
-                                       "in all tracks are refused (413) before FFmpeg indexes them")
+    max_container_samples: int = Field(1_000_000, ge=1, description="MP4/MOV uploads whose sample tables, and AVI "
+                                       "uploads whose indexes, list more entries in all tracks are refused (413) "
+                                       "before FFmpeg indexes them")
     probe_cache_bytes: int = Field(64 * 1024**2, ge=0, description="Bytes of video indexes a worker keeps between "
                                                                    "tasks (least recently used dropped first)")
     max_active_jobs: int = Field(100, ge=0, description="Unfinished jobs per API key (429 above); 0: no quota")
@@ -123,6 +124,10 @@ class Settings(BaseSettings):
     max_event_streams: int = Field(256, ge=0, description="Open /events streams per API process (503 above)")
     api_threads: int = Field(40, ge=1, description="Threads of an API process for blocking work (Redis calls, "
                                                    "probing); each may hold one Redis connection")
+    max_concurrent_probes: int = Field(4, ge=1, description="Uploads an API process probes at once, on threads of "
+                                       "their own (503 with Retry-After above)")
+    max_probes_per_key: int = Field(2, ge=1, description="Of those, how many one API key may hold (503 above; "
+                                    "ignored when API keys are off)")
     redis_pool_margin: int = Field(16, ge=1, description="Redis connections per pool beyond the API threads or "
                                                          "event streams (admission checks, the lifespan)")
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="Request line and headers larger than this are "
@@ -168,8 +173,10 @@ class Settings(BaseSettings):
     @property
     def redis_pool_sizes(self) -> tuple[int, int]:
         """Connections of an API process's (sync, async) Redis pools: one per thread that can
-        run a Redis call, one per event stream, and a margin each."""
-        return self.api_threads + self.redis_pool_margin, self.max_event_streams + self.redis_pool_margin
+        run a Redis call (the API threads and the probe threads), one per event stream, and a
+        margin each."""
+        return (self.api_threads + self.max_concurrent_probes + self.redis_pool_margin,
+                self.max_event_streams + self.redis_pool_margin)
 
     @property
     def format_list(self) -> tuple[str, ...]:

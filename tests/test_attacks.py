@@ -379,11 +379,11 @@ def test_a_full_redis_pool_says_so(tmp_path: Path, redis_prefix: str) -> None:
     from service.model.presets import get_preset
 
     s = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "d", api_threads=1,
-                 redis_pool_margin=1)
-    assert s.redis_pool_sizes == (2, 256 + 1)
+                 redis_pool_margin=1, max_concurrent_probes=1)
+    assert s.redis_pool_sizes == (3, 256 + 1)
     app = create_app(s, model_cfg=get_preset("kitti_mots"))
     pool = app.state.services.redis.connection_pool
-    held = [pool.get_connection() for _ in range(2)]
+    held = [pool.get_connection() for _ in range(3)]
     try:
         with TestClient(app) as c:
             r = c.get("/v1/jobs")

@@ -14,6 +14,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.api.probe_slots import ProbeSlots
 from service.api.problems import Problem
 from service.config import Settings
 from service.jobs.keys import JOB_ID, valid_job_id
@@ -32,6 +33,7 @@ class Services:
     aredis: aredis.Redis  # event streams: waiting on Redis without holding a thread
     jobs: Jobs
     storage: LocalStorage
+    probes: ProbeSlots  # admission's probes: threads of their own, so they never starve other routes
     open_streams: int = field(default=0)
 
     @classmethod
@@ -50,18 +52,20 @@ class Services:
                                    max_connections=async_size)
         storage = LocalStorage(settings.data_dir)
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
-        return cls(settings, model, r, ar, jobs, storage)
+        probes = ProbeSlots(settings.max_concurrent_probes, settings.max_probes_per_key, settings.retry_after_s)
+        return cls(settings, model, r, ar, jobs, storage, probes)
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     return request.app.state.services
 
 
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def caller(request: Request, svc: ServicesDep) -> str:
-    """The owner id of the caller: a hash of its API key, or "" when keys are off."""
+async def caller(request: Request, svc: ServicesDep) -> str:
+    """The owner id of the caller: a hash of its API key, or "" when keys are off. Async (no I/O):
+    dependencies then take no thread of the shared pool."""
     keys = svc.settings.api_key_list
     if not keys:
         return ""
@@ -78,7 +82,7 @@ def caller(request: Request, svc: ServicesDep) -> str:
 
 
 OwnerDep = Annotated[str, Depends(caller)]
-def job_id(job_id: Annotated[str, Path(description="the job's id, 32 hex digits",
+async def job_id(job_id: Annotated[str, Path(description="the job's id, 32 hex digits",
                                        json_schema_extra={"pattern": JOB_ID.pattern})]) -> str:
     """Checked by format before any Redis call: a malformed id is simply no job (404)."""
     if not valid_job_id(job_id):

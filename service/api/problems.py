@@ -130,8 +130,9 @@ def install(app: FastAPI) -> None:
         sync_size, async_size = app.state.settings.redis_pool_sizes
         return problem_response(request, 503, "Service Unavailable",
                                 f"this API process's Redis connections are all in use ({sync_size} for requests, "
-                                f"{async_size} for event streams: STEMSEG_API_THREADS, STEMSEG_MAX_EVENT_STREAMS "
-                                "and STEMSEG_REDIS_POOL_MARGIN size them); Redis itself is up",
+                                f"{async_size} for event streams: STEMSEG_API_THREADS, STEMSEG_MAX_CONCURRENT_PROBES, "
+                                "STEMSEG_MAX_EVENT_STREAMS and STEMSEG_REDIS_POOL_MARGIN size them); "
+                                "Redis itself is up",
                                 {"Retry-After": retry_after})
 
     @app.exception_handler(redis.ConnectionError)

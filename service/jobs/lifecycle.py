@@ -443,3 +443,7 @@ class Jobs:
 
     def live_workers(self) -> int:
         return sum(1 for _ in self.r.scan_iter(self.keys.workers_pattern, count=100))
+
+    async def live_workers_async(self, ar) -> int:
+        """live_workers on a redis.asyncio client (`ar`, the same server): for routes that must not take a thread."""
+        return len([k async for k in ar.scan_iter(self.keys.workers_pattern, count=100)])

@@ -12,15 +12,16 @@ from service.api.problems import Problem, responses
 router = APIRouter(tags=["health"])
 
 
+# Both run on the event loop, never on a thread: a pool held by slow work cannot delay them.
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process answers; depends on nothing else (not Redis)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", responses=responses(503))
-def readyz(svc: ServicesDep) -> dict[str, object]:
-    workers = svc.jobs.live_workers()  # Redis down: 503 from the handler
+async def readyz(svc: ServicesDep) -> dict[str, object]:
+    workers = await svc.jobs.live_workers_async(svc.aredis)  # Redis down: 503 from the handler
     if workers == 0:
         raise Problem(503, "no live worker: start one with `stemseg worker`",
                       headers={"Retry-After": str(svc.settings.retry_after_s)})

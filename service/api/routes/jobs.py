@@ -135,16 +135,17 @@ async def create_job(
     # Redis first: with Redis down, or the caller over its limits, no byte is read or stored.
     await run_in_threadpool(svc.jobs.check_rate, owner, s.rate_limit_jobs, s.rate_window_s)
     await run_in_threadpool(svc.jobs.check_quota, owner, s.max_active_jobs)
+    svc.probes.check(owner)  # all probe slots busy: 503 before a byte is read
     staging = f"upload-{svc.jobs.new_id()}"
     try:
         filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)
+        job = await svc.probes.run(
+            owner, svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
+            limits=Limits.from_settings(s), quota=s.max_active_jobs,
+            fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
     except BaseException:
         svc.storage.delete_job(staging)
         raise
-    job = await run_in_threadpool(
-        svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
-        limits=Limits.from_settings(s), quota=s.max_active_jobs,
-        fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
     response.headers["Location"] = f"/v1/jobs/{job['id']}"
     return _view(job)
 

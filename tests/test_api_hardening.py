@@ -1,0 +1,81 @@
+"""The API under hostile load, against real processes (API, Redis): probes on threads of their
+own so /healthz never waits for them, event-stream slots reserved before the first await,
+downloads racing a DELETE, pipelined heads during a long response."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from service_env import ServiceEnv
+from videos import make_video
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def make_env(tmp_path: Path, small_weights: Path):
+    envs: list[ServiceEnv] = []
+
+    def make(**settings: str) -> ServiceEnv:
+        env = ServiceEnv(tmp_path / f"env{len(envs)}", small_weights, **settings)
+        env.data.mkdir(parents=True)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        env.close()
+
+
+def _clean_logs(env: ServiceEnv) -> None:
+    text = env.log_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert str(env.data) not in text, text[-3000:]
+
+
+def _slow_to_probe(boxes: int = 4_000_000) -> bytes:
+    # An MP4 head then millions of empty top-level boxes: each is skipped by its size, so the
+    # probe walks until STEMSEG_PROBE_BUDGET_S ends it (413).
+    return struct.pack(">I4s8s", 16, b"ftyp", b"isom\0\0\2\0") + struct.pack(">I4s", 8, b"free") * boxes
+
+
+def test_probes_do_not_starve_healthz(make_env) -> None:
+    env = make_env(STEMSEG_API_THREADS="2", STEMSEG_PROBE_BUDGET_S="4", STEMSEG_RATE_LIMIT_JOBS="0",
+                   STEMSEG_MAX_CONCURRENT_PROBES="2", STEMSEG_MAX_PROBES_PER_KEY="1", STEMSEG_API_KEYS="ka,kb,kc")
+    env.start_api()
+    body = _slow_to_probe()
+    answers: dict[str, httpx.Response] = {}
+
+    def upload(name: str, key: str) -> None:
+        answers[name] = httpx.post(f"{env.base}/v1/jobs", content=body, timeout=60,
+                                   headers={"content-type": "application/octet-stream", "x-api-key": key})
+
+    probes = [threading.Thread(target=upload, args=(n, k)) for n, k in (("a1", "ka"), ("b1", "kb"))]
+    for t in probes:
+        t.start()
+    time.sleep(1.5)  # both uploads are in (32 MB on loopback), both probing
+    assert all(t.is_alive() for t in probes)
+    for path in ("/healthz", "/readyz", "/v1/jobs"):
+        t0 = time.monotonic()
+        r = httpx.get(f"{env.base}{path}", headers={"x-api-key": "kc"}, timeout=30)
+        assert time.monotonic() - t0 < 1, (path, time.monotonic() - t0)
+        assert r.status_code in (200, 503) if path == "/readyz" else r.status_code == 200
+    upload("a2", "ka")  # the same key again: its one probe is in use
+    upload("c1", "kc")  # another key: every probe slot is in use
+    for t in probes:
+        t.join(60)
+    for name, why in (("a2", "STEMSEG_MAX_PROBES_PER_KEY"), ("c1", "STEMSEG_MAX_CONCURRENT_PROBES")):
+        r = answers[name]
+        assert r.status_code == 503 and r.headers["content-type"] == PROBLEM and r.headers["retry-after"], r.text
+        assert why in r.json()["detail"]
+    for name in ("a1", "b1"):
+        assert answers[name].status_code == 413 and "STEMSEG_PROBE_BUDGET_S" in answers[name].json()["detail"]
+    assert list((env.data / "jobs").iterdir()) == []  # the refused uploads left nothing
+    _clean_logs(env)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import time
 from pathlib import Path
@@ -272,7 +274,7 @@ def test_api_key_bytes_are_compared_exactly() -> None:
     svc = SimpleNamespace(settings=Settings(api_keys="alpha"))
 
     def ask(name: bytes, value: bytes) -> str:
-        return caller(Request({"type": "http", "headers": [(name, value)]}), svc)
+        return asyncio.run(caller(Request({"type": "http", "headers": [(name, value)]}), svc))
 
     assert ask(b"authorization", b"Bearer alpha") == ask(b"x-api-key", b"alpha")
     for name, value in ((b"authorization", b"Bearer alpha\x85"), (b"x-api-key", b"alpha\x85"),

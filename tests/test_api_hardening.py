@@ -79,3 +79,60 @@ def test_probes_do_not_starve_healthz(make_env) -> None:
         assert answers[name].status_code == 413 and "STEMSEG_PROBE_BUDGET_S" in answers[name].json()["detail"]
     assert list((env.data / "jobs").iterdir()) == []  # the refused uploads left nothing
     _clean_logs(env)
+
+
+def test_event_stream_cap_holds_under_a_burst(make_env, tmp_path: Path) -> None:
+    env = make_env(STEMSEG_RATE_LIMIT_JOBS="0", STEMSEG_SSE_KEEPALIVE_S="60", STEMSEG_MAX_EVENT_STREAMS="100",
+                   STEMSEG_REDIS_POOL_MARGIN="4")
+    env.start_api()
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    job_id = httpx.post(f"{env.base}/v1/jobs", content=video.read_bytes(),
+                        headers={"content-type": "application/octet-stream"}).json()["id"]
+    out: list[tuple[int, str]] = []
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+        release = asyncio.Event()
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            async def one(path: str) -> None:
+                async with client.stream("GET", f"{env.base}{path}") as r:
+                    if r.status_code == 200:
+                        lines = r.aiter_lines()
+                        first = [await anext(lines) for _ in range(2)]  # id:, event:
+                        out.append((200, first[1]))
+                        await release.wait()
+                    else:
+                        out.append((r.status_code, (await r.aread()).decode()))
+
+            # streams of no job first: each slot comes back (a 404 must not keep one)
+            await asyncio.gather(*[one(f"/v1/jobs/{'0' * 32}/events") for _ in range(20)])
+            tasks = [asyncio.create_task(one(f"/v1/jobs/{job_id}/events")) for _ in range(200)]
+            deadline = time.monotonic() + 60
+            while len(out) < 220 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            release.set()
+            await asyncio.gather(*tasks)
+        # every slot was given back: 100 streams open again at once
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            again: list[int] = []
+            gate = asyncio.Event()
+
+            async def hold() -> None:
+                async with client.stream("GET", f"{env.base}/v1/jobs/{job_id}/events") as r:
+                    again.append(r.status_code)
+                    await gate.wait()
+
+            held = [asyncio.create_task(hold()) for _ in range(100)]
+            while len(again) < 100 and time.monotonic() < deadline + 30:
+                await asyncio.sleep(0.1)
+            gate.set()
+            await asyncio.gather(*held)
+            assert again.count(200) == 100, Counter(again)
+
+    asyncio.run(main())
+    statuses = Counter(s for s, _ in out)
+    assert statuses == {200: 100, 503: 100, 404: 20}, statuses
+    assert all("event streams are open" in text for s, text in out if s == 503), [t for s, t in out if s == 503][:3]
+    assert all("error" not in text for s, text in out if s == 200)
+    _clean_logs(env)

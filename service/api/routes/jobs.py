@@ -9,6 +9,7 @@ import json
 import re
 import time
 import zipfile
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import redis
@@ -250,15 +251,27 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
     if svc.open_streams >= s.max_event_streams:
         raise Problem(503, f"{s.max_event_streams} event streams are open, the most allowed; poll the job instead",
                       headers={"Retry-After": str(s.retry_after_s)})
-    raw = await ar.hget(keys.job(job_id), "owner")
-    if raw is None or json.loads(raw) != owner:
-        raise Problem(404, f"no job {job_id}")
+    # The slot is taken before the first await (checked and taken with nothing running between),
+    # so a burst cannot pass the check together; it is given back exactly once on every path.
+    svc.open_streams += 1
+    held = True
+
+    def release() -> None:
+        nonlocal held
+        if held:
+            held = False
+            svc.open_streams -= 1
+
+    try:
+        raw = await ar.hget(keys.job(job_id), "owner")
+        if raw is None or json.loads(raw) != owner:
+            raise Problem(404, f"no job {job_id}")
+    except BaseException:
+        release()
+        raise
 
     async def stream():
         nonlocal after
-        # Counted from the first iteration, so the finally below always balances it (a response
-        # whose client left before it started never runs its body).
-        svc.open_streams += 1
         loop = asyncio.get_running_loop()
         end_at, idle_since = loop.time() + s.sse_max_s, loop.time()
         try:
@@ -284,10 +297,25 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
         except redis.RedisError:
             yield _sse(None, "error", json.dumps({"detail": "the job store (Redis) is unreachable; reconnect"}))
         finally:
-            svc.open_streams -= 1
+            release()
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EventStream(stream(), release, media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _EventStream(StreamingResponse):
+    """Gives the stream's slot back however the response ends: a body that never started (the
+    client left first) runs no finally of its own."""
+
+    def __init__(self, body, release: Callable[[], None], **kwargs) -> None:
+        super().__init__(body, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 _STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")

@@ -144,8 +144,17 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(60.0, gt=0,
                                     description="How often a worker runs the sweeper (one worker at a time)")
     sweep_grace_s: float = Field(600.0, ge=0, description="Files without a job record are deleted once this old")
-    webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="host or host:port a callback_url may name "
-                               "(comma-separated; a host alone allows its scheme's default port only; [v6]:port)")
+    webhook_hosts: str = Field("127.0.0.1,localhost,[::1]", description="host or host:port a callback_url may name "
+                               "(comma-separated; a host alone allows its scheme's default port only; IPv6 as "
+                               "[v6] or [v6]:port)")
+
+    @field_validator("webhook_hosts")
+    @classmethod
+    def _webhook_hosts(cls, v: str) -> str:
+        from service.jobs.webhooks import parse_allowed  # standard library only
+
+        parse_allowed([h for h in v.split(",")])
+        return v
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
     webhook_attempts: int = Field(5, ge=1, description="Deliveries of one webhook before giving up")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles per attempt")

@@ -5,7 +5,11 @@ downloads racing a DELETE, pipelined heads during a long response."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,6 +19,9 @@ import httpx
 import pytest
 from service_env import ServiceEnv
 from videos import make_video
+
+from service.config import Settings
+from service.jobs.webhooks import check_callback_url, parse_allowed
 
 PROBLEM = "application/problem+json"
 
@@ -135,4 +142,68 @@ def test_event_stream_cap_holds_under_a_burst(make_env, tmp_path: Path) -> None:
     assert statuses == {200: 100, 503: 100, 404: 20}, statuses
     assert all("event streams are open" in text for s, text in out if s == 503), [t for s, t in out if s == 503][:3]
     assert all("error" not in text for s, text in out if s == 200)
+    _clean_logs(env)
+
+
+# --- webhook allow-list ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["127.0.0.1:80a", "[::1]:x", "::1:8080", "host:99999", "host:0", "[::1",
+                                   "[not-v6]:80", "a b", "[::1]8080"])
+def test_a_bad_webhook_hosts_entry_stops_start_up_with_one_line(tmp_path: Path, entry: str) -> None:
+    env = {**os.environ, "STEMSEG_WEBHOOK_HOSTS": f"localhost,{entry}", "STEMSEG_DATA_DIR": str(tmp_path)}
+    for command in ("serve", "worker") if entry == "::1:8080" else ("serve",):
+        p = subprocess.run([sys.executable, "-m", "service.cli", command], check=False, env=env,
+                           capture_output=True, text=True, timeout=60)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1, (command, p.returncode, p.stderr[-2000:])
+        assert "STEMSEG_WEBHOOK_HOSTS" in lines[0] and repr(entry) in lines[0], lines[0]
+
+
+def test_webhook_hosts_parse_strictly() -> None:
+    assert parse_allowed(["127.0.0.1", "LocalHost:8080", "[::1]", "[::1]:9000", "hooks.internal.", "svc_a"]) == {
+        ("127.0.0.1", None), ("localhost", 8080), ("::1", None), ("::1", 9000), ("hooks.internal", None),
+        ("svc_a", None)}
+    assert check_callback_url("http://[::1]/hook", Settings().webhook_host_list) is None  # the default list
+
+
+def test_a_narrowed_allow_list_is_checked_again_at_delivery(make_env, tmp_path: Path) -> None:
+    hits: list[bytes] = []
+    receiver = socket.socket()
+    receiver.bind(("127.0.0.1", 0))
+    receiver.listen()
+    port = receiver.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = receiver.accept()
+            except OSError:
+                return
+            with conn:
+                hits.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    env = make_env(STEMSEG_RATE_LIMIT_JOBS="0", STEMSEG_WEBHOOK_HOSTS=f"127.0.0.1:{port}",
+                   STEMSEG_WEBHOOK_BACKOFF_S="0")
+    env.start_api()
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    r = httpx.post(f"{env.base}/v1/jobs", content=video.read_bytes(), params={"callback_url":
+                   f"http://127.0.0.1:{port}/hook", "formats": "ytvis"},
+                   headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 202, r.text
+    env.env["STEMSEG_WEBHOOK_HOSTS"] = "localhost"  # the list is narrowed before a worker ends the job
+    env.start_worker()
+    job_id = r.json()["id"]
+    job = env.wait(job_id)
+    deadline = time.monotonic() + 30
+    while not (job.get("webhook") or {}).get("attempts") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        job = httpx.get(f"{env.base}/v1/jobs/{job_id}").json()
+    receiver.close()
+    assert job["status"] == "succeeded"
+    assert job["webhook"]["delivered"] is False and [a["error"] for a in job["webhook"]["attempts"]] == \
+        ["not allowed"], job["webhook"]
+    assert hits == []
     _clean_logs(env)

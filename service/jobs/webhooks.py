@@ -5,7 +5,8 @@ signed as Stripe and GitHub do: `X-Stemseg-Signature: sha256=HMAC_SHA256(secret,
 with the Unix time in `X-Stemseg-Timestamp`, so a receiver can check both origin and age
 (replays). A delivery that fails (connection error, timeout, non-2xx) is retried with
 exponential backoff up to `webhook_attempts` times; every attempt is recorded on the job
-(`webhook.attempts`) as its status code, "connection failed" or "timed out"; `webhook_timeout_s`
+(`webhook.attempts`) as its status code, "connection failed", "timed out" or, for a target the
+allow-list no longer names (it is checked again at delivery), "not allowed"; `webhook_timeout_s`
 bounds a whole attempt, not each socket read. Targets are listed as host:port
 (`parse_allowed`). Delivery runs in a thread of the worker that ended the job: if that
 worker dies mid-retry, the remaining attempts are lost (the job's state is still right).
@@ -19,6 +20,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -33,6 +35,7 @@ SIGNATURE_HEADER = "X-Stemseg-Signature"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 CONNECTION_FAILED = "connection failed"
 TIMED_OUT = "timed out"
+NOT_ALLOWED = "not allowed"  # the host or port left STEMSEG_WEBHOOK_HOSTS after the job was made
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -48,21 +51,44 @@ def _canonical_host(host: str) -> str:
         return host.rstrip(".")
 
 
+_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?")
+
+
+def _port(text: str, entry: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
 def parse_allowed(entries: list[str]) -> set[tuple[str, int | None]]:
-    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address -> (host, port); port None: the
-    URL's scheme's default port only."""
+    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port); port None: the URL's scheme's
+    default port only. An entry that is none of these raises ValueError naming it: nothing is
+    guessed (a bare `::1:8080` could be an address or an address and a port)."""
     out: set[tuple[str, int | None]] = set()
-    for entry in entries:
-        entry = entry.strip().lower()
+    for raw in entries:
+        entry = raw.strip().lower()
         if not entry:
             continue
-        host, port = entry, None
+        port = None
         if entry.startswith("["):
-            host, _, rest = entry[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
-        elif entry.count(":") == 1:
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"{raw.strip()!r}: write an IPv6 address as [address] or [address]:port")
+            if rest:
+                port = _port(rest[1:], raw.strip())
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{raw.strip()!r}: {host!r} is not an IPv6 address") from None
+        elif ":" in entry:
             host, _, p = entry.partition(":")
-            port = int(p) if p.isdigit() else None
+            if ":" in p:
+                raise ValueError(f"{raw.strip()!r}: write an IPv6 address in brackets, [address] or [address]:port")
+            port = _port(p, raw.strip())
+        else:
+            host = entry
+        if not entry.startswith("[") and not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{raw.strip()!r}: {host!r} is not a host name or IPv4 address")
         out.add((_canonical_host(host), port))
     return out
 
@@ -147,8 +173,11 @@ def payload(job: dict[str, Any]) -> dict[str, Any]:
 class Notifier:
     """Delivers one job's webhook with retries, recording each attempt through `record`."""
 
-    def __init__(self, secret: str, attempts: int, backoff_s: float, timeout_s: float) -> None:
+    def __init__(self, secret: str, attempts: int, backoff_s: float, timeout_s: float,
+                 allowed_hosts: list[str] | None = None) -> None:
         self.secret, self.attempts, self.backoff_s, self.timeout_s = secret, attempts, backoff_s, timeout_s
+        # Checked again at delivery: a job stored before the list was narrowed keeps its old URL.
+        self.allowed_hosts = allowed_hosts
 
     def deliver(self, url: str, body: dict[str, Any], record: Any) -> bool:
         """Up to `attempts` POSTs, each bounded as a whole by `timeout_s`. An attempt records the
@@ -157,6 +186,14 @@ class Notifier:
         data = json.dumps(body).encode()
         delay = self.backoff_s
         tries: list[dict[str, Any]] = []
+        if self.allowed_hosts is not None and check_callback_url(url, self.allowed_hosts):
+            log.warning("webhook to %r not sent: no longer allowed (STEMSEG_WEBHOOK_HOSTS)", _where(url))
+            tries.append({"at": time.time(), "status": None, "error": NOT_ALLOWED})
+            try:
+                record({"url": url, "delivered": False, "attempts": tries})
+            except Exception as e:  # noqa: BLE001 (as below)
+                log.warning("could not record webhook attempt 1 to %r (%s)", _where(url), type(e).__name__)
+            return False
         for n in range(1, self.attempts + 1):
             attempt: dict[str, Any] = {"at": time.time(), "status": None, "error": None}
             try:

@@ -97,7 +97,8 @@ class Worker:
         self.jobs = Jobs(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
         self.jobs.on_end = self._job_ended
         self.queue = self.jobs.queue
-        self.notifier = Notifier(s.webhook_secret, s.webhook_attempts, s.webhook_backoff_s, s.webhook_timeout_s)
+        self.notifier = Notifier(s.webhook_secret, s.webhook_attempts, s.webhook_backoff_s, s.webhook_timeout_s,
+                                 s.webhook_host_list)
         self.stitcher = JobStitcher(self.r, self.jobs, self.storage, self.engine.cfg,
                                     overlay_frames=lambda path: (f.image for f in iter_frames(path)))
         self._beat_key = self.jobs.keys.worker(self.name)

@@ -207,3 +207,72 @@ def test_a_narrowed_allow_list_is_checked_again_at_delivery(make_env, tmp_path: 
         ["not allowed"], job["webhook"]
     assert hits == []
     _clean_logs(env)
+
+
+# --- downloads racing a DELETE, pipelined heads ----------------------------------------------------
+
+@pytest.mark.parametrize("range_header", [None, "bytes=0-3", "bytes=2-", "items=0-1"])
+def test_a_download_whose_file_is_gone_is_404_problem(tmp_path: Path, range_header: str | None, monkeypatch) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.api import problems
+    from service.api.ranges import RangedFile
+
+    path = tmp_path / "jobs" / "j" / "out" / "mots.txt"
+    app = FastAPI()
+    app.state.settings = Settings()
+    problems.install(app)
+    app.get("/f")(lambda: RangedFile(path, media_type="text/plain"))
+    headers = {"range": range_header} if range_header else {}
+    with TestClient(app) as c:
+        r = c.get("/f", headers=headers)  # deleted before the request (DELETE, sweeper)
+        assert r.status_code == 404 and r.headers["content-type"] == PROBLEM, r.text
+        assert str(tmp_path) not in r.text and "gone" in r.json()["detail"]
+        path.parent.mkdir(parents=True)
+        path.write_text("0123456789")
+        assert c.get("/f", headers=headers).status_code in (200, 206)
+
+        import starlette.responses
+
+        real_open = starlette.responses.anyio.open_file
+
+        async def deleted_meanwhile(*args, **kwargs):  # between the stat and the open
+            path.unlink(missing_ok=True)
+            return await real_open(*args, **kwargs)
+
+        monkeypatch.setattr(starlette.responses.anyio, "open_file", deleted_meanwhile)
+        try:
+            r = c.get("/f", headers=headers)
+        except Exception as e:  # noqa: BLE001 (a cut body is what the client sees; no server error)
+            assert "FileNotFoundError" not in type(e).__name__, e
+        else:
+            assert r.status_code in (200, 206) and len(r.content) < 10
+
+
+def test_a_pipelined_head_during_a_long_response_gets_no_408_inside_it(make_env, tmp_path: Path) -> None:
+    env = make_env(STEMSEG_HEADER_TIMEOUT_S="1", STEMSEG_SSE_MAX_S="3", STEMSEG_RATE_LIMIT_JOBS="0")
+    env.start_api()
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    job_id = httpx.post(f"{env.base}/v1/jobs", content=video.read_bytes(),
+                        headers={"content-type": "application/octet-stream"}).json()["id"]
+    port = int(env.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        t0 = time.monotonic()
+        s.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        time.sleep(0.3)  # the stream is under way
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # a pipelined head, never finished
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        elapsed = time.monotonic() - t0
+    stream, _, after = out.partition(b"\r\n0\r\n\r\n")  # the end of the chunked event stream
+    assert b"408" not in stream, out[:2000]  # nothing written into the event stream
+    assert after, out[-2000:]  # the stream ran to its end (STEMSEG_SSE_MAX_S)...
+    assert b"HTTP/1.1 408 " in after and elapsed > 3, (elapsed, after[-500:])  # ...then the head's clock ran
+    _clean_logs(env)

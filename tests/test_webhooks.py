@@ -49,7 +49,7 @@ class Receiver:
 
 
 def test_callback_url_policy() -> None:
-    allowed = ["127.0.0.1", "localhost", "::1", "127.0.0.1:8080", "[::1]:9000", "hooks.internal:8443"]
+    allowed = ["127.0.0.1", "localhost", "[::1]", "127.0.0.1:8080", "[::1]:9000", "hooks.internal:8443"]
     for good in ("http://127.0.0.1/x", "http://127.0.0.1:80/x", "https://localhost/x", "http://[::1]/",
                  "http://127.0.0.1:8080/h?a=1", "http://[::1]:9000/", "https://hooks.internal:8443/a",
                  "HTTP://LOCALHOST./x"):
@@ -75,6 +75,8 @@ def worker(small_weights: Path, tmp_path: Path):
 
 
 def _job_with_callback(worker, video: Path, url: str) -> str:
+    # Admitted as the API would: its host and port are on the allow-list, which delivery checks again.
+    worker.notifier.allowed_hosts.append(url.split("/")[2])
     staging = "upload-" + uuid.uuid4().hex
     worker.storage.write(staging, "video", video.read_bytes())
     return worker.jobs.admit(staging, "", model=worker.engine.cfg, min_dim=None, clips_per_task=4,

@@ -9,6 +9,7 @@ RFC 9110 asks; a malformed `bytes` range is 400; a range that starts past the en
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -19,8 +20,24 @@ from starlette.types import Receive, Scope, Send
 from service.api.problems import PROBLEM, ProblemDetails, problem_response
 
 
+def _gone(request: Request) -> Any:
+    # No path: the client knows the file by its URL. A DELETE or the sweeper removed it.
+    return problem_response(request, 404, "Not Found", "the file is gone: its job was deleted or has expired")
+
+
 class RangedFile(FileResponse):
+    """A file that may be deleted while it is asked for (DELETE, the sweeper): stat once here and
+    answer 404 problem+json if it is gone, rather than Starlette's RuntimeError (a 500)."""
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return await _gone(Request(scope))(scope, receive, send)
+        if not stat.S_ISREG(st.st_mode):
+            return await _gone(Request(scope))(scope, receive, send)
+        self.stat_result = st
+        self.set_stat_headers(st)
         headers = Headers(scope=scope)
         value = headers.get("range")
         if value is not None:
@@ -29,7 +46,7 @@ class RangedFile(FileResponse):
             if unit != "bytes" or (if_range is not None and not self._should_use_range(if_range)):
                 scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]}
             else:
-                size = os.stat(self.path).st_size
+                size = st.st_size
                 request = Request(scope)
                 try:
                     self._parse_range_header(value, size)
@@ -41,7 +58,20 @@ class RangedFile(FileResponse):
                                                 f"the range starts past the end of the {size}-byte file",
                                                 {"Content-Range": f"bytes */{size}"})
                     return await response(scope, receive, send)
-        await super().__call__(scope, receive, send)
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, tracked)
+        except FileNotFoundError:  # removed between the stat above and Starlette opening it
+            if not started:
+                return await _gone(Request(scope))(scope, receive, send)
+            # The head is out: nothing to answer with. Returning unfinished makes the server
+            # close the connection, so the client sees a cut body, not a shorter file.
 
 
 def ranged_responses(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:

@@ -42,6 +42,7 @@ def bounded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._in_head, self._head_bytes, self._head_timer, self._boundaries = True, 0, None, 0
+            self._head_begun = False  # a byte of the next request's head has been parsed
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -66,9 +67,16 @@ def bounded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
                 self.transport.write(response)
                 self.transport.close()
 
+        def _responding(self) -> bool:
+            cycle = getattr(self, "cycle", None)
+            return cycle is not None and not cycle.response_complete
+
         def data_received(self, data: bytes) -> None:
-            if self._in_head:
-                self._arm()  # a keep-alive connection's next request starts its clock here
+            # A keep-alive connection's next request starts its clock here, but not while a
+            # response is under way: a pipelined head waits for it (uvicorn queues that request),
+            # and a 408 written then would land inside the response's body.
+            if self._in_head and not self._responding():
+                self._arm()
             boundaries_before = self._boundaries
             super().data_received(data)
             # Counted only while one head spans whole reads: a read that ended a head or a
@@ -79,8 +87,18 @@ def bounded_protocol(max_header_bytes: int, header_timeout_s: float) -> type[asy
                 if self._head_bytes > max_header_bytes:
                     self._refuse(too_large)
 
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_begun = True
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # A head that began during the response gets its clock now.
+            if self._in_head and self._head_begun and not self._responding() and not self.transport.is_closing():
+                self._arm()
+
         def on_headers_complete(self) -> None:
-            self._in_head, self._head_bytes = False, 0
+            self._in_head, self._head_bytes, self._head_begun = False, 0, False
             self._boundaries += 1
             self._disarm()
             super().on_headers_complete()

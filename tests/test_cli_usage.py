@@ -148,6 +148,16 @@ def test_out_refuses_then_force_replaces_only_a_previous_output(video: Path, tmp
     assert (out / "mine.txt").read_text() == "added by the user"
 
 
+def test_out_creates_only_the_final_directory(video: Path, tmp_path: Path, capsys) -> None:
+    deep = tmp_path / "missing" / "parent" / "out"
+    assert run(["segment", str(video), "--out", str(deep), "--no-progress", "--format", "mots"]) == 2
+    err = capsys.readouterr().err
+    assert "parent" in err and str(deep.parent) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists()  # nothing made, not even the first missing level
+    assert run(["segment", str(video), "--out", str(tmp_path / "made"), "--no-progress", "--format", "mots"]) == 0
+    assert (tmp_path / "made" / "mots.txt").is_file()
+
+
 def test_default_formats_and_out_directory(video: Path, tmp_path: Path, monkeypatch) -> None:
     local = tmp_path / "clip.mp4"
     local.write_bytes(video.read_bytes())

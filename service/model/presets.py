@@ -138,9 +138,9 @@ def model_warning(preset: str | None) -> str | None:
     """The one-line warning for a run of a model that sees only synthetic shapes, else None."""
     if preset not in SYNTHETIC_ONLY:
         return None
-    return (f"the {preset} model was trained on synthetic shapes only (discs, squares, stars...): on real "
-            "videos its tracks mean nothing; for real videos fetch an official checkpoint "
-            "(`stemseg weights fetch youtube_vis`, then --weights youtube_vis or STEMSEG_WEIGHTS=youtube_vis)")
+    return (f"the {preset} model sees only synthetic shapes (discs, squares, stars...), its tracks on real videos "
+            "mean nothing: for real videos fetch an official checkpoint (`stemseg weights fetch youtube_vis`, "
+            "then --weights youtube_vis or STEMSEG_WEIGHTS=youtube_vis)")
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -30,7 +30,9 @@ def swagger_ui() -> HTMLResponse:
                                swagger_js_url=f"{STATIC_URL}/vendor/swagger-ui/swagger-ui-bundle.js",
                                swagger_css_url=f"{STATIC_URL}/vendor/swagger-ui/swagger-ui.css",
                                swagger_favicon_url=f"{STATIC_URL}/vendor/swagger-ui/favicon-32x32.png",
-                               oauth2_redirect_url=None, swagger_ui_parameters={"persistAuthorization": False})
+                               oauth2_redirect_url=None,
+                               # no validator badge: it would be fetched from validator.swagger.io
+                               swagger_ui_parameters={"persistAuthorization": False, "validatorUrl": None})
 
 
 @router.get("/redoc")

@@ -200,6 +200,7 @@ async function follow(job) {
   const final = await (await api(job.links.self)).json();
   if (final.status === "succeeded") setProgress("process-progress", 1, `${total} of ${total} frames`);
   await showJob(final);
+  refreshJobs();
 }
 
 // --- a job's results ------------------------------------------------------------------------

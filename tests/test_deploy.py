@@ -878,14 +878,15 @@ def test_keda_metrics_track_the_queue_under_its_own_xdel_pattern():
     import uuid
 
     import redis
+    from service_env import REDIS_URL
 
     from service.jobs.queue import TaskQueue
 
-    r = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    r = redis.Redis.from_url(REDIS_URL)
     try:
         r.ping()
     except redis.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
+        pytest.skip(f"no Redis at {REDIS_URL} (.ci/run starts one)")
     prefix = f"test-deploy-{uuid.uuid4().hex}"
     try:
         from service.jobs.keys import Keys

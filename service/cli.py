@@ -86,8 +86,18 @@ def _port(text: str) -> int:
     return value
 
 
+def _video_file(text: str) -> Path:
+    """Checked while parsing, so a mistyped name is one line at once, before torch is imported."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    return path
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
+    p.add_argument("video", type=_video_file, help="video file (any container/codec FFmpeg reads)")
     _add_model_options(p)
 
 
@@ -138,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-progress", action="store_true")
 
     sbm = sub.add_parser("submit", help="segment a video on a running service (stemseg serve) into segment's folder")
-    sbm.add_argument("video", type=Path, help="video file to upload")
+    sbm.add_argument("video", type=_video_file, help="video file to upload")
     sbm.add_argument("--server", default=os.environ.get("STEMSEG_SERVER"),
                      help="the service's URL, e.g. http://127.0.0.1:8000 (env STEMSEG_SERVER)")
     sbm.add_argument("--api-key", default=os.environ.get("STEMSEG_API_KEY"),
@@ -284,17 +294,19 @@ def _pipeline(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import os
-
-    from tqdm import tqdm
-
     from service.config import get_settings
-    from service.outputs import check_output_dir, write_outputs
-    from service.pipeline.session import open_video
 
     formats = args.format or get_settings().format_list
+    _check_weights(args)
+    from service.outputs import check_output_dir, write_outputs
+
     out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))
     check_output_dir(out_dir, replace=args.force)  # before minutes of work, not after
+    # Only now torch: every mistake above is reported in a fraction of a second.
+    from tqdm import tqdm
+
+    from service.pipeline.session import open_video
+
     engine, settings = _load(args)
     _warn_synthetic(engine.cfg.name)
     start = time.perf_counter()
@@ -309,6 +321,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
     n = video.info.num_frames
     print(f"{n} frames, {_track_count(result)}, {seconds:.1f} s, {n / seconds:.2f} frames/s -> {out_dir}")
     return 0
+
+
+def _check_weights(args: argparse.Namespace) -> None:
+    """Weights that name no file are one line at once, not after seconds of importing torch."""
+    from service.config import get_settings, resolve_weights
+
+    if args.engine == "torch":
+        settings = get_settings()
+        resolve_weights(args.weights if args.weights is not None else settings.weights, settings.weights_dir)
 
 
 def _track_count(result) -> str:
@@ -327,17 +348,15 @@ def _warn_synthetic(preset: str) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    if not args.server:
+        raise UsageError("submit needs the service's URL: --server URL (or env STEMSEG_SERVER)")
+    if not re.match(r"https?://", args.server):
+        raise UsageError(f"--server must be an http:// or https:// URL, not {args.server!r}")
     import httpx
 
     from service.client import Client, JobFailed, ServiceError
     from service.outputs.write import OutputExists, check_output_dir
 
-    if not args.server:
-        raise UsageError("submit needs the service's URL: --server URL (or env STEMSEG_SERVER)")
-    if not re.match(r"https?://", args.server):
-        raise UsageError(f"--server must be an http:// or https:// URL, not {args.server!r}")
-    if not args.video.is_file():
-        raise UsageError(f"{args.video}: no such file")
     out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))
     start = time.perf_counter()
     try:
@@ -370,6 +389,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _check_weights(args)
     import torch
 
     from service.pipeline.session import open_video

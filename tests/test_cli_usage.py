@@ -243,3 +243,22 @@ def test_settings_out_of_range_are_one_line_exit_2(tmp_path: Path) -> None:
                            timeout=120, check=False, cwd=tmp_path, env={**os.environ, name: value})
         assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stderr)
         assert p.stderr.strip().splitlines() == [p.stderr.strip()] and name in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["segment", "/no/such/video.mp4"],
+    ["segment", "{video}", "--weights", "/no/such.pth"],
+    ["segment", "{video}", "--out", "/no/such/dir/out"],
+    ["bench", "{video}", "--weights", "/no/such.pth"],
+    ["submit", "{video}"],
+])
+def test_mistakes_are_reported_before_torch_is_imported(video: Path, argv: list[str]) -> None:
+    """What makes an error take seconds is importing torch first (`python bench/cli_errors.py` times them)."""
+    argv = [a.format(video=video) for a in argv]
+    code = ("import sys\nfrom service.cli import main\nrc = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSEG_")}
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, env=env,
+                       check=False)
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr

@@ -352,9 +352,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError("submit needs the service's URL: --server URL (or env STEMSEG_SERVER)")
     if not re.match(r"https?://", args.server):
         raise UsageError(f"--server must be an http:// or https:// URL, not {args.server!r}")
-    import httpx
+    try:
+        import httpx
 
-    from service.client import Client, JobFailed, ServiceError
+        from service.client import Client, JobFailed, ServiceError
+    except ImportError as e:
+        raise UsageError(f"submit needs the server extra ({e.name} is missing): "
+                         "pip install 'stemseg-serve[server]'") from None
     from service.outputs.write import OutputExists, check_output_dir
 
     out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))

@@ -317,8 +317,8 @@ def test_min_score_hides_tracks_from_the_overlay_only(result: VideoResult, tmp_p
 
 
 def test_the_overlay_is_the_same_bytes_every_run(tmp_path: Path) -> None:
-    """Two `stemseg segment` runs of one video write the same overlay (with encode()'s own pixel
-    conversion, after the pipeline had run, the bytes changed from run to run)."""
+    """Two `stemseg segment --format overlay` runs of one video write the same overlay (with encode()'s
+    own pixel conversion, after the pipeline had run, the bytes changed from run to run)."""
     import subprocess
     import sys
 

@@ -262,3 +262,22 @@ def test_mistakes_are_reported_before_torch_is_imported(video: Path, argv: list[
                        check=False)
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_the_shipped_model_warns_and_the_track_cap_is_said(tmp_path: Path, capsys, official_weights) -> None:
+    """The sample has 21 tracks for lite's cap of 10: segment says both numbers, and that lite sees
+    only synthetic shapes; bench counts tracks as segment does."""
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample.mp4"
+    assert run(["segment", str(sample), "--out", str(tmp_path / "o"), "--format", "ytvis", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("stemseg: warning:")]
+    assert len(warning) == 1 and "synthetic shapes" in warning[0] and "stemseg weights fetch" in warning[0]
+    assert "10 tracks (the 11 shortest-lived of 21 cut by the preset's max_tracks=10)" in captured.out
+    assert len(json.loads((tmp_path / "o" / "results.json").read_text())) == 10
+    assert run(["bench", str(sample), "--min-dim", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tracks"] <= report["max_tracks"] == 10 and report["tracks_found"] >= report["tracks"]
+    # An official-format model is not synthetic-only: no warning.
+    assert run(["segment", str(sample), "--weights", str(official_weights("kitti_mots")), "--min-dim", "64",
+                "--out", str(tmp_path / "k"), "--format", "ytvis", "--no-progress"]) == 0
+    assert "stemseg: warning" not in capsys.readouterr().err

@@ -63,6 +63,7 @@ def test_submit_wait_result_download_and_list(service: ServiceEnv, video: Path, 
     with Client(service.base, api_key=KEY) as client:
         job = client.submit(video, formats=["ytvis", "mots"])
         assert job.status == "queued" and job.data["video"]["filename"] == "clip.mp4"
+        assert job.data["warning"] is None  # kitti_mots: not a synthetic-only preset (lite's: tests/test_web.py)
         assert job.wait(timeout=180) is job and job.status == "succeeded"
         result = job.result()
         assert result["num_frames"] == 21 and all(len(t["segmentations"]) == 21 for t in result["tracks"])

@@ -531,7 +531,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
 
-    redis, uvicorn, create_app = _server_modules()
+    redis, _, create_app = _server_modules()
     settings = get_settings()
     _ping_redis(redis, settings.redis_url)
     # Every configuration mistake surfaces here, as one line, before the server starts listening;
@@ -544,7 +544,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker = Worker(settings, engine=load_service_engine(settings))
         threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True).start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        from service.api.server import serve
+
+        serve(app, settings, args.host, args.port)
     finally:
         if worker is not None:
             worker.stopping.set()

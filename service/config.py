@@ -106,10 +106,24 @@ class Settings(BaseSettings):
     # --- Job lifecycle, limits and faults (issue 12; owned by service/jobs and service/api) ---
     max_frames: int = Field(20_000, ge=1, description="Videos with more frames are refused (413)")
     max_duration_s: float = Field(3600.0, gt=0, description="Videos longer than this are refused (413)")
+    probe_budget_s: float = Field(30.0, gt=0, description="Longest the API may spend reading one upload (probe, "
+                                                          "and remux of a raw stream) before refusing it (413)")
+    max_container_samples: int = Field(1_000_000, ge=1, description="MP4/MOV uploads whose tables list more samples "
+                                       "in all tracks are refused (413) before FFmpeg indexes them")
+    probe_cache_bytes: int = Field(64 * 1024**2, ge=0, description="Bytes of video indexes a worker keeps between "
+                                                                   "tasks (least recently used dropped first)")
     max_active_jobs: int = Field(100, ge=0, description="Unfinished jobs per API key (429 above); 0: no quota")
     rate_limit_jobs: int = Field(60, ge=0, description="Uploads one API key may send per rate window (429); 0: off")
     rate_window_s: int = Field(60, ge=1, description="Length of the rate-limit window in seconds")
     max_event_streams: int = Field(256, ge=0, description="Open /events streams per API process (503 above)")
+    api_threads: int = Field(40, ge=1, description="Threads of an API process for blocking work (Redis calls, "
+                                                   "probing); each may hold one Redis connection")
+    redis_pool_margin: int = Field(16, ge=1, description="Redis connections per pool beyond the API threads or "
+                                                         "event streams (admission checks, the lifespan)")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Request line and headers larger than this are "
+                                                                  "refused (431)")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent a request's headers "
+                                                            "within this is closed (408)")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent on an idle event stream")
     sse_max_s: float = Field(3600.0, gt=0, description="An event stream ends after this; clients resume with Last-Event-ID")
     upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is dropped (408)")
@@ -117,7 +131,8 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when Redis is unreachable")
     sweep_interval_s: float = Field(60.0, gt=0, description="How often a worker runs the sweeper (one worker at a time)")
     sweep_grace_s: float = Field(600.0, ge=0, description="Files without a job record are deleted once this old")
-    webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="Hosts a callback_url may name (comma-separated)")
+    webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="host or host:port a callback_url may name "
+                               "(comma-separated; a host alone allows its scheme's default port only; [v6]:port)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
     webhook_attempts: int = Field(5, ge=1, description="Deliveries of one webhook before giving up")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles per attempt")
@@ -140,6 +155,12 @@ class Settings(BaseSettings):
     @property
     def webhook_host_list(self) -> list[str]:
         return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]
+
+    @property
+    def redis_pool_sizes(self) -> tuple[int, int]:
+        """Connections of an API process's (sync, async) Redis pools: one per thread that can
+        run a Redis call, one per event stream, and a margin each."""
+        return self.api_threads + self.redis_pool_margin, self.max_event_streams + self.redis_pool_margin
 
     @property
     def format_list(self) -> tuple[str, ...]:

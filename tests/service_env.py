@@ -45,6 +45,8 @@ class ServiceEnv:
                     "STEMSEG_VISIBILITY_TIMEOUT_S": "3", "STEMSEG_CLIPS_PER_TASK": "2",
                     "OMP_NUM_THREADS": "1", **settings}
         self.procs: list[subprocess.Popen] = []
+        self.tmp = tmp
+        self.logs: list[Path] = []  # each process's stdout and stderr, for tests that read the logs
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.base = ""
 
@@ -67,8 +69,15 @@ class ServiceEnv:
         return p
 
     def _spawn(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.tmp / f"{args[0]}-{len(self.procs)}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        """What every process started so far wrote."""
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
     def wait(self, job_id: str, timeout: float = 180, headers: dict | None = None) -> dict:
         deadline = time.monotonic() + timeout

@@ -235,8 +235,8 @@ def test_worker_outcomes_no_space_and_bad_video(worker, tmp_path: Path, monkeypa
     job_id = _admit(worker, video)
     # The file goes bad after admission (e.g. a disk error): the job fails naming the video, not a path.
     worker.storage.path(job_id, "video").write_bytes(b"garbage" * 100)
-    from service.video.decode import _scan_cached
-    _scan_cached.cache_clear()
+    from service.video.decode import clear_cache
+    clear_cache()
     job = _drain(worker, job_id)
     assert job["status"] == "failed" and job["error"].startswith("video:"), job
     assert str(worker.settings.data_dir) not in job["error"]

@@ -41,6 +41,23 @@ def _tracks(env: ServiceEnv, job_id: str, headers: dict | None = None) -> list[d
     return r.json()["tracks"]
 
 
+def _check_ranges(url: str, whole: bytes) -> None:
+    """RFC 9110 ranges: a byte range is 206, an unknown unit is ignored (200, the whole file),
+    a malformed or unsatisfiable one is problem+json (400, 416 with Content-Range)."""
+    part = httpx.get(url, headers={"range": "bytes=4-11"})
+    assert part.status_code == 206 and part.content == whole[4:12]
+    assert part.headers["content-range"] == f"bytes 4-11/{len(whole)}"
+    for unit in ("items=0-3", "frames=1-2", "x"):
+        r = httpx.get(url, headers={"range": unit})
+        assert r.status_code == 200 and r.content == whole, unit
+    for bad in ("bytes=abc", "bytes=5-2", "bytes="):
+        r = httpx.get(url, headers={"range": bad})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json", (bad, r.text)
+    r = httpx.get(url, headers={"range": f"bytes={len(whole) + 10}-"})
+    assert r.status_code == 416 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["content-range"] == f"bytes */{len(whole)}"
+
+
 def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weights: Path) -> None:
     video = tmp_path / "clip.mp4"
     make_video(video, 21, 64, 48)
@@ -71,6 +88,7 @@ def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weigh
     assert mots.status_code == 200 and mots.text.strip()
     overlay = httpx.get(f"{env.base}/v1/jobs/{job_id}/overlay.mp4")
     assert overlay.status_code == 200 and overlay.headers["content-type"] == "video/mp4"
+    _check_ranges(f"{env.base}/v1/jobs/{job_id}/overlay.mp4", overlay.content)
 
     events = httpx.get(f"{env.base}/v1/jobs/{job_id}/events", timeout=30).text
     assert "event: frame" in events and "event: end" in events

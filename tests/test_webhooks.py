@@ -50,14 +50,22 @@ class Receiver:
 
 
 def test_callback_url_policy() -> None:
-    allowed = ["127.0.0.1", "localhost", "::1"]
-    assert check_callback_url("http://127.0.0.1:9/x", allowed) is None
-    assert check_callback_url("https://localhost/x", allowed) is None
-    assert check_callback_url("http://[::1]:8080/", allowed) is None
+    allowed = ["127.0.0.1", "localhost", "::1", "127.0.0.1:8080", "[::1]:9000", "hooks.internal:8443"]
+    for good in ("http://127.0.0.1/x", "http://127.0.0.1:80/x", "https://localhost/x", "http://[::1]/",
+                 "http://127.0.0.1:8080/h?a=1", "http://[::1]:9000/", "https://hooks.internal:8443/a",
+                 "HTTP://LOCALHOST./x"):
+        assert check_callback_url(good, allowed) is None, good
     for bad in ("http://169.254.169.254/latest/meta-data", "http://example.com/", "ftp://127.0.0.1/",
                 "file:///etc/passwd", "http://u:p@127.0.0.1/", "http://[::1", "127.0.0.1/x", "http://127.0.0.1:99999/",
-                "http://" + "a" * 3000):
+                "http://" + "a" * 3000,
+                # a listed host is not every port of it: no mapping a host's services through webhooks
+                "http://127.0.0.1:6379/", "http://127.0.0.1:5432/", "http://[::1]:9001/", "https://hooks.internal/a",
+                "http://localhost:8080/",
+                # control characters and whitespace (what %0D%0A in the query decodes to) never pass
+                "http://127.0.0.1/x\r\nX-Injected: 1", "http://127.0.0.1/a b", "http://127.0.0.1/\tx",
+                "http://127.0.0.1/\x85", "http://127.0.0.1/\x00", "http://127.0.0.1/caf\u00e9"):
         assert check_callback_url(bad, allowed), bad
+    assert "6379" in check_callback_url("http://127.0.0.1:6379/", allowed)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +128,8 @@ def test_failure_webhook_and_giving_up(worker, tmp_path: Path) -> None:
         make_video(video, 9, 64, 48)
         job_id = _job_with_callback(worker, video, receiver.url)
         worker.storage.path(job_id, "video").write_bytes(b"no longer a video" * 10)
-        from service.video.decode import _scan_cached
-        _scan_cached.cache_clear()
+        from service.video.decode import clear_cache
+        clear_cache()
         while worker.jobs.get(job_id)["status"] != "failed":
             worker.step()
         _wait(lambda: len((worker.jobs.get(job_id).get("webhook") or {}).get("attempts", [])) == 4)

@@ -41,6 +41,8 @@ from service.model.engines import Engine, engine_from_settings
 from service.pipeline.clips import clip_plan, context_range
 from service.pipeline.runner import ClipProcessor, PipelineOptions, SegmenterOptions
 from service.video import VideoError, iter_frames, read_frames
+from service.video.decode import configure_cache as configure_video_cache
+from service.video.decode import forget as forget_video
 
 log = logging.getLogger("stemseg.worker")
 
@@ -88,6 +90,7 @@ class Worker:
         if self.engine is None:
             self.engine = load_service_engine(s)
         self.r = redis_client(s)
+        configure_video_cache(s.probe_cache_bytes)
         self.storage = LocalStorage(s.data_dir)
         self.jobs = Jobs(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
         self.jobs.on_end = self._job_ended
@@ -126,6 +129,8 @@ class Worker:
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as e:  # a bug or a transient fault: redelivered, and the deliveries are bounded
+            if self.jobs.get(task.job_id) is None:  # not a bug: a DELETE took the files (see settle)
+                return Outcome("done", "the job was deleted while running")
             log.exception("task %s of job %s", task.id, task.job_id)
             return Outcome("retry", f"{type(e).__name__}: {e}")
 
@@ -162,6 +167,10 @@ class Worker:
 
     def settle(self, task: Task, outcome: Outcome) -> None:
         """Act on a task's outcome; then, if its job is gone, delete what this task wrote."""
+        if outcome.kind != "done" and self.jobs.get(task.job_id) is None:
+            # A DELETE while the task ran took the record and the files: what that broke (the
+            # video or a clip vanishing mid-read) is no failure, and there is nothing to retry.
+            outcome = Outcome("done", "the job was deleted while running")
         if outcome.kind == "fail":
             self.jobs.fail(task.job_id, outcome.reason)
         if outcome.kind == "retry":
@@ -170,6 +179,7 @@ class Worker:
             self.queue.done(task.id)
         if self.jobs.get(task.job_id) is None:
             self.storage.delete_job(task.job_id)
+            forget_video(self.storage.path(task.job_id, "video"))
 
     def finalize(self) -> None:
         self.stopping.set()

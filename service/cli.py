@@ -86,18 +86,16 @@ def _port(text: str) -> int:
     return value
 
 
-def _video_file(text: str) -> Path:
-    """Checked while parsing, so a mistyped name is one line at once, before torch is imported."""
-    path = Path(text)
+def _check_video(path: Path) -> None:
+    """A mistyped name is one line at once, before torch is imported (the decoder's own words)."""
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
+        raise UsageError(f"{path}: no such file")
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: not a file")
-    return path
+        raise UsageError(f"{path}: not a file")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("video", type=_video_file, help="video file (any container/codec FFmpeg reads)")
+    p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
     _add_model_options(p)
 
 
@@ -148,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-progress", action="store_true")
 
     sbm = sub.add_parser("submit", help="segment a video on a running service (stemseg serve) into segment's folder")
-    sbm.add_argument("video", type=_video_file, help="video file to upload")
+    sbm.add_argument("video", type=Path, help="video file to upload")
     sbm.add_argument("--server", default=os.environ.get("STEMSEG_SERVER"),
                      help="the service's URL, e.g. http://127.0.0.1:8000 (env STEMSEG_SERVER)")
     sbm.add_argument("--api-key", default=os.environ.get("STEMSEG_API_KEY"),
@@ -297,6 +295,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from service.config import get_settings
 
     formats = args.format or get_settings().format_list
+    _check_video(args.video)
     _check_weights(args)
     from service.outputs import check_output_dir, write_outputs
 
@@ -352,6 +351,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError("submit needs the service's URL: --server URL (or env STEMSEG_SERVER)")
     if not re.match(r"https?://", args.server):
         raise UsageError(f"--server must be an http:// or https:// URL, not {args.server!r}")
+    _check_video(args.video)
     try:
         import httpx
 
@@ -393,6 +393,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _check_video(args.video)
     _check_weights(args)
     import torch
 

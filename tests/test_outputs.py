@@ -313,5 +313,3 @@ def test_min_score_hides_tracks_from_the_overlay_only(result: VideoResult, tmp_p
     frame = _read_mp4(paths["overlay"])[2]
     assert np.abs(frame[30, 40].astype(float) - GREY).max() < 12  # track 3 (score 0.5) not drawn
     assert np.abs(frame[17, 8].astype(float) - (0.5 * GREY + 0.5 * np.array([128, 0, 0]))).max() < 12
-
-

@@ -151,6 +151,10 @@ class Event:
     data: dict[str, Any]
 
 
+# What a comment line (the server's keep-alive) gives: not an event, but proof the stream lives.
+KEEPALIVE = Event(None, "keep-alive", {})
+
+
 class _SSEParser:
     """Lines of a text/event-stream in, events out (comments and keep-alives dropped)."""
 
@@ -168,7 +172,7 @@ class _SSEParser:
             self._id, self._type, self._data = None, "message", []
             return event
         if line.startswith(":"):
-            return None
+            return KEEPALIVE
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "id":
@@ -391,9 +395,11 @@ class Job:
         self.data = self.client.request("GET", f"/v1/jobs/{self.id}").json()
         return self
 
-    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10) -> Iterator[Event]:
+    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+               keepalives: bool = False) -> Iterator[Event]:
         """The job's events until `end`, reconnecting with Last-Event-ID after a dropped
-        stream (at most max_reconnects times in a row without an event)."""
+        stream (at most max_reconnects times in a row without an event); with keepalives,
+        the server's keep-alive comments too (as KEEPALIVE)."""
         failures = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
@@ -409,7 +415,7 @@ class Job:
                     parser = _SSEParser()
                     for line in response.iter_lines():
                         event = parser.feed(line)
-                        if event is None:
+                        if event is None or (event is KEEPALIVE and not keepalives):
                             continue
                         failures = 0
                         if event.id:
@@ -430,14 +436,15 @@ class Job:
             time.sleep(wait)
 
     def wait(self, timeout: float | None = None, *, progress: bool = False, raise_on_failure: bool = True) -> Job:
-        """Follow the events until the job ends, then refresh. progress: a tqdm bar of frames on
-        stderr. JobFailed if it failed or was cancelled (unless raise_on_failure=False)."""
+        """Follow the events until the job ends, then refresh. timeout (seconds) is checked as events
+        and the server's keep-alives (every STEMSEG_SSE_KEEPALIVE_S) arrive. progress: a tqdm bar of
+        frames on stderr. JobFailed if it failed or was cancelled (unless raise_on_failure=False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         total = self.data["progress"]["frames_total"] or None
         with _bar(total, "frame", "segment", progress) as bar:
             done = self.data["progress"]["frames_done"]
             bar.update(done)
-            for event in self.events():
+            for event in self.events(keepalives=True):  # a deadline is checked at least every keep-alive
                 new = _frames_done(event, done)
                 bar.update(new - done)
                 done = new
@@ -574,7 +581,8 @@ class AsyncJob:
         self.data = (await self.client.request("GET", f"/v1/jobs/{self.id}")).json()
         return self
 
-    async def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10) -> AsyncIterator[Event]:
+    async def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+                     keepalives: bool = False) -> AsyncIterator[Event]:
         failures = 0
         while True:
             headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
@@ -590,7 +598,7 @@ class AsyncJob:
                     parser = _SSEParser()
                     async for line in response.aiter_lines():
                         event = parser.feed(line)
-                        if event is None:
+                        if event is None or (event is KEEPALIVE and not keepalives):
                             continue
                         failures = 0
                         if event.id:
@@ -672,6 +680,6 @@ class AsyncJob:
         await self.client.request("DELETE", f"/v1/jobs/{self.id}")
 
 
-__all__ = ["AsyncClient", "AsyncJob", "BadRequest", "Client", "Conflict", "Event", "Gone", "InsufficientStorage",
-           "InvalidRequest", "Job", "JobFailed", "NotFound", "RateLimited", "ServerError", "ServiceError",
+__all__ = ["KEEPALIVE", "AsyncClient", "AsyncJob", "BadRequest", "Client", "Conflict", "Event", "Gone",
+           "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "NotFound", "RateLimited", "ServerError", "ServiceError",
            "TooLarge", "Unauthorized", "Unavailable", "UnsupportedMedia", "error_from"]

@@ -681,5 +681,5 @@ class AsyncJob:
 
 
 __all__ = ["KEEPALIVE", "AsyncClient", "AsyncJob", "BadRequest", "Client", "Conflict", "Event", "Gone",
-           "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "NotFound", "RateLimited", "ServerError", "ServiceError",
-           "TooLarge", "Unauthorized", "Unavailable", "UnsupportedMedia", "error_from"]
+           "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "NotFound", "RateLimited", "ServerError",
+           "ServiceError", "TooLarge", "Unauthorized", "Unavailable", "UnsupportedMedia", "error_from"]

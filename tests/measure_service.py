@@ -137,7 +137,8 @@ class RssSampler:
 
 
 def hostile(rows: list[tuple[str, int, str]], tmp: Path, redis_url: str) -> None:
-    """The attacks of issue 20 against an API with the default limits and one worker."""
+    """The hostile battery (huge and raw uploads, event streams, heads, webhook targets, DELETE mid-task)
+    against an API with the default limits and one worker."""
     import socket
 
     from videos import make_long_video
@@ -358,7 +359,8 @@ def main() -> None:
             c = httpx.Client(headers=KEY, timeout=60)
             video = tmp / "v.mp4"
             make_video(video, 9, 64, 48)
-            job_id = c.post(f"{base}/v1/jobs", content=video.read_bytes(), headers={"content-type": "video/mp4"}).json()["id"]
+            job_id = c.post(f"{base}/v1/jobs", content=video.read_bytes(),
+                            headers={"content-type": "video/mp4"}).json()["id"]
 
             # Malformed uploads (the fuzz test's cases).
             st: Counter = Counter()

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from service_env import REDIS_URL, ServiceEnv, in_process_worker, small_service_weights
+from service_env import REDIS_URL, ServiceEnv, in_process_worker
 from videos import make_long_video, make_video
 
 from service.jobs.queue import GROUP
@@ -25,21 +25,15 @@ from service.jobs.webhooks import CONNECTION_FAILED, TIMED_OUT, Notifier
 from service.video import decode
 from service.video.decode import OverLimit, Unindexed, check_indexable, probe, read_frames
 
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return small_service_weights(official_weights, tmp_path_factory)
-
-
 @pytest.fixture
-def make_env(tmp_path: Path, weights: Path):
+def make_env(tmp_path: Path, small_weights: Path):
     envs: list[ServiceEnv] = []
 
     def make(**settings: str) -> ServiceEnv:
-        env = ServiceEnv(tmp_path / f"env{len(envs)}", weights, **settings)
+        env = ServiceEnv(tmp_path / f"env{len(envs)}", small_weights, **settings)
         env.data.mkdir(parents=True)
         envs.append(env)
         return env
@@ -212,7 +206,7 @@ def test_raw_h264_is_remuxed_seekable_at_admission(make_env, tmp_path: Path) -> 
     _clean_logs(env)
 
 
-def test_raw_h264_job_gives_the_clis_tracks(make_env, tmp_path: Path, weights: Path) -> None:
+def test_raw_h264_job_gives_the_clis_tracks(make_env, tmp_path: Path, small_weights: Path) -> None:
     from service.cli import main
 
     env = make_env(STEMSEG_RATE_LIMIT_JOBS="0")
@@ -226,7 +220,7 @@ def test_raw_h264_job_gives_the_clis_tracks(make_env, tmp_path: Path, weights: P
     assert job["status"] == "succeeded", job
     tracks = httpx.get(f"{env.base}/v1/jobs/{job['id']}/result", timeout=60).json()["tracks"]
     out = tmp_path / "cli"
-    assert main(["segment", str(raw), "--weights", str(weights), "--out", str(out), "--device", "cpu",
+    assert main(["segment", str(raw), "--weights", str(small_weights), "--out", str(out), "--device", "cpu",
                  "--format", "ytvis", "--no-progress"]) == 0
     cli = json.loads((out / "results.json").read_text())
     assert tracks and [(t["category_id"], t["segmentations"]) for t in tracks] == [
@@ -257,12 +251,12 @@ def test_normalise_keeps_every_frame_and_makes_it_seekable(tmp_path: Path, name:
         normalise(src, f, max_bytes=100)
 
 
-def test_openapi_declares_the_new_statuses(tmp_path: Path) -> None:
+def test_openapi_declares_the_new_statuses(tmp_path: Path, redis_prefix: str) -> None:
     from service.api.main import create_app
     from service.config import Settings
     from service.model.presets import get_preset
 
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "d")
+    s = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "d")
     paths = create_app(s, model_cfg=get_preset("kitti_mots")).openapi()["paths"]
     assert {"200", "206", "400", "416"} <= set(paths["/v1/jobs/{job_id}/overlay.mp4"]["get"]["responses"])
     assert {"200", "206", "400", "416"} <= set(paths["/v1/jobs/{job_id}/result"]["get"]["responses"])
@@ -305,7 +299,8 @@ def test_request_head_size_limit_and_deadline(make_env) -> None:
     done = {}
 
     def huge() -> None:
-        done["answer"] = _raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 << 20) + b"\r\n\r\n")
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 << 20) + b"\r\n\r\n"
+        done["answer"] = _raw_request(port, head)
 
     t = threading.Thread(target=huge)
     t.start()
@@ -376,15 +371,15 @@ def test_250_event_streams_get_no_false_503(make_env, tmp_path: Path) -> None:
     _clean_logs(env)
 
 
-def test_a_full_redis_pool_says_so(tmp_path: Path) -> None:
+def test_a_full_redis_pool_says_so(tmp_path: Path, redis_prefix: str) -> None:
     from fastapi.testclient import TestClient
 
     from service.api.main import create_app
     from service.config import Settings
     from service.model.presets import get_preset
 
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "d",
-                 api_threads=1, redis_pool_margin=1)
+    s = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "d", api_threads=1,
+                 redis_pool_margin=1)
     assert s.redis_pool_sizes == (2, 256 + 1)
     app = create_app(s, model_cfg=get_preset("kitti_mots"))
     pool = app.state.services.redis.connection_pool
@@ -481,10 +476,10 @@ def test_webhook_attempt_has_one_deadline_and_records_no_peer_text() -> None:
 
 # --- a DELETE while a task runs ------------------------------------------------------------------
 
-def test_task_of_a_deleted_job_ends_as_done(weights: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+def test_task_of_a_deleted_job_ends_as_done(small_weights: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     from service.jobs.lifecycle import Limits
 
-    with in_process_worker(weights, tmp_path / "data", "w-deleted", clips_per_task=2) as w:
+    with in_process_worker(small_weights, tmp_path / "data", "w-deleted", clips_per_task=2) as w:
         video = tmp_path / "v.mp4"
         make_video(video, 30, 64, 48)
         staging = "upload-" + uuid.uuid4().hex

@@ -12,7 +12,7 @@ import av
 import httpx
 import numpy as np
 import pytest
-from service_env import ServiceEnv, small_service_weights
+from service_env import ServiceEnv
 from videos import make_video
 
 from service.cli import main
@@ -30,8 +30,8 @@ KEY = "client-test-key"
 
 
 @pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return small_service_weights(official_weights, tmp_path_factory)
+def weights(small_weights: Path) -> Path:
+    return small_weights
 
 
 @pytest.fixture(scope="module")

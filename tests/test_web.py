@@ -13,8 +13,6 @@ import httpx
 import pytest
 from service_env import ServiceEnv
 
-from service.config import SHIPPED_WEIGHTS
-
 pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.mp4"
@@ -44,8 +42,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    env = ServiceEnv(tmp_path_factory.mktemp("web"), SHIPPED_WEIGHTS, STEMSEG_API_KEYS=KEY)
+def service(tmp_path_factory, lite_weights: Path):
+    env = ServiceEnv(tmp_path_factory.mktemp("web"), lite_weights, STEMSEG_API_KEYS=KEY)
     env.start_api()
     env.start_worker()
     yield env

@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service.errors import UserError
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
 from service.jobs.storage import NoSpace
+from service.video import VideoError
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("stemseg.api")
@@ -127,6 +129,12 @@ def install(app: FastAPI) -> None:
     async def _refused(request: Request, exc: Refused) -> JSONResponse:
         title = "Not a usable video" if exc.status == 400 else title_of(exc.status)
         return problem_response(request, exc.status, title, exc.detail)
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+        # The user knows a video by what they sent, never by the server's path to it.
+        detail = exc.about("the upload") if isinstance(exc, VideoError) else str(exc).splitlines()[0]
+        return problem_response(request, 400, "Bad Request", detail)
 
     @app.exception_handler(QuotaExceeded)
     async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:

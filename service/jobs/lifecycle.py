@@ -286,7 +286,6 @@ class Jobs:
         """Make a job of a received upload (in storage under `staging`): probe it, hold it to
         the limits, plan it, move its files under the job id, record and enqueue it. On any
         failure nothing is left on disk."""
-        video = self.storage.path(staging, "video")
         job_id = self.new_id()
         try:
             try:
@@ -294,8 +293,8 @@ class Jobs:
             except OverLimit as e:
                 what, setting = _OVER[e.kind]
                 raise Refused(413, f"{what.format(limit=e.limit)}, over the limit ({setting})") from None
-            except VideoError as e:  # the message names our path: say "the upload" instead
-                raise Refused(400, str(e).splitlines()[0].replace(str(video), "the upload")) from None
+            except VideoError as e:  # the user knows the file as "the upload", not by our path
+                raise Refused(400, e.about("the upload")) from None
             if info.num_frames > limits.max_frames:
                 raise Refused(413, f"the video has {info.num_frames} frames; the limit is {limits.max_frames} "
                                    "(STEMSEG_MAX_FRAMES)")
@@ -337,8 +336,8 @@ class Jobs:
         try:
             return check(max(limits.probe_budget_s - (time.monotonic() - started), 0.001))
         except Unindexed:
-            raise VideoError(f"{video}: the video cannot be made seekable (its frames cannot be placed "
-                             "by timestamp even after remuxing)") from None
+            raise VideoError(video, "the video cannot be made seekable (its frames cannot be placed "
+                                    "by timestamp even after remuxing)") from None
 
     # -- state changes -----------------------------------------------------------------------
     def transition(self, job_id: str, status: JobStatus, **fields: Any) -> bool:

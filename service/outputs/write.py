@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from service.config import OUTPUT_FORMATS as FORMATS
+from service.errors import UserError
 from service.outputs.davis import write_davis
 from service.outputs.mots import write_mots
 from service.outputs.overlay import write_overlay
@@ -30,7 +31,7 @@ NAMES = {"ytvis": "results.json", "davis": "davis", "mots": "mots.txt", "overlay
 MANIFEST = "stemseg-output.json"
 
 
-class OutputExists(ValueError):
+class OutputExists(UserError, ValueError):
     """The output path holds something stemseg may not replace (one-line message)."""
 
 

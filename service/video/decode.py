@@ -25,8 +25,8 @@ Bounded probing. Memory and time of a probe do not grow with what a file claims 
 drop at the start), so does a decode that counts frames, and every loop checks a deadline
 (``budget_s``); both raise ``OverLimit``. An MP4/MOV's sample tables and an AVI's indexes are
 counted from their headers before FFmpeg opens the file (``service.video.indexes``), because
-FFmpeg builds its whole index (24-80 bytes an entry) while opening. ``read_frames``'s index cache is bounded in bytes (``configure_cache``) and an entry is
-dropped with its file (``forget``).
+FFmpeg builds its whole index (24-80 bytes an entry) while opening. ``read_frames``'s index cache
+is bounded in bytes (``configure_cache``) and an entry is dropped with its file (``forget``).
 
 Rotation: the display matrix, which FFmpeg attaches to every decoded frame (PyAV's
 ``VideoFrame.rotation``, degrees counterclockwise), rounded to a multiple of 90 and applied
@@ -49,6 +49,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from service.errors import UserError
 from service.video.indexes import declared_counts
 
 try:
@@ -63,8 +64,20 @@ _VERIFY_PACKETS = 48  # enough to cover the start-of-stream cases above, cheap t
 _NO_PTS = np.iinfo(np.int64).min
 
 
-class VideoError(Exception):
-    """A file that cannot be used as a video, with a one-line message meant for the user."""
+class VideoError(UserError):
+    """A file that cannot be used as a video: `path` and the one-line `reason` apart, so a face
+    that knows the file by another name (the upload, the job's video) says it without the path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(self.about(self.path))
+
+    def about(self, name: str) -> str:
+        """The message with the file called `name`."""
+        return f"{name}: {self.reason}"
+
+    def __reduce__(self):  # crosses process and thread boundaries with both parts
+        return type(self), (self.path, self.reason)
 
 
 class OverLimit(VideoError):
@@ -72,9 +85,12 @@ class OverLimit(VideoError):
     frames), "samples" (its container lists more than `limit` samples in all tracks) or "time"
     (probing took longer than `limit` seconds)."""
 
-    def __init__(self, message: str, kind: str, limit: float) -> None:
-        super().__init__(message)
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str, limit: float) -> None:
+        super().__init__(path, reason)
         self.kind, self.limit = kind, limit
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.kind, self.limit)
 
 
 class Unindexed(VideoError):
@@ -124,12 +140,12 @@ def _reason(e: BaseException) -> str:
 def _check_path(path: str | Path) -> os.stat_result:
     p = Path(path)
     if not p.exists():
-        raise VideoError(f"{p}: no such file")
+        raise VideoError(p, "no such file")
     if not p.is_file():
-        raise VideoError(f"{p}: not a file")
+        raise VideoError(p, "not a file")
     st = p.stat()
     if st.st_size == 0:
-        raise VideoError(f"{p}: the file is empty")
+        raise VideoError(p, "the file is empty")
     return st
 
 
@@ -139,7 +155,7 @@ def _open(path: str | Path) -> av.container.InputContainer:
     try:
         return av.open(str(p), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise VideoError(f"{p}: not a readable video, or damaged/truncated ({_reason(e)})") from None
+        raise VideoError(p, f"not a readable video, or damaged/truncated ({_reason(e)})") from None
 
 
 def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
@@ -148,12 +164,12 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
     if not videos:
         kinds = sorted({s.type for s in container.streams} & {"audio", "subtitle"})
         if not kinds:  # also what a cut-off MP4 header leaves: a stream of unknown type
-            raise VideoError(f"{path}: no video stream found (not a video, or the file is damaged or "
-                             "truncated)")
+            raise VideoError(path, "no video stream found (not a video, or the file is damaged or "
+                                   "truncated)")
         extra = " and a cover picture" if container.streams.video else ""
-        raise VideoError(f"{path}: no video stream (the file has only {' and '.join(kinds)} streams{extra})")
+        raise VideoError(path, f"no video stream (the file has only {' and '.join(kinds)} streams{extra})")
     if videos[0].codec_context is None:  # an MP4 cut inside its moov box: a track without codec parameters
-        raise VideoError(f"{path}: the video stream has no codec parameters (the file is damaged or truncated)")
+        raise VideoError(path, "the video stream has no codec parameters (the file is damaged or truncated)")
     return videos[0]
 
 
@@ -176,7 +192,7 @@ def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
 
 def _check_size(path: str | Path, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise VideoError(f"{path}: frames of {width}x{height} exceed the limit of {max_pixels} pixels")
+        raise VideoError(path, f"frames of {width}x{height} exceed the limit of {max_pixels} pixels")
 
 
 def _seconds(ts: int | None, tb) -> float | None:
@@ -217,11 +233,11 @@ class _Bounds:
 
     def over_frames(self, path, n: int) -> None:
         if self.stop_at is not None and n > self.stop_at:
-            raise OverLimit(f"{path}: the video has more than {self.max_frames} frames", "frames", self.max_frames)
+            raise OverLimit(path, f"the video has more than {self.max_frames} frames", "frames", self.max_frames)
 
     def check_time(self, path) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise OverLimit(f"{path}: probing the video took longer than {self.budget_s:g} s", "time",
+            raise OverLimit(path, f"probing the video took longer than {self.budget_s:g} s", "time",
                             self.budget_s)
 
 
@@ -242,8 +258,8 @@ def _check_declared(path: str | Path, bounds: _Bounds) -> None:
     video, total = counts
     bounds.over_frames(path, video)
     if bounds.max_samples is not None and total > bounds.max_samples:
-        raise OverLimit(f"{path}: the container lists {total} samples or index entries in all its tracks, more than "
-                        f"{bounds.max_samples}", "samples", bounds.max_samples)
+        raise OverLimit(path, f"the container lists {total} samples or index entries in all its tracks, more than "
+                              f"{bounds.max_samples}", "samples", bounds.max_samples)
 
 
 def _decode_all(container, stream, path, limit: int | None,
@@ -274,8 +290,8 @@ def _decode_all(container, stream, path, limit: int | None,
                 take(frame)
         bounds.over_frames(path, len(pts))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: the video cannot be decoded past frame {len(pts)} "
-                         f"(damaged or truncated: {_reason(e)})") from None
+        raise VideoError(path, f"the video cannot be decoded past frame {len(pts)} "
+                               f"(damaged or truncated: {_reason(e)})") from None
     return first, pts
 
 
@@ -310,8 +326,8 @@ def _demux_pass(container, stream, path, bounds: _Bounds = _UNBOUNDED) -> _Packe
                 bounds.check_time(path)
             bounds.over_frames(path, kept)
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: the file is damaged: reading stopped after {len(pts)} video packets "
-                         f"({_reason(e)})") from None
+        raise VideoError(path, f"the file is damaged: reading stopped after {len(pts)} video packets "
+                               f"({_reason(e)})") from None
     ints = [np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64) for a in (pts, dts, dur)]
     flags = [np.frombuffer(a, dtype=np.int8).astype(bool) if len(a) else np.zeros(0, bool) for a in (key, discard)]
     return _Packets(*ints, flags[0], ~flags[1], corrupt)
@@ -321,14 +337,14 @@ def _check_complete(path, packets: _Packets, declared: int, declared_end: float 
     """Refuse a file that holds fewer frames than its container states; returns the end of the
     video track in seconds where the packets tell."""
     if packets.corrupt_last:
-        raise VideoError(f"{path}: the file is truncated (its last video packet is cut off)")
+        raise VideoError(path, "the file is truncated (its last video packet is cut off)")
     if declared > packets.pts.size:
-        raise VideoError(f"{path}: the file is truncated or damaged: the container lists {declared} "
-                         f"frames, only {packets.pts.size} are present")
+        raise VideoError(path, f"the file is truncated or damaged: the container lists {declared} "
+                               f"frames, only {packets.pts.size} are present")
     pts = packets.pts[packets.kept]
     if not pts.size:
         hint = " (the file is truncated)" if declared or declared_end else ""
-        raise VideoError(f"{path}: the video stream has no frames{hint}")
+        raise VideoError(path, f"the video stream has no frames{hint}")
     if (pts == _NO_PTS).any() or tb is None:
         return None
     steps = np.diff(np.sort(pts))
@@ -337,8 +353,8 @@ def _check_complete(path, packets: _Packets, declared: int, declared_end: float 
     end = float((pts + np.where(durations > 0, durations, step)).max() * tb)  # unknown: a typical one
     # More than about a frame short of what the container states: frames are missing.
     if declared_end is not None and step and declared_end - end > 1.5 * float(step * tb) + 1e-3:
-        raise VideoError(f"{path}: the file is truncated: the video track should last {declared_end:.2f} s, "
-                         f"it ends at {end:.2f} s")
+        raise VideoError(path, f"the file is truncated: the video track should last {declared_end:.2f} s, "
+                               f"it ends at {end:.2f} s")
     return end
 
 
@@ -379,12 +395,12 @@ def _scan(path: str, max_pixels: int, bounds: _Bounds = _UNBOUNDED,
             got = None
     if not seekable:
         if not decode_to_count:
-            raise Unindexed(f"{path}: the video's frames cannot be placed without decoding it from the start")
+            raise Unindexed(path, "the video's frames cannot be placed without decoding it from the start")
         if got is None:
             first, got = _decoded(path, None, bounds)
         frame_pts = np.array(got, dtype=np.int64)
     if first is None or frame_pts.size == 0:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     width, height, rotation, pix_fmt = first
     _check_size(path, width, height, max_pixels)
 
@@ -534,17 +550,17 @@ def iter_frames(path: str | Path, *, threads: bool = True, max_pixels: int = DEF
                     size = (frame.width, frame.height)
                     _check_size(path, *size, max_pixels)
                 elif (frame.width, frame.height) != size:
-                    raise VideoError(f"{path}: the frame size changes from {size[0]}x{size[1]} to "
-                                     f"{frame.width}x{frame.height} at frame {n}, which is not supported")
+                    raise VideoError(path, f"the frame size changes from {size[0]}x{size[1]} to "
+                                           f"{frame.width}x{frame.height} at frame {n}, which is not supported")
                 yield Frame(n, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 n += 1
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed at frame {n} "
-                             f"(damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"decoding failed at frame {n} "
+                                   f"(damaged or truncated: {_reason(e)})") from None
     if n == 0:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     if expected is not None and n < expected:
-        raise VideoError(f"{path}: the video ends at frame {n} of {expected} (damaged or truncated)")
+        raise VideoError(path, f"the video ends at frame {n} of {expected} (damaged or truncated)")
 
 
 def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, threads: bool = True,
@@ -563,8 +579,8 @@ def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, thread
                 while f not in held:
                     frame = next(frames, None)
                     if frame is None or frame.index > f:
-                        raise VideoError(f"{path}: frame {f} is not available (the video ends or the plan "
-                                         "goes back to a frame already dropped)")
+                        raise VideoError(path, f"frame {f} is not available (the video ends or the plan "
+                                               "goes back to a frame already dropped)")
                     if frame.index in last:
                         held[frame.index] = frame
             yield k, [held[f] for f in clip]
@@ -585,7 +601,7 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
     if wanted[0] < 0:
         raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
     if wanted[-1] >= info.num_frames:
-        raise VideoError(f"{path}: frame {wanted[-1]} asked for, the video has {info.num_frames}")
+        raise VideoError(path, f"frame {wanted[-1]} asked for, the video has {info.num_frames}")
     got = None
     if index.seekable:
         got = _read_seeking(path, index, wanted, threads)
@@ -602,7 +618,7 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
             frames.close()
     missing = [i for i in wanted if i not in got]
     if missing:
-        raise VideoError(f"{path}: could not decode frames {missing[:5]} (damaged file)")
+        raise VideoError(path, f"could not decode frames {missing[:5]} (damaged file)")
     return [got[i] for i in indices]
 
 
@@ -645,11 +661,11 @@ def _read_seeking(path: str | Path, index: _Index, wanted: list[int],
                     i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
                     if 0 <= i < index.pts.size and index.pts[i] == frame.pts and i in keep and i not in got:
                         if (frame.width, frame.height) != (index.width, index.height):
-                            raise VideoError(f"{path}: the frame size changes at frame {i}, "
-                                             "which is not supported")
+                            raise VideoError(path, f"the frame size changes at frame {i}, "
+                                                   "which is not supported")
                         got[i] = Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 if len(got) == len(keep):
                     break
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed (damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"decoding failed (damaged or truncated: {_reason(e)})") from None
     return got

@@ -56,7 +56,7 @@ def _display_positions(path: str | Path, max_pixels: int, bounds: _Bounds) -> tu
                     packets += 1
                 for frame in packet.decode():  # the size-0 packets at the end drain the decoder
                     if frame.pts is None:
-                        raise Unindexed(f"{path}: the decoder gives frames without timestamps")
+                        raise Unindexed(path, "the decoder gives frames without timestamps")
                     if not order:
                         _check_size(path, frame.width, frame.height, max_pixels)
                     order.append(frame.pts)
@@ -64,16 +64,16 @@ def _display_positions(path: str | Path, max_pixels: int, bounds: _Bounds) -> tu
                     bounds.check_time(path)
                     bounds.over_frames(path, len(order))
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: the video cannot be decoded past frame {len(order)} "
-                             f"(damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"the video cannot be decoded past frame {len(order)} "
+                                   f"(damaged or truncated: {_reason(e)})") from None
     bounds.over_frames(path, len(order))
     if not order:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     pos = np.full(packets, -1, dtype=np.int64)
     taken = np.asarray(order, dtype=np.int64)
     if taken.min() < 0 or taken.max() >= packets or np.unique(taken).size != taken.size:
         # A packet giving two frames (field pairs) or none we can name: no one-to-one map to remux by.
-        raise Unindexed(f"{path}: the video's packets and frames do not match one to one")
+        raise Unindexed(path, "the video's packets and frames do not match one to one")
     pos[taken] = np.arange(taken.size)
     return pos, int(taken.size)
 
@@ -110,10 +110,10 @@ def normalise(path: str | Path, out: BinaryIO, *, max_pixels: int = DEFAULT_MAX_
                     if k % _CHECK_EVERY == 0:
                         bounds.check_time(path)
                         if max_bytes is not None and out.tell() > max_bytes:
-                            raise OverLimit(f"{path}: the remuxed video is larger than {max_bytes} bytes",
+                            raise OverLimit(path, f"the remuxed video is larger than {max_bytes} bytes",
                                             "bytes", max_bytes)
         except av.FFmpegError as e:
-            raise Unindexed(f"{path}: the video stream cannot be remuxed ({_reason(e)})") from None
+            raise Unindexed(path, f"the video stream cannot be remuxed ({_reason(e)})") from None
     if max_bytes is not None and out.tell() > max_bytes:
-        raise OverLimit(f"{path}: the remuxed video is larger than {max_bytes} bytes", "bytes", max_bytes)
+        raise OverLimit(path, f"the remuxed video is larger than {max_bytes} bytes", "bytes", max_bytes)
     return frames

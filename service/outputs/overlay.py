@@ -157,7 +157,11 @@ def write_overlay(result: VideoResult, frames: Iterable[np.ndarray], path: Path,
             masks = [mask_utils.decode(kept[k].masks[f]).astype(bool) if f in kept[k].masks else empty
                      for k in drawn]
             canvas[:h, :w] = draw_frame(bgr[:, :, ::-1], masks, texts, colours)
-            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24")
+            # Converted here, not by encode(): its implicit conversion made the same frames encode to
+            # different bytes from run to run. Not the whole story: libx264 still reads uninitialised
+            # heap memory (MALLOC_PERTURB_ makes its output repeatable), so a process that wrote
+            # other outputs first may still encode slightly different bytes.
+            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24").reformat(format="yuv420p")
             frame.pts = f
             frame.time_base = stream.codec_context.time_base
             for packet in stream.encode(frame):

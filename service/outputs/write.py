@@ -56,12 +56,13 @@ def check_output_dir(out_dir: Path, *, replace: bool) -> None:
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputExists(f"{out_dir} exists and is not a directory: choose another --out")
     if not out_dir.exists():
-        # Its parents are made at the end, after minutes of work: see now that they can be.
-        ancestor = out_dir.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise OutputExists(f"cannot create {out_dir}: {ancestor} is not a writable directory")
+        # Only the final directory is made, and at the end, after minutes of work: a mistyped
+        # parent is refused rather than created (a whole chain of directories, say at the root).
+        parent = out_dir.parent
+        if not parent.is_dir():
+            raise OutputExists(f"cannot create {out_dir}: its parent {parent} does not exist (create it first)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputExists(f"cannot create {out_dir}: {parent} is not a writable directory")
         return
     if not any(out_dir.iterdir()):
         return
@@ -77,28 +78,19 @@ def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
                   replace: bool = True, overlay_min_score: float = 0.0) -> dict[str, Path]:
     """Write formats (from FORMATS) into out_dir; returns format -> path.
 
-    out_dir may be absent, an empty directory, or (when replace) a previous output, which the new
-    one replaces whole; anything else raises OutputExists before any work. frames_for_overlay is
-    called once, only for "overlay", and must yield the video's BGR frames; the overlay draws
-    only tracks scoring at least overlay_min_score (the other formats keep every track).
+    out_dir may be absent (its parent must exist), an empty directory, or (when replace) a
+    previous output, which the new one replaces whole; anything else raises OutputExists before
+    any work. frames_for_overlay is called once, only for "overlay", and must yield the video's
+    BGR frames; the overlay draws only tracks scoring at least overlay_min_score (the other
+    formats keep every track).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     if "overlay" in formats and frames_for_overlay is None:
         raise ValueError("the overlay format needs the video's frames (frames_for_overlay)")
-    formats = list(dict.fromkeys(formats))
-    # Absolute, so `--out .` names the directory rather than an empty basename.
-    out_dir = Path(os.path.abspath(out_dir))
-    check_output_dir(out_dir, replace=replace)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final renames stay on one filesystem (atomic); hidden, so a leftover
-    # from a killed process is never mistaken for a result.
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()
-    old = None
-    try:
+
+    def fill(tmp: Path, formats: list[str]) -> None:
         for fmt in formats:
             target = tmp / NAMES[fmt]
             if fmt == "ytvis":
@@ -111,6 +103,27 @@ def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
                 n = write_overlay(result, frames_for_overlay(), target, result.fps, min_score=overlay_min_score)
                 if n != result.num_frames:
                     raise RuntimeError(f"overlay got {n} frames, the video has {result.num_frames}")
+
+    return publish_output(out_dir, formats, fill, replace=replace)
+
+
+def publish_output(out_dir: Path, formats: Sequence[str], fill: Callable[[Path, list[str]], None], *,
+                   replace: bool = True) -> dict[str, Path]:
+    """The one way an output folder comes to be (`stemseg segment`, the workers, `stemseg submit`'s
+    download): fill(tmp, formats) writes the formats' files into a hidden sibling directory, which
+    gets the manifest and is renamed over out_dir under check_output_dir's rules."""
+    formats = list(dict.fromkeys(formats))
+    # Absolute, so `--out .` names the directory rather than an empty basename.
+    out_dir = Path(os.path.abspath(out_dir))
+    check_output_dir(out_dir, replace=replace)
+    # A sibling, so the final renames stay on one filesystem (atomic); hidden, so a leftover
+    # from a killed process is never mistaken for a result.
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    tmp.mkdir()
+    old = None
+    try:
+        fill(tmp, formats)
         (tmp / MANIFEST).write_text(json.dumps({"stemseg_output": 1, "formats": formats,
                                                 "files": sorted(_files_under(tmp))}, indent=1) + "\n")
         # Checked again: the directory may have changed while the model ran.

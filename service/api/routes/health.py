@@ -19,7 +19,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=responses(503))
+@router.get("/readyz", responses=responses(503, s503="No live worker (start one with `stemseg worker`), or Redis "
+                                                       "is unreachable; see Retry-After"))
 async def readyz(svc: ServicesDep) -> dict[str, object]:
     workers = await svc.jobs.live_workers_async(svc.aredis)  # Redis down: 503 from the handler
     if workers == 0:

@@ -229,8 +229,10 @@ def build_engine(spec: EngineSpec) -> Engine:
         from service.model.checkpoint import load_model
 
         weights = resolve_weights(spec.weights, spec.weights_dir or get_settings().weights_dir)
-        if device.startswith("cuda"):
-            # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, not fp32.
+        if device.startswith("cuda") and spec.tf32 is not None:
+            # The flags are the whole process's: a program that owns it (CLI, worker) says both ways,
+            # since PyTorch's default lets cuDNN convolutions use TF32, not fp32; a library caller's
+            # own settings are left alone unless it asks.
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.tf32
         model = load_model(weights, spec.preset, device=device)
         if spec.min_dim is not None:

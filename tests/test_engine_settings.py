@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from service_env import ServiceEnv
+from service_env import REDIS_URL, ServiceEnv
 from videos import make_video
 
 from service.config import Settings
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, EngineError, TorchEngine, build_engine
+from service.model.presets import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +224,27 @@ def test_tf32_flags_are_set_only_when_asked(small_weights: Path, monkeypatch, tf
     build_engine(_engine_spec(build_parser().parse_args(["bench", "v.mp4", "--weights", str(small_weights)]),
                               _settings()))
     assert read() == (False, False)
+
+
+def test_api_plans_for_the_graphs_its_workers_run_without_torch(onnx_dir: Path, tmp_path: Path,
+                                                                 redis_prefix: str) -> None:
+    """STEMSEG_ENGINE=onnxruntime with the weights unset: the workers run the graphs' model, so the
+    API must plan clips for it (not the shipped lite model's), and still without importing torch."""
+    from service.model.graph import graph_config
+
+    code = ("import sys\n"
+            "from service.api.main import create_app\n"
+            "from service.config import Settings\n"
+            f"app = create_app(Settings(_env_file=None, engine='onnxruntime', onnx_dir={str(onnx_dir)!r}, "
+            f"redis_url={REDIS_URL!r}, redis_prefix={redis_prefix!r}, data_dir={str(tmp_path / 'data')!r}))\n"
+            "print(app.state.model_cfg.to_json())\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSEG_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=120, check=False, env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    served, torch_modules = out.stdout.strip().splitlines()[-2:]
+    graphs = graph_config(onnx_dir)
+    assert (graphs.name, graphs.min_dim) == ("kitti_mots", 64)
+    assert ModelConfig.from_json(served) == graphs
+    assert torch_modules == "[]"

@@ -32,8 +32,10 @@ def test_installed_wheel_runs_the_shipped_model(tmp_path: Path) -> None:
     target = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                             capture_output=True, text=True, check=True).stdout.strip()
     (Path(target) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=STEP_S["install"], cwd=tmp_path)
+    # --ignore-installed: those directories hold this checkout's editable install (tests/run.sh makes
+    # one), which pip would otherwise take as the package already installed and skip the wheel.
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)], check=True, timeout=STEP_S["install"], cwd=tmp_path)
     check = f"""
 import hashlib, service
 from pathlib import Path

@@ -203,7 +203,8 @@ def main() -> int:
         t = time.monotonic()
         job = upload(base, video, "ytvis")
         log(f"uploaded: job {job['id']} {job['status']} {job['progress']}")
-        expect(job["progress"]["clips_total"] > 8, f"the job has several tasks ({job['progress']['clips_total']} clips)")
+        clips = job["progress"]["clips_total"]
+        expect(clips > 8, f"the job has several tasks ({clips} clips)")
         started_before = run("podman", "inspect", "-f", "{{.State.StartedAt}}", worker, capture=True).stdout.strip()
         job = wait_job(base, job["id"], 600, until=lambda j: j["progress"]["clips_done"] > 0 or
                        j["status"] not in ("queued", "running"))
@@ -229,7 +230,8 @@ def main() -> int:
             "--out", "/work/cli", "--format", "ytvis", "--device", "cpu", "--no-progress", capture=True)
         cli = json.loads((work / "cli" / "results.json").read_text())
         log(f"stemseg segment in the image: {len(cli)} tracks ({time.monotonic() - t:.1f}s)")
-        expect(len(tracks) > 0 and len(tracks) == len(cli), f"{len(tracks)} tracks from the service, {len(cli)} from the CLI")
+        expect(len(tracks) > 0 and len(tracks) == len(cli),
+               f"{len(tracks)} tracks from the service, {len(cli)} from the CLI")
         expect([(x["category_id"], x["segmentations"]) for x in tracks]
                == [(c["category_id"], c["segmentations"]) for c in cli],
                "service result == `stemseg segment` (categories and every frame's RLE)")

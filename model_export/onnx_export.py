@@ -96,7 +96,7 @@ def export_onnx(model: STEmSeg, out_dir: Path, opset: int = 17, fp16: bool = Fal
         feats = [f.permute(1, 0, 2, 3).unsqueeze(0).repeat(1, 1, model.cfg.clip_len // 2, 1, 1)
                  for f in model.frame_features(images)]
     backbone, heads = graph_path(out_dir, "backbone"), graph_path(out_dir, "heads")
-    outputs = [n for n in HEAD_OUTPUTS if n != "semseg_logits" or model.semseg_head is not None]
+    outputs = list(HEAD_OUTPUTS if model.semseg_head is not None else HEAD_OUTPUTS[:-1])  # the last: semseg
     with torch.no_grad():
         torch.onnx.export(
             _Backbone(model), (images,), str(backbone), dynamo=False, opset_version=opset,

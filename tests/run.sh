@@ -16,5 +16,5 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     --index-url "${STEMSEG_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 fi
 "$venv"/bin/pip install --quiet -c .ci/constraints.txt -e '.[test,export,server,eval]'
-"$venv/bin/ruff" check service model_export tests bench
+"$venv/bin/ruff" check service model_export tests bench deploy
 exec "$venv/bin/python" -m pytest "$@"

@@ -297,25 +297,45 @@ def test_default_formats_are_the_clis_and_follow_stemseg_formats(settings, tmp_p
         assert c.post("/v1/jobs", **body).json()["options"]["formats"] == ["davis"]
 
 
-def test_user_errors_are_400_problems_that_name_no_server_path(settings) -> None:
-    """Every UserError is mapped once, as a 400; a video is called what the user sent."""
-    from service.config import WeightsNotFound
-    from service.video import VideoError
+def test_client_errors_are_400_and_setup_errors_500_and_neither_names_a_server_path(settings, tmp_path: Path,
+                                                                                   caplog) -> None:
+    """A video the client sent is its fault: 400, called what the user sent. Weights, presets and
+    graphs the operator set up are not: a generic 500, the real message (with its paths) in the log."""
+    from service.config import resolve_weights
+    from service.jobs.model_info import served_model
+    from service.model.engine_spec import EngineSpec
+    from service.model.graph import graph_config
+    from service.video import probe
 
     app = create_app(settings, model_cfg=get_preset("kitti_mots"))
     upload = settings.data_dir / "jobs" / "abc" / "video"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x17" * 4000)
+    secret = tmp_path / "srv" / "secret"
 
     def bad_video() -> None:
-        raise VideoError(upload, "the file is truncated (its last video packet is cut off)")
+        probe(upload)
 
-    def bad_weights() -> None:
-        raise WeightsNotFound("official weights 'davis' are not fetched: run `stemseg weights fetch davis`")
-
+    setup_faults = {
+        "weights": lambda: resolve_weights("davis", secret / "weights"),
+        "served": lambda: served_model(secret / "model.pth", None),
+        "graphs": lambda: graph_config(secret / "graphs"),
+        "engine": lambda: EngineSpec(kind="onnxruntime"),
+    }
     app.add_api_route("/test/bad-video", bad_video)
-    app.add_api_route("/test/bad-weights", bad_weights)
+    for name, fault in setup_faults.items():
+        app.add_api_route(f"/test/{name}", fault)
     with TestClient(app) as c:
-        body = _assert_problem(c.get("/test/bad-video"), 400)
-        assert body["detail"] == "the upload: the file is truncated (its last video packet is cut off)"
-        assert str(settings.data_dir) not in c.get("/test/bad-video").text
-        body = _assert_problem(c.get("/test/bad-weights"), 400)
-        assert body["detail"].startswith("official weights 'davis' are not fetched")
+        r = c.get("/test/bad-video")
+        body = _assert_problem(r, 400)
+        assert body["detail"].startswith("the upload: ")
+        assert str(settings.data_dir) not in r.text and "abc" not in r.text
+        for name in setup_faults:
+            caplog.clear()
+            r = c.get(f"/test/{name}")
+            body = _assert_problem(r, 500)
+            assert body["detail"] == "the server is not set up to do this; the error has been logged", name
+            assert "secret" not in r.text and "STEMSEG" not in r.text, name
+            assert any("server setup error" in m for m in caplog.messages), name
+            if name == "weights":  # the operator sees where it looked
+                assert str(secret / "weights" / "davis.pth") in caplog.text

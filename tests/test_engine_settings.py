@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from service_env import ServiceEnv
+from service_env import REDIS_URL, ServiceEnv
 from videos import make_video
 
 from service.config import Settings
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, EngineError, TorchEngine, build_engine
+from service.model.presets import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_unknown_engine_options_are_refused_by_the_settings(settings: dict) -> N
 def test_torch_options_of_another_engine_are_unused_not_refused(tmp_path: Path) -> None:
     """One environment serves every engine (compose sets them all), as before the spec existed."""
     spec = EngineSpec.from_settings(_settings(engine="onnxruntime", onnx_dir=tmp_path, autocast="bf16", tf32=True))
-    assert (spec.kind, spec.autocast, spec.tf32) == ("onnxruntime", "off", False)
+    assert (spec.kind, spec.autocast, spec.tf32) == ("onnxruntime", "off", None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -179,3 +181,70 @@ def test_cli_names_the_flag_or_the_setting_the_device_came_from(small_weights: P
         assert capsys.readouterr().err.startswith("stemseg: error: STEMSEG_DEVICE: device 'cuda' asked for")
     finally:
         get_settings.cache_clear()
+
+
+@pytest.fixture
+def tf32_flags():
+    """PyTorch's process-wide TF32 flags, put back as they were afterwards."""
+    def read() -> tuple[bool, bool]:
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def write(value: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = value
+
+    before = read()
+    yield read, write
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_tf32_flags_are_set_only_when_asked(small_weights: Path, monkeypatch, tf32_flags) -> None:
+    """A library caller's `load()` leaves the process's TF32 flags as its program set them; the CLI
+    and the worker (explicit True or False) set both. The CUDA device is simulated: the device
+    resolves to "cuda" and the model is built on the CPU."""
+    import service.config
+    import service.model.checkpoint
+    from service.cli import _engine_spec, build_parser
+    from service.pipeline.session import load
+
+    real_load_model = service.model.checkpoint.load_model
+    monkeypatch.setattr(service.config, "resolve_device", lambda name: "cuda")
+    monkeypatch.setattr(service.model.checkpoint, "load_model",
+                        lambda weights, preset=None, device="cpu": real_load_model(weights, preset, device="cpu"))
+    read, write = tf32_flags
+    for program_set in (True, False):
+        write(program_set)
+        load(small_weights)
+        assert read() == (program_set, program_set)
+    write(True)
+    build_engine(EngineSpec.from_settings(_settings(weights=small_weights)))  # STEMSEG_TF32 unset: off
+    assert read() == (False, False)
+    args = build_parser().parse_args(["bench", "v.mp4", "--weights", str(small_weights), "--tf32"])
+    build_engine(_engine_spec(args, _settings()))
+    assert read() == (True, True)
+    build_engine(_engine_spec(build_parser().parse_args(["bench", "v.mp4", "--weights", str(small_weights)]),
+                              _settings()))
+    assert read() == (False, False)
+
+
+def test_api_plans_for_the_graphs_its_workers_run_without_torch(onnx_dir: Path, tmp_path: Path,
+                                                                 redis_prefix: str) -> None:
+    """STEMSEG_ENGINE=onnxruntime with the weights unset: the workers run the graphs' model, so the
+    API must plan clips for it (not the shipped lite model's), and still without importing torch."""
+    from service.model.graph import graph_config
+
+    code = ("import sys\n"
+            "from service.api.main import create_app\n"
+            "from service.config import Settings\n"
+            f"app = create_app(Settings(_env_file=None, engine='onnxruntime', onnx_dir={str(onnx_dir)!r}, "
+            f"redis_url={REDIS_URL!r}, redis_prefix={redis_prefix!r}, data_dir={str(tmp_path / 'data')!r}))\n"
+            "print(app.state.model_cfg.to_json())\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSEG_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                         text=True, timeout=120, check=False, env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    served, torch_modules = out.stdout.strip().splitlines()[-2:]
+    graphs = graph_config(onnx_dir)
+    assert (graphs.name, graphs.min_dim) == ("kitti_mots", 64)
+    assert ModelConfig.from_json(served) == graphs
+    assert torch_modules == "[]"

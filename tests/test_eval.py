@@ -193,7 +193,9 @@ def test_davis_matches_proposals_and_penalises_misses():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "STEMSEG_WEIGHTS"}  # the default model, whatever the caller set
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=600,
+    # A test makes at most two calls, within the suite's per-test timeout (600 s), so a hung command
+    # fails as itself (TimeoutExpired naming it) before pytest-timeout's stack dump.
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=240,
                           check=False, env=env)
 
 

@@ -91,6 +91,45 @@ def test_missing_graphs_and_backends_are_clear(tmp_path: Path) -> None:
                 build_engine(EngineSpec(kind, onnx_dir=tmp_path, device="cpu"))
 
 
+def _break(graphs: Path, backbone: bytes, heads: bytes) -> Path:
+    """A copy of an export directory whose graph files hold these bytes instead."""
+    broken = graphs.parent / f"broken-{len(backbone)}-{len(heads)}"
+    broken.mkdir()
+    (broken / "backbone.onnx").write_bytes(backbone)
+    (broken / "heads.onnx").write_bytes(heads)
+    return broken
+
+
+def test_broken_graphs_are_one_line_errors_naming_the_file(exported, tmp_path: Path, capsys) -> None:
+    """Truncated, emptied or overwritten graphs: an EngineError naming the file (CLI: one line, exit
+    2), not ONNX Runtime's or protobuf's traceback; the torch-free API process says the same."""
+    from videos import make_video
+
+    from service.cli import main
+    from service.model.graph import graph_config
+
+    _, graphs = exported("kitti_mots")
+    good = graphs.backbone.read_bytes(), graphs.heads.read_bytes()
+    cases = {"empty backbone": (b"", good[1], "backbone.onnx"),
+             "junk heads": (good[0], b"\x17junk, not a graph" * 50, "heads.onnx"),
+             "truncated heads": (good[0], good[1][: len(good[1]) // 2], "heads.onnx"),
+             "empty heads": (good[0], b"", "heads.onnx")}
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    for case, (backbone, heads, culprit) in cases.items():
+        broken = _break(graphs.backbone.parent, backbone, heads)
+        with pytest.raises(EngineError, match=f"{broken / culprit}: cannot load") as e:
+            build_engine(EngineSpec("onnxruntime", onnx_dir=broken, device="cpu"))
+        assert "\n" not in str(e.value) and "stemseg export onnx --out" in str(e.value), case
+        if culprit == "heads.onnx":
+            with pytest.raises(EngineError, match=f"{broken / culprit}: cannot load"):
+                graph_config(broken)
+        capsys.readouterr()
+        assert main(["bench", str(video), "--engine", "onnxruntime", "--onnx", str(broken), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"stemseg: error: {broken / culprit}: cannot load") and err.count("\n") == 1, case
+
+
 @pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and ONNX Runtime with the TensorRT execution provider")
 def test_onnxruntime_tensorrt_provider_fp16_close_to_torch(exported) -> None:

@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Each step's own limit; the test's is their sum and a margin, so a stuck step fails as itself
+# (TimeoutExpired naming its command) before pytest-timeout's stack dump.
+STEP_S = {"wheel": 300, "install": 300, "load": 300, "segment": 600}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(sum(STEP_S.values()) + 120)
 def test_installed_wheel_runs_the_shipped_model(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(dist), str(ROOT)], check=True, timeout=300, cwd=tmp_path)
+                    "--wheel-dir", str(dist), str(ROOT)], check=True, timeout=STEP_S["wheel"], cwd=tmp_path)
     wheel = next(dist.glob("stemseg_serve-*.whl"))
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
@@ -28,8 +32,10 @@ def test_installed_wheel_runs_the_shipped_model(tmp_path: Path) -> None:
     target = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                             capture_output=True, text=True, check=True).stdout.strip()
     (Path(target) / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=300, cwd=tmp_path)
+    # --ignore-installed: those directories hold this checkout's editable install (tests/run.sh makes
+    # one), which pip would otherwise take as the package already installed and skip the wheel.
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)], check=True, timeout=STEP_S["install"], cwd=tmp_path)
     check = f"""
 import hashlib, service
 from pathlib import Path
@@ -47,14 +53,14 @@ for name in ("index.html", "app.js", "app.css", "vendor/swagger-ui/swagger-ui-bu
 print(load(device="cpu").cfg.name)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEMSEG_", "PYTHON"))}
-    p = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-                       check=False)
+    p = subprocess.run([python, "-c", check], capture_output=True, text=True, cwd=tmp_path, env=env,
+                       timeout=STEP_S["load"], check=False)
     assert p.returncode == 0 and p.stdout.strip() == "lite", p.stderr
     # The installed command segments the sample with the default model.
     stemseg = env_dir / "bin" / "stemseg"
     p = subprocess.run([stemseg, "segment", str(ROOT / "examples" / "sample.mp4"), "--out", str(tmp_path / "o"),
                         "--format", "ytvis", "--no-progress", "--device", "cpu"], capture_output=True, text=True,
-                       cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
+                       cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, timeout=STEP_S["segment"], check=False)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "o" / "results.json").stat().st_size > 100
     assert subprocess.run([stemseg, "--version"], capture_output=True, text=True, env=env,

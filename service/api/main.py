@@ -15,14 +15,14 @@ from service.api import problems
 from service.api.deps import Services
 from service.api.routes import files, health, jobs, web
 from service.config import Settings, get_settings
-from service.jobs.model_info import served_model
+from service.jobs.model_info import served_model_of
 from service.model.presets import ModelConfig
 
 
 def create_app(settings: Settings | None = None, model_cfg: ModelConfig | None = None) -> FastAPI:
     settings = settings or get_settings()
     if model_cfg is None:
-        model_cfg = served_model(settings.weights_path, settings.preset)
+        model_cfg = served_model_of(settings)
     services = Services.connect(settings, model_cfg)
 
     @asynccontextmanager

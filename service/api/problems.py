@@ -1,7 +1,8 @@
 """RFC 9457 problem details for every error the API returns, and their OpenAPI description.
 
-Faults map to statuses here, in one place: Redis unreachable -> 503 with Retry-After, a full
-disk -> 507, anything unexpected -> 500 without details. No detail names a server path.
+Faults map to statuses here, in one place: a client's unusable input (`ClientError`) -> 400,
+Redis unreachable -> 503 with Retry-After, a full disk -> 507, the server's own setup (any other
+`UserError`) and anything unexpected -> 500 without details. No detail names a server path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.errors import UserError
+from service.errors import ClientError, UserError
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
 from service.jobs.storage import NoSpace
 from service.video import VideoError
@@ -130,11 +131,19 @@ def install(app: FastAPI) -> None:
         title = "Not a usable video" if exc.status == 400 else title_of(exc.status)
         return problem_response(request, exc.status, title, exc.detail)
 
-    @app.exception_handler(UserError)
-    async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+    @app.exception_handler(ClientError)
+    async def _client_error(request: Request, exc: ClientError) -> JSONResponse:
         # The user knows a video by what they sent, never by the server's path to it.
         detail = exc.about("the upload") if isinstance(exc, VideoError) else str(exc).splitlines()[0]
         return problem_response(request, 400, "Bad Request", detail)
+
+    @app.exception_handler(UserError)
+    async def _setup_error(request: Request, exc: UserError) -> JSONResponse:
+        # The operator's setup (weights, graphs, engine), not the client's doing: its message names
+        # server paths and settings, so it goes to the log and the client learns only that it failed.
+        log.error("server setup error on %s %r: %r", request.method, request.url.path, str(exc))
+        return problem_response(request, 500, "Internal Server Error",
+                                "the server is not set up to do this; the error has been logged")
 
     @app.exception_handler(QuotaExceeded)
     async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:

@@ -1,9 +1,12 @@
 """The served model's preset, found without importing torch (the API process plans clips
 with it and never runs the network).
 
-Order as the workers' `load_model`: `STEMSEG_PRESET`, else the weights file's own metadata
-(our safetensors: its JSON header, read directly), else, for an official `.pth`, the layout of
-its tensors, which only torch can read: that one check runs in a short-lived child process.
+The same settings decide it as decide the workers' engine (`EngineSpec.from_settings`): an
+engine that runs exported graphs (STEMSEG_ENGINE other than torch) serves the preset written in
+the graphs' metadata. The torch engine goes as the workers' `load_model`: `STEMSEG_PRESET`, else
+the weights file's own metadata (our safetensors: its JSON header, read directly), else, for an
+official `.pth`, the layout of its tensors, which only torch can read: that one check runs in a
+short-lived child process.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service.config import Settings
 from service.errors import UserError
+from service.model.engine_spec import EngineSpec
+from service.model.graph import graph_config
 from service.model.presets import ModelConfig, get_preset
 
 _CHILD = """
@@ -62,3 +68,11 @@ def served_model(weights: Path | None, preset: str | None) -> ModelConfig:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         raise ModelInfoError(f"cannot read the preset of {weights}: {last}")
     return ModelConfig.from_json(proc.stdout.strip().splitlines()[-1])
+
+
+def served_model_of(settings: Settings) -> ModelConfig:
+    """The preset of the model the workers run with these settings."""
+    spec = EngineSpec.from_settings(settings)
+    if spec.kind != "torch":
+        return graph_config(spec.onnx_dir)
+    return served_model(settings.weights_path, settings.preset)

@@ -71,7 +71,7 @@ class EngineSpec:
     trt_cache: Path | None = None
     autocast: Autocast = "off"
     compile: CompileMode = "off"
-    tf32: bool = False
+    tf32: bool | None = None  # on CUDA: True or False sets PyTorch's process-wide TF32 flags; None leaves them
     min_dim: int | None = None  # inference short side instead of the preset's
     batch_max_size: int = 0  # > 1: a dynamic batcher shares the engine between callers
     batch_max_delay_ms: float = 5.0

@@ -17,8 +17,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.model.engine_spec import COMPILE_MODES, ENGINES, EngineError, EngineSpec, check_torch_options
-from service.model.graph import HEAD_OUTPUTS, IMAGES, LEVELS, PRESET_KEY, WEIGHTS_KEY, graph_config, graph_paths
+from service.model.engine_spec import (
+    AUTOCAST_MODES,
+    COMPILE_MODES,
+    ENGINES,
+    EngineError,
+    EngineSpec,
+    check_torch_options,
+)
+from service.model.graph import (
+    HEAD_OUTPUTS,
+    IMAGES,
+    LEVELS,
+    NOT_EXPORTED,
+    PRESET_KEY,
+    WEIGHTS_KEY,
+    graph_config,
+    graph_paths,
+    unreadable_graph,
+)
 from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs, STEmSeg
 
@@ -32,7 +49,11 @@ class Engine(Protocol):
     def clip_heads(self, feats: list[Tensor]) -> ClipOutputs: ...
 
 
-AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype of each autocast mode the settings allow (config.Autocast), by its name: bf16 is
+# torch.bfloat16, fp16 torch.float16. A mode added there without a torch dtype fails here, at import.
+AUTOCAST: dict[str, torch.dtype | None] = {
+    mode: None if mode == "off" else getattr(torch, mode.replace("bf", "bfloat").replace("fp", "float"))
+    for mode in AUTOCAST_MODES}
 
 
 class TorchEngine:
@@ -97,6 +118,16 @@ def _providers(kind: str, device: str, cache_dir: Path) -> list:
     return ["CPUExecutionProvider"]
 
 
+def _session(ort, path: Path, opts, providers: list):
+    """An ONNX Runtime session of one graph; a file it cannot load is an EngineError naming it."""
+    errors = ort.capi.onnxruntime_pybind11_state  # its exceptions share no base but Exception
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except (errors.InvalidProtobuf, errors.InvalidArgument, errors.InvalidGraph, errors.NoSuchFile,
+            errors.Fail) as e:
+        raise unreadable_graph(path, e) from None
+
+
 class OnnxRuntimeEngine:
     """The exported graphs under ONNX Runtime; tensors cross as numpy arrays on the host."""
 
@@ -115,9 +146,10 @@ class OnnxRuntimeEngine:
             raise EngineError(f"ONNX Runtime here has no {wanted} (available: {available})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._backbone = ort.InferenceSession(str(paths[0]), opts, providers=providers)
-        self._heads = ort.InferenceSession(str(paths[1]), opts, providers=providers)
+        self._backbone, self._heads = (_session(ort, p, opts, providers) for p in paths)
         meta = self._heads.get_modelmeta().custom_metadata_map
+        if PRESET_KEY not in meta:
+            raise unreadable_graph(paths[1], ValueError(NOT_EXPORTED))
         self.cfg = ModelConfig.from_json(meta[PRESET_KEY])
         self.weights_sha256 = meta.get(WEIGHTS_KEY)
         self.device = torch.device("cpu")  # inputs are staged on the host either way
@@ -229,8 +261,10 @@ def build_engine(spec: EngineSpec) -> Engine:
         from service.model.checkpoint import load_model
 
         weights = resolve_weights(spec.weights, spec.weights_dir or get_settings().weights_dir)
-        if device.startswith("cuda"):
-            # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, not fp32.
+        if device.startswith("cuda") and spec.tf32 is not None:
+            # The flags are the whole process's: a program that owns it (CLI, worker) says both ways,
+            # since PyTorch's default lets cuDNN convolutions use TF32, not fp32; a library caller's
+            # own settings are left alone unless it asks.
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.tf32
         model = load_model(weights, spec.preset, device=device)
         if spec.min_dim is not None:

@@ -44,17 +44,39 @@ def graph_paths(onnx_dir: Path) -> list[Path]:
 
 def graph_metadata(onnx_dir: Path) -> dict[str, str]:
     """The heads graph's metadata (without loading its weights)."""
-    import onnx
-
-    model = onnx.load(str(graph_path(onnx_dir, "heads")), load_external_data=False)
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError  # onnx's own dependency
+    except ImportError:
+        raise EngineError("reading exported graphs needs the onnx package: "
+                          "pip install 'stemseg-serve[export]'") from None
+    path = graph_path(onnx_dir, "heads")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError) as e:
+        raise unreadable_graph(path, e) from None
     return {p.key: p.value for p in model.metadata_props}
+
+
+NOT_EXPORTED = f"no {PRESET_KEY} metadata: not made by `stemseg export onnx`"
+
+
+def unreadable_graph(path: Path, error: Exception) -> EngineError:
+    """The one-line error for a graph file that does not load (truncated, overwritten, not ONNX),
+    naming it, the loader's own first line and how to remake it."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return EngineError(f"{path}: cannot load this exported graph ({first[:200]}); remake it with "
+                       f"`stemseg export onnx --out {Path(path).parent}`")
 
 
 def graph_config(onnx_dir: Path) -> ModelConfig:
     """The preset the graphs were exported from."""
     graph_paths(onnx_dir)
-    return ModelConfig.from_json(graph_metadata(onnx_dir)[PRESET_KEY])
+    meta = graph_metadata(onnx_dir)
+    if PRESET_KEY not in meta:
+        raise unreadable_graph(graph_path(onnx_dir, "heads"), ValueError(NOT_EXPORTED))
+    return ModelConfig.from_json(meta[PRESET_KEY])
 
 
 __all__ = ["CLASSES_KEY", "GRAPHS", "GRAPH_KEY", "HEAD_OUTPUTS", "IMAGES", "INPUT_SPEC_KEY", "LEVELS", "PRESET_KEY",
-           "STRIDES", "WEIGHTS_KEY", "graph_config", "graph_metadata", "graph_path", "graph_paths"]
+           "STRIDES", "WEIGHTS_KEY", "graph_config", "graph_metadata", "graph_path", "graph_paths", "unreadable_graph"]

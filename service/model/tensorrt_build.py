@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.model.graph import GRAPHS, LEVELS, STRIDES, graph_path
+from service.model.graph import GRAPHS, IMAGES, LEVELS, STRIDES, graph_path
 from service.model.presets import ModelConfig
 
 
@@ -63,7 +63,7 @@ def _shapes(graph: str, cfg: ModelConfig, bucket: Bucket) -> dict[str, tuple[tup
     top = max_side(cfg)
     if graph == "backbone":
         new_frames = max(1, cfg.clip_len - cfg.overlap)  # frames a clip adds once features are shared
-        return {"images": ((1, 3, 32, 32), (new_frames, 3, bucket.height, bucket.width), (cfg.clip_len, 3, top, top))}
+        return {IMAGES: ((1, 3, 32, 32), (new_frames, 3, bucket.height, bucket.width), (cfg.clip_len, 3, top, top))}
     return {name: ((1, 256, cfg.clip_len, max(1, 32 // s), max(1, 32 // s)),
                    (1, 256, cfg.clip_len, bucket.height // s, bucket.width // s),
                    (1, 256, cfg.clip_len, top // s, top // s)) for name, s in zip(LEVELS, STRIDES)}

@@ -33,10 +33,12 @@ from service.video import VideoInfo, iter_clip_windows, iter_frames, probe
 
 def load(weights: str | Path | None = None, *, preset: str | None = None, device: str = "auto",
          min_dim: int | None = None, autocast: str | None = None, compile: bool | str = False,
-         tf32: bool = False) -> Engine:
+         tf32: bool | None = None) -> Engine:
     """The torch engine for a weights file, an official name fetched with `stemseg weights fetch`, or
     (None) the shipped model; on `device` ("auto": CUDA when usable). `autocast` ("bf16", "fp16")
-    and `compile` (a torch.compile mode), and on CUDA `tf32`, trade exact fp32 outputs for speed."""
+    and `compile` (a torch.compile mode), and on CUDA `tf32=True`, trade exact fp32 outputs for speed.
+    `tf32` sets PyTorch's process-wide TF32 flags (False: off for matmuls and convolutions alike);
+    None leaves them as the calling program has them."""
     if isinstance(compile, bool):
         compile = "default" if compile else "off"
     return build_engine(EngineSpec(weights=weights, preset=preset, device=device, min_dim=min_dim,

@@ -49,7 +49,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from service.errors import UserError
+from service.errors import ClientError
 from service.video.indexes import Unindexable, declared_counts
 
 try:
@@ -64,7 +64,7 @@ _VERIFY_PACKETS = 48  # enough to cover the start-of-stream cases above, cheap t
 _NO_PTS = np.iinfo(np.int64).min
 
 
-class VideoError(UserError):
+class VideoError(ClientError):
     """A file that cannot be used as a video: `path` and the one-line `reason` apart, so a face
     that knows the file by another name (the upload, the job's video) says it without the path."""
 

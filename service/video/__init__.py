@@ -8,8 +8,9 @@ from service.video.decode import (
     iter_clip_windows,
     iter_frames,
     probe,
+    iter_frame_range,
     read_frames,
 )
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Frame", "VideoError", "VideoInfo", "iter_clip_windows", "iter_frames",
+__all__ = ["DEFAULT_MAX_PIXELS", "Frame", "VideoError", "VideoInfo", "iter_clip_windows", "iter_frame_range", "iter_frames",
            "probe", "read_frames"]

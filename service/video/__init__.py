@@ -6,9 +6,9 @@ from service.video.decode import (
     VideoError,
     VideoInfo,
     iter_clip_windows,
+    iter_frame_range,
     iter_frames,
     probe,
-    iter_frame_range,
     read_frames,
 )
 

@@ -175,8 +175,8 @@ def range_done(parts: Path, start: int) -> bool:
 # -- assembly ------------------------------------------------------------------------------------
 def assemble(labels: Labels, formats: Sequence[str], parts: Path, spans: Sequence[tuple[int, int]],
              out_dir: Path, video_id: int = 1) -> None:
-    """Join the ranges' parts into the final files under out_dir (an existing directory). The
-    DAVIS directory is moved, not copied; the parts are left for the caller to delete."""
+    """Join the ranges' parts into the final files under out_dir (an existing directory); the
+    parts are left as they were, for the caller to delete once the output is committed."""
     starts = [a for a, _ in spans]
     missing = [a for a in starts if not range_done(parts, a)]
     if missing:
@@ -186,12 +186,24 @@ def assemble(labels: Labels, formats: Sequence[str], parts: Path, spans: Sequenc
     if "mots" in formats:
         _concatenate([parts / part_name("mots", a) for a in starts], out_dir / NAMES["mots"])
     if "davis" in formats:
-        davis = parts / NAMES["davis"]
-        davis.mkdir(parents=True, exist_ok=True)  # a video whose frames were all in no range cannot be, but be whole
-        os.replace(davis, out_dir / NAMES["davis"])
+        _link_all(parts / NAMES["davis"], out_dir / NAMES["davis"], [f for a, b in spans for f in range(a, b)])
     if "overlay" in formats:
         join_segments([parts / part_name("overlay", a) for a in starts], starts, labels.rate,
                       out_dir / NAMES["overlay"])
+
+
+def _link_all(src: Path, dst: Path, frames: list[int]) -> None:
+    """The PNGs hard-linked into the output (a syscall each, no copy), so the parts stay whole
+    until the output is committed: a finishing step that fails can simply run again."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in frames:
+        name = davis_frame(f)
+        try:
+            os.link(src / name, dst / name)
+        except FileNotFoundError:
+            raise RuntimeError(f"DAVIS frame {f} was never rendered") from None
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(src / name, dst / name)
 
 
 def _assemble_ytvis(labels: Labels, paths: list[Path], target: Path, video_id: int) -> None:

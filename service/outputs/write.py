@@ -81,7 +81,8 @@ def render_in_ranges(result: VideoResult, parts: Path, formats: Sequence[str], l
     frames coming from `video` or from one pass of `frames_for_overlay()`."""
     n = result.num_frames
     parallel = processes > 1 and ("overlay" not in formats or video is not None)
-    size = range_frames or (max(32, math.ceil(n / (4 * processes))) if parallel else n)
+    # Two ranges per process: balanced enough, and few segment starts (each one a keyframe).
+    size = range_frames or (max(64, math.ceil(n / (2 * processes))) if parallel else n)
     spans = ranges(n, size)
     if parallel:
         ctx = multiprocessing.get_context("spawn")  # the parent may hold torch's threads: never fork it

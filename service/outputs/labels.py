@@ -7,6 +7,7 @@ the end (`Labels.decide`) and handed to whoever renders a range of frames (servi
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
@@ -14,6 +15,8 @@ from service.outputs.davis import MAX_INDEX
 from service.pipeline.tracks import VideoResult
 
 DEFAULT_FPS = 25
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class Labels:
                              result.classes.get(t.category(), ""), s, t.voted_category())
                   for k, (t, s) in enumerate(zip(kept, scores))]
         drawn = sorted((k for k in range(len(kept)) if scores[k] >= overlay_min_score), key=lambda k: -scores[k])
+        if len(kept) > MAX_INDEX:
+            # Only reachable with max_tracks=None; failing the whole job over it would lose the
+            # other formats, and kept() is longest-lived first, so the dropped tracks matter least.
+            log.warning("DAVIS PNGs hold %d tracks; %d shortest-lived not painted", MAX_INDEX, len(kept) - MAX_INDEX)
         return cls(result.num_frames, result.height, result.width, result.fps, tracks, drawn)
 
     def overlay_text(self, rank: int) -> str:

@@ -84,7 +84,7 @@ def render_in_ranges(result: VideoResult, parts: Path, formats: Sequence[str], l
     # Two ranges per process: balanced enough, and few segment starts (each one a keyframe).
     size = range_frames or (max(64, math.ceil(n / (2 * processes))) if parallel else n)
     spans = ranges(n, size)
-    if parallel:
+    if parallel and len(spans) > 1:  # one range: starting processes would only cost
         ctx = multiprocessing.get_context("spawn")  # the parent may hold torch's threads: never fork it
         with ProcessPoolExecutor(min(processes, len(spans)), mp_context=ctx) as pool:
             futures = [pool.submit(_render_one, labels, formats, range_masks(result, a, b), video, a, b, parts,

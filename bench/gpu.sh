@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU measurements, one command: `bash bench/gpu.sh` on a machine with one NVIDIA GPU
+# The GPU measurements, one command: `bash bench/gpu.sh` on a machine with one NVIDIA GPU
 # (<= 8 min on an H100), `bash bench/gpu.sh --dry-run` anywhere (CPU, tiny sizes; CI runs it).
 # Writes one JSON report into $OUT (default bench/out/): gpu_report.json or gpu_report_dry_run.json.
 #

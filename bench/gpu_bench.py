@@ -1,4 +1,4 @@
-"""Issue 14's GPU measurements in one run, written to one JSON report (see bench/gpu.sh).
+"""The GPU measurements (engines, precisions, serving) in one run, written to one JSON report (see bench/gpu.sh).
 
 Steps, each recorded as {"status": "ok" | "skipped: why" | "failed: error", "seconds": ...} so a
 step that cannot run here never hides the others, and the report is rewritten after every step
@@ -73,7 +73,8 @@ class Report:
 
     def step(self, name: str, fn, needs_s: float = 0.0):
         if self.left() < needs_s:
-            self.data["steps"][name] = {"status": f"skipped: time budget ({self.left():.0f} s left, needs ~{needs_s:.0f})"}
+            self.data["steps"][name] = {
+                "status": f"skipped: time budget ({self.left():.0f} s left, needs ~{needs_s:.0f})"}
             self.write()
             return None
         start = time.monotonic()
@@ -376,7 +377,8 @@ def _exported_vs_torch(plan: dict, why: dict, assets: dict, ref_dir: Path) -> di
     import torch
 
     from service.model.checkpoint import load_model
-    from service.model.engines import TorchEngine, load_engine
+    from service.model.engine_spec import EngineSpec
+    from service.model.engines import TorchEngine, build_engine
     from service.model.stemseg import stack_clip
 
     z = np.load(ref_dir / "model_youtube_vis_s0.npz")
@@ -398,7 +400,7 @@ def _exported_vs_torch(plan: dict, why: dict, assets: dict, ref_dir: Path) -> di
             entry[name] = f"skipped: {why[name]}"
             continue
         try:
-            engine = load_engine(kind, onnx_dir=Path(assets["onnx"]), device=device)
+            engine = build_engine(EngineSpec(kind, onnx_dir=Path(assets["onnx"]), device=device))
             got = run(engine, images.to(engine.device))
         except Exception as e:  # noqa: BLE001 - recorded per engine
             entry[name] = f"failed: {type(e).__name__}: {e}"
@@ -455,7 +457,8 @@ def _segment(engine, video: str):
 def step_agreement(plan: dict, why: dict, assets: dict) -> dict:
     from service.evaluation.agreement import track_agreement
     from service.model.checkpoint import load_model
-    from service.model.engines import TorchEngine, load_engine
+    from service.model.engine_spec import EngineSpec
+    from service.model.engines import TorchEngine, build_engine
 
     out: dict = {}
     for label, weights, min_dim in (("lite", assets["lite"], None),
@@ -474,8 +477,8 @@ def step_agreement(plan: dict, why: dict, assets: dict) -> dict:
                 if weights != assets["bench_weights"] or "onnx" not in assets:
                     entry[name] = "skipped: TensorRT engines are built for the benchmarked network only"
                     continue
-                engine = load_engine("tensorrt", onnx_dir=Path(assets["onnx"]), device=plan["device"])
-                engine.cfg = engine.cfg.with_min_dim(min_dim)
+                engine = build_engine(EngineSpec("tensorrt", onnx_dir=Path(assets["onnx"]), device=plan["device"],
+                                                 min_dim=min_dim))
             else:
                 engine = TorchEngine(model, autocast=ENGINES[name][0][-1])
             entry[name] = track_agreement(fp32, _segment(engine, assets["video"]))
@@ -666,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     why = _availability(plan["device"])
     report = Report(args.out / ("gpu_report_dry_run.json" if args.dry_run else "gpu_report.json"), args.budget_s,
-                    {"dry_run": args.dry_run, "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
+                    {"dry_run": args.dry_run,
+                     "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()},
                      "command": "bash bench/gpu.sh" + (" --dry-run" if args.dry_run else ""),
                      "engines_unavailable": {k: v for k, v in why.items() if v}})
     report.step("environment", lambda: {"versions": _versions()})

@@ -17,10 +17,19 @@ import torch
 from torch import Tensor, nn
 
 from service.model.checkpoint import state_dict_hash
+from service.model.graph import (
+    CLASSES_KEY,
+    GRAPH_KEY,
+    HEAD_OUTPUTS,
+    IMAGES,
+    INPUT_SPEC_KEY,
+    LEVELS,
+    PRESET_KEY,
+    STRIDES,
+    WEIGHTS_KEY,
+    graph_path,
+)
 from service.model.stemseg import STEmSeg
-
-LEVELS = ("p4", "p8", "p16", "p32")
-HEAD_OUTPUTS = ("embeddings", "bandwidths", "seediness", "semseg_logits")
 
 
 class _Backbone(nn.Module):
@@ -51,15 +60,15 @@ class ExportedGraphs:
 def _metadata(model: STEmSeg, graph: str) -> dict[str, str]:
     cfg = model.cfg
     spec = {
-        "backbone": {"images": "[B, 3, H, W] float32, BGR minus mean, H and W multiples of 32"},
-        "heads": {name: f"[N, 256, {cfg.clip_len}, H/{s}, W/{s}]" for name, s in zip(LEVELS, (4, 8, 16, 32))},
+        "backbone": {IMAGES: "[B, 3, H, W] float32, BGR minus mean, H and W multiples of 32"},
+        "heads": {name: f"[N, 256, {cfg.clip_len}, H/{s}, W/{s}]" for name, s in zip(LEVELS, STRIDES)},
     }[graph]
     return {
-        "stemseg.graph": graph,
-        "stemseg.preset": cfg.to_json(),
-        "stemseg.classes": json.dumps({str(k): v for k, v in cfg.classes.items()}),
-        "stemseg.input_spec": json.dumps(spec),
-        "stemseg.weights_sha256": state_dict_hash(model.state_dict()),
+        GRAPH_KEY: graph,
+        PRESET_KEY: cfg.to_json(),
+        CLASSES_KEY: json.dumps({str(k): v for k, v in cfg.classes.items()}),
+        INPUT_SPEC_KEY: json.dumps(spec),
+        WEIGHTS_KEY: state_dict_hash(model.state_dict()),
     }
 
 
@@ -86,13 +95,13 @@ def export_onnx(model: STEmSeg, out_dir: Path, opset: int = 17, fp16: bool = Fal
     with torch.inference_mode():
         feats = [f.permute(1, 0, 2, 3).unsqueeze(0).repeat(1, 1, model.cfg.clip_len // 2, 1, 1)
                  for f in model.frame_features(images)]
-    backbone, heads = out_dir / "backbone.onnx", out_dir / "heads.onnx"
+    backbone, heads = graph_path(out_dir, "backbone"), graph_path(out_dir, "heads")
     outputs = [n for n in HEAD_OUTPUTS if n != "semseg_logits" or model.semseg_head is not None]
     with torch.no_grad():
         torch.onnx.export(
             _Backbone(model), (images,), str(backbone), dynamo=False, opset_version=opset,
-            input_names=["images"], output_names=list(LEVELS),
-            dynamic_axes={"images": {0: "B", 2: "H", 3: "W"},
+            input_names=[IMAGES], output_names=list(LEVELS),
+            dynamic_axes={IMAGES: {0: "B", 2: "H", 3: "W"},
                           **{n: {0: "B", 2: f"H{n[1:]}", 3: f"W{n[1:]}"} for n in LEVELS}},
         )
         torch.onnx.export(

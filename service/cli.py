@@ -14,14 +14,23 @@ import sys
 import time
 from pathlib import Path
 
-from service.config import DEFAULT_FORMATS, ENGINES, OFFICIAL_WEIGHTS, OUTPUT_FORMATS
-from service.model.presets import PRESETS  # plain dataclasses: no torch
+from service.config import DEFAULT_FORMATS, OUTPUT_FORMATS
+from service.errors import UserError
+from service.model.engine_spec import (  # no torch
+    AUTOCAST_MODES,
+    COMPILE_MODES,
+    ENGINES,
+    SETTINGS_SPELLING,
+    EngineSpec,
+    Spelling,
+)
+from service.model.presets import OFFICIAL_WEIGHTS, PRESETS  # plain dataclasses: no torch
 
 EXIT_BAD_INPUT = 2
 PRESET_NAMES = tuple(PRESETS)
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A mistake in what the user asked for, reported as one line."""
 
 
@@ -103,10 +112,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="torch (eager); onnxruntime (CPU, or CUDA with --device cuda); onnxruntime-trt "
                         "(ONNX Runtime's TensorRT provider, fp16); tensorrt (native fp16 engines, cached)")
     p.add_argument("--onnx", type=Path, help="directory with backbone.onnx and heads.onnx (stemseg export onnx)")
-    # Torch engine speed options (issue 14); off by default, so outputs stay the fp32 reference.
-    p.add_argument("--autocast", choices=["off", "bf16", "fp16"], default="off",
+    # Torch engine speed options; off by default, so outputs stay the fp32 reference.
+    p.add_argument("--autocast", choices=AUTOCAST_MODES, default="off",
                    help="torch engine: run the network under bf16/fp16 autocast (fp16 needs a GPU)")
-    p.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
                    help="torch engine: torch.compile mode (reduce-overhead replays CUDA graphs)")
     p.add_argument("--tf32", action="store_true",
                    help="torch engine on CUDA: TF32 matmuls and convolutions (default: strict fp32)")
@@ -143,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, help="also write the JSON here")
     bench.add_argument("--serial", action="store_true",
                        help="no decode or post-processing threads, one clip per forward (the old pipeline)")
-    bench.add_argument("--clips-per-forward", type=_int_at_least(1), default=1, help="consecutive clips per heads forward")
+    bench.add_argument("--clips-per-forward", type=_int_at_least(1), default=1,
+                       help="consecutive clips per heads forward")
     bench.add_argument("--format", nargs="+", default=None, choices=[*OUTPUT_FORMATS, "none"],
                        help="outputs whose writing is timed separately, as segment writes them (default: segment's "
                             "defaults; none: the network alone)")
@@ -160,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     trt_p = exp_sub.add_parser("tensorrt", help="native TensorRT engines from the ONNX graphs (cached per GPU)")
     trt_p.add_argument("--onnx", type=Path, default=Path("onnx"), help="directory of `stemseg export onnx`")
     trt_p.add_argument("--buckets", nargs="+", metavar="HxW",
-                       help="optimisation profiles' preferred padded sizes (default: 16:9 both ways at the preset's size)")
+                       help="optimisation profiles' preferred padded sizes "
+                            "(default: 16:9 both ways at the preset's size)")
     trt_p.add_argument("--fp32", action="store_true", help="build fp32 engines (default fp16)")
     trt_p.add_argument("--cache", type=Path, help="engine cache directory (default ONNX_DIR/trt-engines)")
 
@@ -206,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a preset on a synthetic dataset")
     tr.add_argument("--data", type=Path, nargs="+", required=True, help="one or more `stemseg synth` folders")
     tr.add_argument("--preset", default="lite", choices=PRESET_NAMES)
-    tr.add_argument("--out", type=Path, required=True, help="weights file (.safetensors); resumes if its checkpoint exists")
+    tr.add_argument("--out", type=Path, required=True,
+                    help="weights file (.safetensors); resumes if its checkpoint exists")
     tr.add_argument("--steps", type=_int_at_least(1), default=4000)
     tr.add_argument("--batch", type=_int_at_least(1), default=4)
     tr.add_argument("--lr", type=_float_in(0, 1, low_open=True), default=2e-3)
@@ -221,32 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How the engine's options are called on this command line, for EngineSpec's messages.
+FLAGS = {"kind": "--engine", "weights": "--weights", "preset": "--preset", "device": "--device", "onnx_dir": "--onnx",
+         "autocast": "--autocast", "compile": "--compile", "tf32": "--tf32", "min_dim": "--min-dim"}
+
+
+def _engine_spec(args: argparse.Namespace, settings) -> EngineSpec:
+    """The engine `_add_model_options` asked for; weights, preset and device default to the settings',
+    and a message about one of those names the setting where the value came from there."""
+    unset = {f for f in ("weights", "preset", "device") if getattr(args, f) is None}
+    spelling = Spelling({**FLAGS, **{f: SETTINGS_SPELLING(f) for f in unset}}, joiner=" ")
+    return EngineSpec(kind=args.engine, weights=settings.weights if "weights" in unset else args.weights,
+                      weights_dir=settings.weights_dir, preset=args.preset or settings.preset,
+                      device=args.device or settings.device, onnx_dir=args.onnx, autocast=args.autocast,
+                      compile=args.compile, tf32=args.tf32, min_dim=args.min_dim, spelling=spelling)
+
+
 def _load(args: argparse.Namespace):
     """The engine the options ask for and the settings."""
-    import torch
-
-    from service.config import get_settings, resolve_device
-    from service.model.engines import load_engine
-    from service.pipeline.session import load
+    from service.config import get_settings
+    from service.model.engines import build_engine
 
     settings = get_settings()
-    try:
-        if args.engine != "torch":
-            if args.autocast != "off" or args.compile != "off" or args.tf32:
-                raise UsageError("--autocast, --compile and --tf32 apply to --engine torch only")
-            engine = load_engine(args.engine, onnx_dir=args.onnx, device=resolve_device(args.device or settings.device))
-            if args.min_dim:
-                engine.cfg = engine.cfg.with_min_dim(args.min_dim)
-            return engine, settings
-        weights = args.weights if args.weights is not None else settings.weights
-        engine = load(weights, preset=args.preset or settings.preset, device=args.device or settings.device,
-                      min_dim=args.min_dim, autocast=args.autocast, compile=args.compile)
-    except ValueError as e:  # unusable device or preset setting, weights that name no file or do not fit
-        raise UsageError(str(e)) from None
-    if engine.device.type == "cuda":
-        # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, which is not fp32.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    return engine, settings
+    spec = _engine_spec(args, settings)  # an EngineError (one line) before torch is even imported
+    return build_engine(spec), settings
 
 
 def _print_json(report: dict, path: Path | None) -> None:
@@ -378,7 +388,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from model_export.onnx_export import export_onnx
     except ImportError as e:
-        raise UsageError(f"export needs the onnx package ({e.name} missing): pip install 'stemseg-serve[export]'") from None
+        raise UsageError(f"export needs the onnx package ({e.name} missing): "
+                         "pip install 'stemseg-serve[export]'") from None
     graphs = export_onnx(load_model(weights, args.preset), args.out, opset=args.opset, fp16=args.fp16)
     print(f"wrote {graphs.backbone} and {graphs.heads}")
     return 0
@@ -387,8 +398,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_tensorrt(args: argparse.Namespace) -> int:
     import torch
 
-    from service.model.engines import graph_metadata
-    from service.model.presets import ModelConfig
+    from service.model.graph import graph_config
 
     try:
         import tensorrt  # noqa: F401
@@ -396,15 +406,13 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
         raise UsageError("export tensorrt needs the tensorrt package: pip install 'stemseg-serve[gpu]'") from None
     if not torch.cuda.is_available():
         raise UsageError("export tensorrt needs a CUDA GPU: engines are built for the GPU they run on")
-    from model_export.tensorrt_build import Bucket, build_or_load
+    from service.model.tensorrt_build import Bucket, build_or_load
 
-    if not (args.onnx / "heads.onnx").is_file():
-        raise UsageError(f"no exported graphs in {args.onnx}: run `stemseg export onnx --out {args.onnx}` first")
+    cfg = graph_config(args.onnx)  # an EngineError naming the missing graphs
     try:
         buckets = [Bucket.parse(b) for b in args.buckets] if args.buckets else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    cfg = ModelConfig.from_json(graph_metadata(args.onnx)["stemseg.preset"])
     start = time.perf_counter()
     paths = build_or_load(args.onnx, cfg, buckets=buckets, fp16=not args.fp32, cache_dir=args.cache)
     print(f"engines {paths['backbone']} and {paths['heads']} ready in {time.perf_counter() - start:.1f} s")
@@ -470,7 +478,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.config import get_settings
 
-    redis, uvicorn, create_app = _server_modules()
+    redis, _, create_app = _server_modules()
     settings = get_settings()
     _ping_redis(redis, settings.redis_url)
     # Every configuration mistake surfaces here, as one line, before the server starts listening;
@@ -483,7 +491,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker = Worker(settings, engine=load_service_engine(settings))
         threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True).start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        from service.api.server import serve
+
+        serve(app, settings, args.host, args.port)
     finally:
         if worker is not None:
             worker.stopping.set()
@@ -509,13 +519,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     from service.config import SHIPPED_WEIGHTS, get_settings
-    from service.model.hub import CHECKPOINTS, fetch, target_path
+    from service.model.hub import fetch, target_path
+    from service.model.presets import OFFICIAL
 
     settings = get_settings()
     if args.action == "list":
         shipped = "present" if SHIPPED_WEIGHTS.is_file() else "missing"
         print(f"lite         shipped with stemseg ({shipped}): {SHIPPED_WEIGHTS}")
-        for name, ck in CHECKPOINTS.items():
+        for name, ck in OFFICIAL.items():
             path = target_path(name, settings.weights_dir)
             where = f"fetched: {path}" if path.is_file() else f"not fetched: stemseg weights fetch {name}"
             print(f"{name:<12} {ck.url} ({where}; trained on {ck.trained_on})")
@@ -575,19 +586,6 @@ def cmd_synth_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bad_input_errors() -> tuple[type[Exception], ...]:
-    """The error types that mean bad input, from the modules the command loaded: evaluated when
-    an error is caught, so `stemseg serve` never imports torch just to name them."""
-    errors: list[type[Exception]] = [UsageError]
-    for module, name in (("service.model.checkpoint", "CheckpointError"), ("service.model.engines", "EngineError"),
-                         ("service.video.decode", "VideoError"), ("service.jobs.model_info", "ModelInfoError"),
-                         ("service.config", "WeightsNotFound"), ("service.model.hub", "FetchError"),
-                         ("service.outputs.write", "OutputExists")):
-        if module in sys.modules:
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
@@ -597,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train": cmd_train, "synth-weights": cmd_synth_weights}
     try:
         return handlers[args.command](args)
-    except _bad_input_errors() as e:
+    except UserError as e:
         # One line: a long list of checkpoint mismatches is summarised by its first entry.
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         print(f"stemseg: error: {' '.join(lines[:2])}", file=sys.stderr)

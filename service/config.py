@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Ways to run the network (service.model.engines), listed here so the CLI need not import torch.
-ENGINES = ("torch", "onnxruntime", "onnxruntime-trt", "tensorrt")
+from service.errors import UserError
+from service.model.presets import OFFICIAL_WEIGHTS  # torch-free
 
-# --- Outputs (issue 13): the one default set the CLI, the API and STEMSEG_FORMATS share -------------
+# Ways to run the network (service.model.engines) and the torch engine's speed options, as the
+# settings and the CLI offer them; service.model.engine_spec checks how they combine.
+EngineKind = Literal["torch", "onnxruntime", "onnxruntime-trt", "tensorrt"]
+Autocast = Literal["off", "bf16", "fp16"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+
+# --- Outputs: the one default set the CLI, the API and STEMSEG_FORMATS share -------------
 OUTPUT_FORMATS = ("ytvis", "davis", "mots", "overlay")
 DEFAULT_FORMATS = OUTPUT_FORMATS  # every format unless STEMSEG_FORMATS or --format says fewer
 
@@ -27,14 +34,11 @@ def parse_formats(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# --- Weights (issue 13): the one resolver the API, the worker and the CLI call -------------------------
+# --- Weights: the one resolver the API, the worker and the CLI call -------------------------
 # The model we train and ship (weights/MODEL_CARD.md). service/model/shipped links to weights/, so a
 # checkout and an installed wheel (which carries the files as package data) find it at the same place.
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "model" / "shipped" / "lite.safetensors"
 SHIPPED_CARD = SHIPPED_WEIGHTS.with_name("MODEL_CARD.md")
-# Names `stemseg weights fetch` downloads (service/model/hub.py has their URLs) into weights_dir.
-OFFICIAL_WEIGHTS = ("davis", "youtube_vis", "kitti_mots")
-
 
 def default_weights_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stemseg" / "weights"
@@ -45,7 +49,7 @@ def fetched_weights_path(name: str, weights_dir: Path) -> Path:
     return Path(weights_dir) / f"{name}.pth"
 
 
-class WeightsNotFound(ValueError):
+class WeightsNotFound(UserError, ValueError):
     """The configured weights name no file; the message says how to get one (one line)."""
 
 
@@ -99,7 +103,8 @@ class Settings(BaseSettings):
                                                        "(0: one per CPU core)")
     lock_ttl_s: float = Field(20.0, gt=0, description="A job's stitch/finish lock lapses this long after its "
                                                       "holder stops renewing it (it renews every third of it)")
-    visibility_timeout_s: float = Field(60.0, gt=0, description="A task held this long without a heartbeat is redelivered")
+    visibility_timeout_s: float = Field(60.0, gt=0,
+                                        description="A task held this long without a heartbeat is redelivered")
     max_deliveries: int = Field(3, ge=1, description="Deliveries of one task before its job fails")
     job_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Jobs, their keys and files expire after this")
     formats: str = Field(",".join(DEFAULT_FORMATS),
@@ -110,34 +115,53 @@ class Settings(BaseSettings):
     def _known_formats(cls, v: str) -> str:
         return ",".join(parse_formats(v))
 
-    # --- Job lifecycle, limits and faults (issue 12; owned by service/jobs and service/api) ---
+    # --- Job lifecycle, limits and faults (owned by service/jobs and service/api) ---
     max_frames: int = Field(20_000, ge=1, description="Videos with more frames are refused (413)")
     max_duration_s: float = Field(3600.0, gt=0, description="Videos longer than this are refused (413)")
+    probe_budget_s: float = Field(30.0, gt=0, description="Longest the API may spend reading one upload (probe, "
+                                                          "and remux of a raw stream) before refusing it (413)")
+    max_container_samples: int = Field(1_000_000, ge=1, description="MP4/MOV uploads whose tables list more samples "
+                                       "in all tracks are refused (413) before FFmpeg indexes them")
+    probe_cache_bytes: int = Field(64 * 1024**2, ge=0, description="Bytes of video indexes a worker keeps between "
+                                                                   "tasks (least recently used dropped first)")
     max_active_jobs: int = Field(100, ge=0, description="Unfinished jobs per API key (429 above); 0: no quota")
     rate_limit_jobs: int = Field(60, ge=0, description="Uploads one API key may send per rate window (429); 0: off")
     rate_window_s: int = Field(60, ge=1, description="Length of the rate-limit window in seconds")
     max_event_streams: int = Field(256, ge=0, description="Open /events streams per API process (503 above)")
+    api_threads: int = Field(40, ge=1, description="Threads of an API process for blocking work (Redis calls, "
+                                                   "probing); each may hold one Redis connection")
+    redis_pool_margin: int = Field(16, ge=1, description="Redis connections per pool beyond the API threads or "
+                                                         "event streams (admission checks, the lifespan)")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="Request line and headers larger than this are "
+                                                                  "refused (431)")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent a request's headers "
+                                                            "within this is closed (408)")
     sse_keepalive_s: float = Field(15.0, gt=0, description="Comment line sent on an idle event stream")
-    sse_max_s: float = Field(3600.0, gt=0, description="An event stream ends after this; clients resume with Last-Event-ID")
-    upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is dropped (408)")
+    sse_max_s: float = Field(3600.0, gt=0,
+                             description="An event stream ends after this; clients resume with Last-Event-ID")
+    upload_idle_timeout_s: float = Field(30.0, gt=0,
+                                         description="An upload that sends nothing for this long is dropped (408)")
     redis_timeout_s: float = Field(1.0, gt=0, description="Connect and reply timeout of every Redis call")
     retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when Redis is unreachable")
-    sweep_interval_s: float = Field(60.0, gt=0, description="How often a worker runs the sweeper (one worker at a time)")
+    sweep_interval_s: float = Field(60.0, gt=0,
+                                    description="How often a worker runs the sweeper (one worker at a time)")
     sweep_grace_s: float = Field(600.0, ge=0, description="Files without a job record are deleted once this old")
-    webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="Hosts a callback_url may name (comma-separated)")
+    webhook_hosts: str = Field("127.0.0.1,localhost,::1", description="host or host:port a callback_url may name "
+                               "(comma-separated; a host alone allows its scheme's default port only; [v6]:port)")
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
     webhook_attempts: int = Field(5, ge=1, description="Deliveries of one webhook before giving up")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles per attempt")
     webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook delivery")
     worker_concurrency: int = Field(1, ge=1, description="Tasks one worker runs at once (threads sharing one engine)")
 
-    # --- GPU serving (issue 14): which engine the worker runs and how it keeps the GPU fed ---
-    engine: str = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
+    # --- GPU serving: which engine the worker runs and how it keeps the GPU fed ---
+    engine: EngineKind = Field("torch", description="torch, onnxruntime, onnxruntime-trt or tensorrt (as --engine)")
     onnx_dir: Path | None = Field(None, description="Graphs of `stemseg export onnx`; needed by every engine but torch")
     trt_cache: Path | None = Field(None, description="Native TensorRT engine cache (default ONNX_DIR/trt-engines)")
-    autocast: str = Field("off", description="torch engine: off, bf16 or fp16 autocast (off keeps the fp32 outputs)")
-    torch_compile: str = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) or "
-                                                  "max-autotune (torch.compile modes)")
+    autocast: Autocast = Field("off", description="torch engine: off, bf16 or fp16 autocast (off keeps the fp32 "
+                                                  "outputs)")
+    torch_compile: CompileMode = Field("off", description="torch engine: off, default, reduce-overhead (CUDA graphs) "
+                                                          "or max-autotune (torch.compile modes)")
     tf32: bool = Field(False, description="torch engine on CUDA: TF32 matmuls and convolutions")
     batch_max_size: int = Field(0, ge=0, description="Cross-task dynamic batching: most frames (backbone) or clips "
                                                "(heads) in one forward; 0 or 1 disables it")
@@ -147,6 +171,12 @@ class Settings(BaseSettings):
     @property
     def webhook_host_list(self) -> list[str]:
         return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]
+
+    @property
+    def redis_pool_sizes(self) -> tuple[int, int]:
+        """Connections of an API process's (sync, async) Redis pools: one per thread that can
+        run a Redis call, one per event stream, and a margin each."""
+        return self.api_threads + self.redis_pool_margin, self.max_event_streams + self.redis_pool_margin
 
     @property
     def format_list(self) -> tuple[str, ...]:

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from service_env import drop_prefix, new_prefix
 
+from service.model.checkpoint import load_model, save_weights
 from service.model.presets import get_preset
+from service.model.stemseg import STEmSeg
 from service.model.synthetic import official_layout, save_official_checkpoint, synthetic_state_dict
 
 
@@ -21,6 +26,36 @@ def official_weights(tmp_path_factory: pytest.TempPathFactory):
         return made[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_model(official_weights) -> Callable[[str], STEmSeg]:
+    """A preset's synthetic weights as a fresh model that runs small (64-128 pixels) and seeds at
+    0.5: synthetic weights seed nothing at the official 0.8 / 0.95, and tests need tracks."""
+
+    def get(preset: str) -> STEmSeg:
+        model = load_model(official_weights(preset))
+        model.cfg = replace(model.cfg, min_dim=64, max_dim=128, min_seediness=0.5)
+        return model
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_weights(small_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small kitti_mots model in our format: the file carries its preset, so every process
+    that loads it (CLI, API, workers) runs the same small model."""
+    path = tmp_path_factory.mktemp("w") / "kitti-small.safetensors"
+    save_weights(small_model("kitti_mots"), path)
+    return path
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A private Redis key prefix for one test; every key under it is deleted afterwards."""
+    prefix = new_prefix()
+    yield prefix
+    drop_prefix(prefix)
 
 
 @pytest.fixture(scope="session")

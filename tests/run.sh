@@ -3,7 +3,8 @@
 # so the environment the README's install made (.venv) or any of yours keeps its torch.
 # The test environment gets the CPU build of torch from PyTorch's CPU wheel index (STEMSEG_TORCH_INDEX
 # for a mirror), pinned by .ci/constraints.txt, once: later runs keep the torch it has.
-# Extra arguments go to pytest (e.g. `bash tests/run.sh -k reference`).
+# It lints first (ruff, configured in pyproject.toml; its version pinned by .ci/constraints.txt), then
+# runs pytest; extra arguments go to pytest (e.g. `bash tests/run.sh -k reference`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${STEMSEG_TEST_VENV:-.venv-test}"
@@ -15,4 +16,5 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     --index-url "${STEMSEG_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 fi
 "$venv"/bin/pip install --quiet -c .ci/constraints.txt -e '.[test,export,server,eval]'
+"$venv/bin/ruff" check service model_export tests bench
 exec "$venv/bin/python" -m pytest "$@"

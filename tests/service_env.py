@@ -10,24 +10,28 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import redis
 
-from service.model.checkpoint import load_model, save_weights
-
 REDIS_URL = os.environ.get("STEMSEG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-def service_weights(official: Path, out: Path) -> Path:
-    """Our format carries the preset: synthetic weights seed nothing at 0.95, so the test
-    model asks for 0.5 and runs small, and every process that loads it agrees."""
-    model = load_model(official)
-    model.cfg = replace(model.cfg, min_dim=64, max_dim=128, min_seediness=0.5)
-    save_weights(model, out)
-    return out
+def new_prefix() -> str:
+    """A Redis key prefix no other test uses."""
+    return f"stemseg-test-{uuid.uuid4().hex[:8]}"
+
+
+def drop_prefix(prefix: str) -> None:
+    """Delete every Redis key under a test's prefix."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(f"{prefix}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def free_port() -> int:
@@ -38,13 +42,15 @@ def free_port() -> int:
 
 class ServiceEnv:
     def __init__(self, tmp: Path, weights: Path, **settings: str) -> None:
-        self.prefix = f"stemseg-test-{uuid.uuid4().hex[:8]}"
+        self.prefix = new_prefix()
         self.data = tmp / "data"
         self.env = {**os.environ, "STEMSEG_REDIS_URL": REDIS_URL, "STEMSEG_REDIS_PREFIX": self.prefix,
                     "STEMSEG_DATA_DIR": str(self.data), "STEMSEG_WEIGHTS": str(weights), "STEMSEG_DEVICE": "cpu",
                     "STEMSEG_VISIBILITY_TIMEOUT_S": "3", "STEMSEG_CLIPS_PER_TASK": "2",
                     "OMP_NUM_THREADS": "1", **settings}
         self.procs: list[subprocess.Popen] = []
+        self.tmp = tmp
+        self.logs: list[Path] = []  # each process's stdout and stderr, for tests that read the logs
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.base = ""
 
@@ -67,8 +73,15 @@ class ServiceEnv:
         return p
 
     def _spawn(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.tmp / f"{args[0]}-{len(self.procs)}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+
+    def log_text(self) -> str:
+        """What every process started so far wrote."""
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
     def wait(self, job_id: str, timeout: float = 180, headers: dict | None = None) -> dict:
         deadline = time.monotonic() + timeout
@@ -88,9 +101,7 @@ class ServiceEnv:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        keys = list(self.redis.scan_iter(f"{self.prefix}:*", count=500))
-        if keys:
-            self.redis.delete(*keys)
+        drop_prefix(self.prefix)
         self.redis.close()
 
 
@@ -103,21 +114,12 @@ def in_process_worker(weights: Path, data_dir: Path, name: str, **settings: obje
 
     options: dict[str, object] = {"visibility_timeout_s": 3, "clips_per_task": 2, "sweep_interval_s": 3600,
                                   **settings}
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=data_dir,
-                 weights=weights, device="cpu", **options)
+    s = Settings(redis_url=REDIS_URL, redis_prefix=new_prefix(), data_dir=data_dir, weights=weights, device="cpu",
+                 **options)
     w = Worker(s, name=name)
     w.initialize()
     try:
         yield w
     finally:
         w.finalize()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
-
-def small_service_weights(official_weights, tmp_path_factory) -> Path:
-    """kitti_mots synthetic weights in our format, small and seeding at 0.5 (see service_weights)."""
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+        drop_prefix(s.redis_prefix)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from service_env import REDIS_URL
 from videos import make_audio_only, make_video
@@ -20,14 +18,9 @@ from service.model.presets import get_preset
 
 
 @pytest.fixture
-def settings(tmp_path: Path):
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}",
-                 data_dir=tmp_path / "data", max_upload_bytes=200_000, rate_limit_jobs=0)
-    yield s
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{s.redis_prefix}:*"))
-    if keys:
-        r.delete(*keys)
+def settings(tmp_path: Path, redis_prefix: str) -> Settings:
+    return Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "data",
+                    max_upload_bytes=200_000, rate_limit_jobs=0)
 
 
 def _client(settings: Settings, **overrides) -> TestClient:
@@ -301,3 +294,27 @@ def test_default_formats_are_the_clis_and_follow_stemseg_formats(settings, tmp_p
         _assert_problem(c.post("/v1/jobs?formats=ytvis,gif", **body), 422)
     with _client(settings, formats="davis") as c:
         assert c.post("/v1/jobs", **body).json()["options"]["formats"] == ["davis"]
+
+
+def test_user_errors_are_400_problems_that_name_no_server_path(settings) -> None:
+    """Every UserError is mapped once, as a 400; a video is called what the user sent."""
+    from service.config import WeightsNotFound
+    from service.video import VideoError
+
+    app = create_app(settings, model_cfg=get_preset("kitti_mots"))
+    upload = settings.data_dir / "jobs" / "abc" / "video"
+
+    def bad_video() -> None:
+        raise VideoError(upload, "the file is truncated (its last video packet is cut off)")
+
+    def bad_weights() -> None:
+        raise WeightsNotFound("official weights 'davis' are not fetched: run `stemseg weights fetch davis`")
+
+    app.add_api_route("/test/bad-video", bad_video)
+    app.add_api_route("/test/bad-weights", bad_weights)
+    with TestClient(app) as c:
+        body = _assert_problem(c.get("/test/bad-video"), 400)
+        assert body["detail"] == "the upload: the file is truncated (its last video packet is cut off)"
+        assert str(settings.data_dir) not in c.get("/test/bad-video").text
+        body = _assert_problem(c.get("/test/bad-weights"), 400)
+        assert body["detail"].startswith("official weights 'davis' are not fetched")

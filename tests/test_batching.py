@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +11,6 @@ import torch
 from frames import moving_frames
 
 from service.model.batching import DynamicBatcher
-from service.model.checkpoint import load_model
 from service.pipeline.clips import clip_plan
 from service.pipeline.runner import PipelineOptions, Segmenter
 
@@ -19,12 +18,6 @@ from service.pipeline.runner import PipelineOptions, Segmenter
 class _Frame:
     def __init__(self, index: int, image: np.ndarray) -> None:
         self.index, self.image = index, image
-
-
-def _model(official_weights, preset: str):
-    model = load_model(official_weights(preset))
-    model.cfg = replace(model.cfg, min_dim=64, max_dim=128, min_seediness=0.5)
-    return model
 
 
 def _segment(engine, images: list[np.ndarray], pipeline: PipelineOptions | None = None):
@@ -40,7 +33,8 @@ def _same(a, b) -> bool:
 
 
 def _concurrently(fn, n: int, timeout_s: float) -> None:
-    """fn(0) ... fn(n-1) on n threads started together; the first error is raised here."""
+    """fn(0) ... fn(n-1) on n threads started together; the first error is raised here, and a
+    thread still running after timeout_s is a failure (a hung caller must not pass for done)."""
     errors: list[BaseException] = []
     start = threading.Barrier(n)
 
@@ -54,15 +48,18 @@ def _concurrently(fn, n: int, timeout_s: float) -> None:
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + timeout_s
     for t in threads:
-        t.join(timeout_s)
+        t.join(max(0.0, deadline - time.monotonic()))
     if errors:
         raise errors[0]
+    hung = [t.name for t in threads if t.is_alive()]
+    assert not hung, f"{len(hung)} of {n} callers still running after {timeout_s} s"
 
 
 @pytest.mark.parametrize("preset", ["kitti_mots", pytest.param("youtube_vis", marks=pytest.mark.slow)])
-def test_four_concurrent_jobs_batched_equal_their_unbatched_runs(official_weights, preset: str) -> None:
-    model = _model(official_weights, preset)
+def test_four_concurrent_jobs_batched_equal_their_unbatched_runs(small_model, preset: str) -> None:
+    model = small_model(preset)
     # Four different videos (shifted content, different lengths), one resolution.
     videos = [moving_frames(n, 48, 64)[shift:] for n, shift in ((17, 0), (21, 3), (13, 1), (25, 5))]
     expected = [_segment(model, v) for v in videos]
@@ -86,8 +83,8 @@ def test_four_concurrent_jobs_batched_equal_their_unbatched_runs(official_weight
         assert stats.forwards[op] < stats.requests[op], stats
 
 
-def test_batches_respect_max_batch_and_only_merge_equal_shapes(official_weights) -> None:
-    model = _model(official_weights, "kitti_mots")
+def test_batches_respect_max_batch_and_only_merge_equal_shapes(small_model) -> None:
+    model = small_model("kitti_mots")
     batcher = DynamicBatcher(model, max_batch=6, max_delay_s=0.2)
     inputs = [torch.randn(n, 3, h, 64) for n, h in ((4, 64), (4, 64), (2, 96), (3, 64))]
     out: list = [None] * len(inputs)

@@ -11,7 +11,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from service_env import service_weights
 from test_pipeline import direct_track_maps
 from videos import make_audio_only, make_video
 
@@ -20,11 +19,6 @@ from service.model.checkpoint import load_model
 from service.pipeline.clips import clip_plan
 from service.pipeline.runner import Segmenter
 from service.video import iter_clip_windows, iter_frames
-
-
-@pytest.fixture(scope="module")
-def small_weights(official_weights, tmp_path_factory) -> Path:
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "small.safetensors")
 
 
 @pytest.mark.parametrize("preset", ["davis", "youtube_vis", "kitti_mots"])

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -64,7 +63,8 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
         ["segment", v, "--min-score", "1.5"], ["segment", v, "--engine", "bogus"], ["segment", v, "--secondary", "x"],
         ["segment", v, "--masks", "x"], ["segment", v, "--weights", str(tmp / "missing.pth")],
         ["segment", v, "--weights", "youtube_vis"], ["segment", v, "--weights", str(notes)],
-        ["segment", str(tmp / "missing.mp4")], ["segment", v, "--out", str(notes)], ["segment", v, "--out", str(notes / "x")], ["segment", v, "--out", "."],
+        ["segment", str(tmp / "missing.mp4")], ["segment", v, "--out", str(notes)],
+        ["segment", v, "--out", str(notes / "x")], ["segment", v, "--out", "."],
         ["segment", v, "--out", str(tmp / "mine")], ["segment", v, "--engine", "onnxruntime"],
         ["segment"], ["segment", v, "--unknown-option"],
         ["bench", v, "--min-dim", "10"], ["bench", v, "--device", "cuda:x"], ["bench", str(tmp)],
@@ -79,7 +79,8 @@ def bad_cases(video: Path, tmp: Path) -> list[list[str]]:
         ["serve", "--port", "0"], ["serve", "--port", "70000"], ["serve", "--port", "http"],
         ["weights"], ["weights", "fetch", "bogus"], ["weights", "fetch", "davis", "--url", "ftp://example.org/x.pth"],
         ["weights", "fetch", "davis", "--url", f"http://127.0.0.1:{free_port()}/davis.pth", "--to", str(tmp / "w")],
-        ["synth", "--out", "s", "--videos", "0", "--seed", "1"], ["synth", "--out", "s", "--videos", "2", "--seed", "-1"],
+        ["synth", "--out", "s", "--videos", "0", "--seed", "1"],
+        ["synth", "--out", "s", "--videos", "2", "--seed", "-1"],
         ["synth", "--out", "s", "--videos", "2", "--seed", "1", "--size", "10x10"],
         ["synth", "--out", "s", "--videos", "2", "--seed", "1", "--size", "abc"],
         ["synth", "--out", "s", "--videos", "2", "--seed", "1", "--frames", "0"],
@@ -172,13 +173,12 @@ def _serve(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_serve_without_configuration_serves_the_shipped_model(tmp_path: Path) -> None:
+def test_serve_without_configuration_serves_the_shipped_model(tmp_path: Path, redis_prefix: str) -> None:
     pytest.importorskip("uvicorn", reason="the server extra is not installed")
     port = free_port()
-    prefix = f"stemseg-test-{uuid.uuid4().hex[:8]}"
     # Only where Redis is and a private key prefix: no weights, no preset.
     proc = _serve(tmp_path, "--port", str(port), "--with-worker", STEMSEG_REDIS_URL=REDIS_URL,
-                  STEMSEG_REDIS_PREFIX=prefix, STEMSEG_DATA_DIR=str(tmp_path / "data"))
+                  STEMSEG_REDIS_PREFIX=redis_prefix, STEMSEG_DATA_DIR=str(tmp_path / "data"))
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
@@ -192,12 +192,6 @@ def test_serve_without_configuration_serves_the_shipped_model(tmp_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(20)
-        import redis
-
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(f"{prefix}:*"))
-        if keys:
-            r.delete(*keys)
 
 
 @pytest.mark.parametrize("env", [{"STEMSEG_REDIS_URL": "redis://127.0.0.1:1/0"},

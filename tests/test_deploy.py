@@ -444,8 +444,8 @@ def test_dockerignore_keeps_heavy_and_private_files_out():
                  "service/__pycache__/cli.cpython-311.pyc", "stemseg-data/jobs/a/video", "deploy/smoke.py"):
         assert dockerignored(path, ignore), path
     for path in ("service/cli.py", "service/model/classes.json", "model_export/onnx_export.py",
-                 "weights/lite.safetensors", "weights/MODEL_CARD.md", "pyproject.toml", "README.md", ".ci/constraints.txt",
-                 "docker/gpu-constraints.txt"):
+                 "weights/lite.safetensors", "weights/MODEL_CARD.md", "pyproject.toml", "README.md",
+                 ".ci/constraints.txt", "docker/gpu-constraints.txt"):
         assert not dockerignored(path, ignore), path
 
 
@@ -485,6 +485,20 @@ def test_ci_installs_with_the_constraints_file():
     assert cmds and all(CONSTRAINTS_ARG in c for c in cmds), cmds
     assert (ROOT / ".ci" / "constraints.txt").is_file()
     assert re.search(r"^torch==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
+
+
+def test_ci_lints_with_the_test_environment_before_the_tests():
+    """.ci/run runs the README's command, and that command lints before pytest with the test
+    environment's ruff (in the test extra, pinned like torch)."""
+    readme = (ROOT / "README.md").read_text()
+    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "tests/run.sh" in ln]
+    assert "bash tests/run.sh\n" in readme and len(ci) == 1 and ci[0].startswith("bash tests/run.sh"), ci
+    steps = [ln.strip() for ln in (ROOT / "tests" / "run.sh").read_text().splitlines()]
+    lint = steps.index('"$venv/bin/ruff" check service model_export tests bench')
+    assert lint < next(i for i, ln in enumerate(steps) if "-m pytest" in ln)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("ruff") for d in extras["test"])
+    assert re.search(r"^ruff==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
 
 
 @pytest.mark.parametrize("name,extras", [("api", {"server"}), ("worker", {"server", "gpu"})])
@@ -634,13 +648,25 @@ def k8s_errors(doc: dict) -> list[str]:
 def queue_names(prefix: str) -> tuple[str, str]:
     """(stream, consumer group) as the service's code names them."""
     from service.jobs import queue
+    from service.jobs.keys import Keys  # one module names every key
 
-    try:
-        from service.jobs.keys import Keys  # one module names every key, where it exists
-        stream = Keys(prefix).tasks
-    except ImportError:
-        stream = f"{prefix}:tasks"
-    return stream, queue.GROUP
+    return Keys(prefix).tasks, queue.GROUP
+
+
+def _api_serves_get(data_dir: Path, *paths: str) -> bool:
+    """Whether the API app has a GET route for every path, asked of its router (no request is made,
+    so no Redis)."""
+    from starlette.routing import Match
+
+    from service.api.main import create_app
+    from service.config import Settings
+    from service.model.presets import get_preset
+
+    settings = Settings(_env_file=None, redis_url="redis://127.0.0.1:1/0", data_dir=data_dir)
+    app = create_app(settings, model_cfg=get_preset("lite"))
+    scopes = [{"type": "http", "method": "GET", "path": p, "root_path": "", "query_string": b"", "headers": []}
+              for p in paths]
+    return all(any(r.matches(scope)[0] == Match.FULL for r in app.router.routes) for scope in scopes)
 
 
 def pod_spec(doc: dict) -> dict:
@@ -768,7 +794,7 @@ def test_keda_scales_the_workers_on_the_services_own_queue(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_probes_resources_and_termination(overlay):
+def test_probes_resources_and_termination(overlay, tmp_path: Path):
     docs = render(overlay)
     api, worker = by_kind(docs, "Deployment", "stemseg-api"), by_kind(docs, "Deployment", "stemseg-worker")
     a = container_of(api)
@@ -780,12 +806,13 @@ def test_probes_resources_and_termination(overlay):
         # waking workers scaled to 0. Readiness checks what taking a job needs, Redis.
         assert ready.get("httpGet", {}).get("path") != "/readyz"
         assert "STEMSEG_REDIS_URL" in " ".join(ready["exec"]["command"]) and "ping()" in ready["exec"]["command"][-1]
-    api_source = " ".join(p.read_text() for p in (ROOT / "service" / "api").rglob("*.py"))
-    assert '"/healthz"' in api_source and '"/readyz"' in api_source
+    assert _api_serves_get(tmp_path, "/healthz", "/readyz"), "the probes' paths are routes of the API"
+    assert not _api_serves_get(tmp_path, "/no-such-probe")
     port = next(p for p in a["ports"] if p["name"] == "http")["containerPort"]
     assert port == 8000 and a["command"][:2] == ["stemseg", "serve"] and a["command"][-1] == str(port)
     w = container_of(worker)
-    assert w["command"] == ["stemseg", "worker"] and w["livenessProbe"]["exec"]["command"] == ["stemseg", "worker", "--check"]
+    assert w["command"] == ["stemseg", "worker"]
+    assert w["livenessProbe"]["exec"]["command"] == ["stemseg", "worker", "--check"]
     # Long enough to finish the task in hand after SIGTERM, and a drain takes one worker at a time.
     assert pod_spec(worker)["terminationGracePeriodSeconds"] >= 120
     for d in (api, worker):
@@ -866,33 +893,29 @@ def test_readme_deployment_section_names_what_exists():
     assert f"`{stream}`" in section and f"`{group}`" in section
     for overlay in OVERLAYS:  # "workers 0..N" as the overlay's ScaledObject says
         spec = by_kind(render(overlay), "ScaledObject")["spec"]
-        assert f"overlays/{overlay}" in section and f"workers {spec['minReplicaCount']}..{spec['maxReplicaCount']}" in section
+        assert f"overlays/{overlay}" in section
+        assert f"workers {spec['minReplicaCount']}..{spec['maxReplicaCount']}" in section
     lag = next(t["metadata"]["lagCount"] for t in so["spec"]["triggers"] if "lagCount" in t["metadata"])
     assert f"ceil(lag / {lag})" in section
 
 
-def test_keda_metrics_track_the_queue_under_its_own_xdel_pattern():
+def test_keda_metrics_track_the_queue_under_its_own_xdel_pattern(redis_prefix: str):
     """What the two triggers read, from Redis itself, as the service's queue moves: XINFO GROUPS' lag counts
     the tasks nobody took and XPENDING the tasks in hand, although acknowledged tasks are XDEL'd out of
     order; the one state where the lag is undefined is pinned down below."""
-    import uuid
-
     import redis
+    from service_env import REDIS_URL
 
+    from service.jobs.keys import Keys
     from service.jobs.queue import TaskQueue
 
-    r = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    r = redis.Redis.from_url(REDIS_URL)
     try:
         r.ping()
     except redis.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
-    prefix = f"test-deploy-{uuid.uuid4().hex}"
-    try:
-        from service.jobs.keys import Keys
-        q = TaskQueue(r, Keys(prefix), 60.0)
-    except ImportError:
-        q = TaskQueue(r, prefix, 60.0)
-    stream, group = queue_names(prefix)
+        pytest.skip(f"no Redis at {REDIS_URL} (.ci/run starts one)")
+    q = TaskQueue(r, Keys(redis_prefix), 60.0)
+    stream, group = queue_names(redis_prefix)
     assert q.stream == stream
 
     def metrics() -> tuple[int | None, int]:

@@ -14,7 +14,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from model_export.onnx_export import export_onnx
 from service.model.checkpoint import load_model, state_dict_hash
-from service.model.engines import EngineError, OnnxRuntimeEngine, graph_metadata, load_engine
+from service.model.engine_spec import EngineSpec
+from service.model.engines import EngineError, OnnxRuntimeEngine, build_engine
+from service.model.graph import graph_metadata
 from service.model.stemseg import stack_clip
 
 REF = Path(__file__).parent / "fixtures" / "reference"
@@ -34,9 +36,10 @@ def exported(official_weights, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("preset, vector", [("kitti_mots", "model_kitti_mots_2_s0.npz"),
-                                            pytest.param("youtube_vis", "model_youtube_vis_s0.npz", marks=pytest.mark.slow),
-                                            pytest.param("davis", "model_davis_2_s0.npz", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("preset, vector", [
+    ("kitti_mots", "model_kitti_mots_2_s0.npz"),
+    pytest.param("youtube_vis", "model_youtube_vis_s0.npz", marks=pytest.mark.slow),
+    pytest.param("davis", "model_davis_2_s0.npz", marks=pytest.mark.slow)])
 def test_onnxruntime_cpu_matches_torch(exported, preset: str, vector: str) -> None:
     model, graphs = exported(preset)
     engine = OnnxRuntimeEngine(graphs.backbone.parent, "cpu")
@@ -79,20 +82,20 @@ def test_dynamic_resolution_and_aspect(exported) -> None:
 
 def test_missing_graphs_and_backends_are_clear(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="stemseg export onnx"):
-        load_engine("onnxruntime", onnx_dir=tmp_path)
-    with pytest.raises(EngineError, match="needs --onnx"):
-        load_engine("onnxruntime")
+        build_engine(EngineSpec("onnxruntime", onnx_dir=tmp_path, device="cpu"))
+    with pytest.raises(EngineError, match="kind=onnxruntime needs onnx_dir"):
+        EngineSpec("onnxruntime")
     if not torch.cuda.is_available():
         for kind in ("onnxruntime-trt", "tensorrt"):
             with pytest.raises(EngineError, match="CUDA"):
-                load_engine(kind, onnx_dir=tmp_path, device="cpu")
+                build_engine(EngineSpec(kind, onnx_dir=tmp_path, device="cpu"))
 
 
 @pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
                     reason="needs a CUDA GPU and ONNX Runtime with the TensorRT execution provider")
 def test_onnxruntime_tensorrt_provider_fp16_close_to_torch(exported) -> None:
     model, graphs = exported("kitti_mots")
-    engine = load_engine("onnxruntime-trt", onnx_dir=graphs.backbone.parent, device="cuda")
+    engine = build_engine(EngineSpec("onnxruntime-trt", onnx_dir=graphs.backbone.parent, device="cuda"))
     images = torch.from_numpy(np.load(REF / "model_kitti_mots_2_s0.npz")["input_images"])
     with torch.inference_mode():
         ref = model.clip_heads([stack_clip(f) for f in model.frame_features(images)])
@@ -114,7 +117,7 @@ def _tensorrt_missing() -> str | None:
 @pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
 def test_native_tensorrt_fp16_close_to_torch_and_cached(exported) -> None:
     model, graphs = exported("kitti_mots")
-    engine = load_engine("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda")
+    engine = build_engine(EngineSpec("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda"))
     images = torch.from_numpy(np.load(REF / "model_kitti_mots_2_s0.npz")["input_images"])
     cuda_model = model.to("cuda")
     with torch.inference_mode():
@@ -125,15 +128,15 @@ def test_native_tensorrt_fp16_close_to_torch_and_cached(exported) -> None:
     assert (out.seediness - ref.seediness).abs().max() <= 2e-2
     engines = sorted((graphs.backbone.parent / "trt-engines").glob("*.engine"))
     assert len(engines) == 2
-    load_engine("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda")  # second load: from the cache
+    build_engine(EngineSpec("tensorrt", onnx_dir=graphs.backbone.parent, device="cuda"))  # second load: cached
     assert sorted((graphs.backbone.parent / "trt-engines").glob("*.engine")) == engines
 
 
 def test_tensorrt_profiles_cover_every_preset_and_key_the_cache(tmp_path: Path) -> None:
     """What can be checked without a GPU: each profile's min <= opt <= max on every input, the
     buckets parse strictly, and the cache key changes with GPU, TensorRT version and graph."""
-    from model_export.tensorrt_build import Bucket, _shapes, cache_key, default_buckets
     from service.model.presets import PRESETS
+    from service.model.tensorrt_build import Bucket, _shapes, cache_key, default_buckets
 
     for cfg in PRESETS.values():
         for graph in ("backbone", "heads"):
@@ -174,7 +177,7 @@ def test_onnxruntime_cpu_matches_torch_on_the_shipped_weights(lite_weights, tmp_
 def test_cached_engines_are_found_whatever_their_buckets(tmp_path: Path) -> None:
     """`stemseg export tensorrt --buckets ...` then `--engine tensorrt`: the engine loads what was
     built (no rebuild with the default buckets), and never an engine of an older graph."""
-    from model_export.tensorrt_build import Bucket, cache_key, cached_buckets
+    from service.model.tensorrt_build import Bucket, cache_key, cached_buckets
 
     for g in ("backbone", "heads"):
         (tmp_path / f"{g}.onnx").write_bytes(f"{g} graph v1".encode())

@@ -8,16 +8,13 @@ import errno
 import shutil
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from service_env import REDIS_URL, ServiceEnv, free_port, service_weights
+from service_env import REDIS_URL, ServiceEnv, free_port
 from videos import make_video
-
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 
 
 class PrivateRedis:
@@ -52,11 +49,6 @@ class PrivateRedis:
             self.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path):
     if shutil.which("redis-server") is None:
@@ -74,16 +66,17 @@ def _uploads_left(data: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_redis_outage_api_503_worker_survives_job_completes(private_redis: PrivateRedis, tmp_path: Path,
-                                                            weights: Path) -> None:
+                                                            small_weights: Path) -> None:
     video = tmp_path / "v.mp4"
     make_video(video, 45, 64, 48)
-    env = ServiceEnv(tmp_path, weights, STEMSEG_REDIS_URL=private_redis.url)
+    env = ServiceEnv(tmp_path, small_weights, STEMSEG_REDIS_URL=private_redis.url)
     env.redis = redis.Redis.from_url(private_redis.url)
     try:
         env.start_api()
         worker = env.start_worker()
         with video.open("rb") as f:
-            job_id = httpx.post(f"{env.base}/v1/jobs", files={"file": ("v.mp4", f, "video/mp4")}, timeout=60).json()["id"]
+            r = httpx.post(f"{env.base}/v1/jobs", files={"file": ("v.mp4", f, "video/mp4")}, timeout=60)
+        job_id = r.json()["id"]
         deadline = time.monotonic() + 120
         while httpx.get(f"{env.base}/v1/jobs/{job_id}").json()["progress"]["clips_done"] == 0:
             assert time.monotonic() < deadline
@@ -114,8 +107,8 @@ def test_redis_outage_api_503_worker_survives_job_completes(private_redis: Priva
         env.close()
 
 
-def test_upload_past_the_limit_is_stopped_early_by_a_real_server(tmp_path: Path, weights: Path) -> None:
-    env = ServiceEnv(tmp_path, weights, STEMSEG_MAX_UPLOAD_BYTES="1000000")
+def test_upload_past_the_limit_is_stopped_early_by_a_real_server(tmp_path: Path, small_weights: Path) -> None:
+    env = ServiceEnv(tmp_path, small_weights, STEMSEG_MAX_UPLOAD_BYTES="1000000")
     sent = {"n": 0}
 
     def body():  # chunked (no Content-Length), 200 MB if nobody stops it
@@ -155,19 +148,19 @@ class _FillsUp:
         return self.f.tell()
 
 
-def _api_client(tmp_path: Path, data_dir: Path, **overrides):
+def _api_client(redis_prefix: str, data_dir: Path, **overrides):
     from fastapi.testclient import TestClient
 
     from service.api.main import create_app
     from service.config import Settings
     from service.model.presets import get_preset
 
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=data_dir,
-                 rate_limit_jobs=0, **overrides)
+    s = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=data_dir, rate_limit_jobs=0, **overrides)
     return TestClient(create_app(s, model_cfg=get_preset("kitti_mots")))
 
 
-def test_full_disk_on_upload_is_507_and_the_partial_file_is_removed(tmp_path: Path, monkeypatch) -> None:
+def test_full_disk_on_upload_is_507_and_the_partial_file_is_removed(tmp_path: Path, monkeypatch,
+                                                                    redis_prefix: str) -> None:
     from service.jobs.storage import LocalStorage
 
     real_writer = LocalStorage.writer
@@ -182,7 +175,7 @@ def test_full_disk_on_upload_is_507_and_the_partial_file_is_removed(tmp_path: Pa
     make_video(video, 30, 160, 120, content="noise")
     assert video.stat().st_size > 20_000
     data = tmp_path / "data"
-    with _api_client(tmp_path, data) as c:
+    with _api_client(redis_prefix, data) as c:
         for kwargs in ({"files": {"file": ("v.mp4", video.read_bytes(), "video/mp4")}},
                        {"content": video.read_bytes(), "headers": {"content-type": "video/mp4"}}):
             r = c.post("/v1/jobs", **kwargs)
@@ -191,7 +184,7 @@ def test_full_disk_on_upload_is_507_and_the_partial_file_is_removed(tmp_path: Pa
     assert [p for p in (data / "jobs").rglob("*")] == []
 
 
-def test_full_tmpfs_on_upload_is_507(tmp_path: Path) -> None:
+def test_full_tmpfs_on_upload_is_507(tmp_path: Path, redis_prefix: str) -> None:
     """The same on a real 1 MiB tmpfs, where the machine lets us mount one (root)."""
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -199,7 +192,7 @@ def test_full_tmpfs_on_upload_is_507(tmp_path: Path) -> None:
                       check=False).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); test_full_disk_on_upload covers the same path")
     try:
-        with _api_client(tmp_path, disk, max_upload_bytes=10_000_000) as c:
+        with _api_client(redis_prefix, disk, max_upload_bytes=10_000_000) as c:
             r = c.post("/v1/jobs", content=b"\0" * 3_000_000, headers={"content-type": "video/mp4"})
             assert r.status_code == 507 and r.headers["content-type"] == "application/problem+json", r.text
         assert [p for p in (disk / "jobs").rglob("*")] == []
@@ -207,10 +200,10 @@ def test_full_tmpfs_on_upload_is_507(tmp_path: Path) -> None:
         subprocess.run(["umount", str(disk)], check=False)
 
 
-def test_stalled_upload_is_dropped_with_408(tmp_path: Path, weights: Path) -> None:
+def test_stalled_upload_is_dropped_with_408(tmp_path: Path, small_weights: Path) -> None:
     import socket
 
-    env = ServiceEnv(tmp_path, weights, STEMSEG_UPLOAD_IDLE_TIMEOUT_S="1")
+    env = ServiceEnv(tmp_path, small_weights, STEMSEG_UPLOAD_IDLE_TIMEOUT_S="1")
     try:
         env.start_api()
         port = int(env.base.rsplit(":", 1)[1])
@@ -227,12 +220,12 @@ def test_stalled_upload_is_dropped_with_408(tmp_path: Path, weights: Path) -> No
         env.close()
 
 
-def test_hung_redis_is_503_within_2_s(private_redis: PrivateRedis, tmp_path: Path, weights: Path) -> None:
+def test_hung_redis_is_503_within_2_s(private_redis: PrivateRedis, tmp_path: Path, small_weights: Path) -> None:
     """Redis accepting connections but not answering (SIGSTOP): still 503 within 2 s."""
     import os
     import signal
 
-    env = ServiceEnv(tmp_path, weights, STEMSEG_REDIS_URL=private_redis.url)
+    env = ServiceEnv(tmp_path, small_weights, STEMSEG_REDIS_URL=private_redis.url)
     env.redis = redis.Redis.from_url(private_redis.url)
     try:
         env.start_api()

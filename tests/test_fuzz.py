@@ -3,13 +3,11 @@ problem+json naming no server path, and nothing is left on disk."""
 
 from __future__ import annotations
 
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from service_env import REDIS_URL
 from videos import make_audio_only, make_video
@@ -20,14 +18,9 @@ from service.model.presets import get_preset
 
 
 @pytest.fixture
-def settings(tmp_path: Path):
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "data",
-                 max_upload_bytes=300_000, rate_limit_jobs=0, max_frames=200)
-    yield s
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{s.redis_prefix}:*"))
-    if keys:
-        r.delete(*keys)
+def settings(tmp_path: Path, redis_prefix: str) -> Settings:
+    return Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "data",
+                    max_upload_bytes=300_000, rate_limit_jobs=0, max_frames=200)
 
 
 def _cases(tmp_path: Path, rng: np.random.Generator) -> list[tuple[str, dict]]:
@@ -68,8 +61,10 @@ def _cases(tmp_path: Path, rng: np.random.Generator) -> list[tuple[str, dict]]:
         cases.append((f"content-type {ctype!r}", {"content": data, "headers": {"content-type": ctype}}))
     boundary = "xyz"
     bodies = {
-        "no file field": f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nhi\r\n--{boundary}--\r\n",
-        "no closing boundary": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc",
+        "no file field": f"--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\n"
+                         f"hi\r\n--{boundary}--\r\n",
+        "no closing boundary": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                               "filename=\"a\"\r\n\r\nabc",
         "garbage": "this is not multipart at all",
         "header only": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"\r\n",
         "many parts": "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nx\r\n"

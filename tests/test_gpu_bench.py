@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
 
 
 @pytest.mark.slow  # 30 to 70 s on a shared 2-core machine

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from service_env import REDIS_URL, in_process_worker, small_service_weights
+from service_env import REDIS_URL, in_process_worker
 from videos import make_video
 
 from service.config import Settings
@@ -33,13 +33,8 @@ def r():
 
 
 @pytest.fixture
-def jobs(r, tmp_path: Path):
-    prefix = f"stemseg-test-{uuid.uuid4().hex[:8]}"
-    j = Jobs(r, prefix, 1000, LocalStorage(tmp_path / "data"), visibility_timeout_s=3)
-    yield j
-    keys = list(r.scan_iter(f"{prefix}:*"))
-    if keys:
-        r.delete(*keys)
+def jobs(r, tmp_path: Path, redis_prefix: str) -> Jobs:
+    return Jobs(r, redis_prefix, 1000, LocalStorage(tmp_path / "data"), visibility_timeout_s=3)
 
 
 def _plan(num_clips: int = 3) -> JobPlan:
@@ -53,12 +48,13 @@ def _create(jobs: Jobs, owner: str = "", quota: int = 0) -> str:
     return job_id
 
 
-def test_api_process_never_imports_torch() -> None:
+def test_api_process_never_imports_torch(tmp_path: Path, redis_prefix: str) -> None:
     code = ("import sys\n"
             "from fastapi.testclient import TestClient\n"
             "from service.api.main import create_app\n"
             "from service.config import Settings\n"
-            f"app = create_app(Settings(redis_url={REDIS_URL!r}, redis_prefix='stemseg-test-notorch'))\n"
+            f"app = create_app(Settings(redis_url={REDIS_URL!r}, redis_prefix={redis_prefix!r}, "
+            f"data_dir={str(tmp_path / 'data')!r}))\n"
             "TestClient(app).get('/healthz')\n"
             "assert app.state.model_cfg.name == 'lite', app.state.model_cfg.name\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
@@ -181,14 +177,9 @@ def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path
 
 # -- the worker, in process ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return small_service_weights(official_weights, tmp_path_factory)
-
-
 @pytest.fixture
-def worker(weights: Path, tmp_path: Path):
-    with in_process_worker(weights, tmp_path / "data", "w-test") as w:
+def worker(small_weights: Path, tmp_path: Path):
+    with in_process_worker(small_weights, tmp_path / "data", "w-test") as w:
         yield w
 
 
@@ -246,8 +237,8 @@ def test_worker_outcomes_no_space_and_bad_video(worker, tmp_path: Path, monkeypa
     job_id = _admit(worker, video)
     # The file goes bad after admission (e.g. a disk error): the job fails naming the video, not a path.
     worker.storage.path(job_id, "video").write_bytes(b"garbage" * 100)
-    from service.video.decode import _scan_cached
-    _scan_cached.cache_clear()
+    from service.video.decode import clear_cache
+    clear_cache()
     job = _drain(worker, job_id)
     assert job["status"] == "failed" and job["error"].startswith("video:"), job
     assert str(worker.settings.data_dir) not in job["error"]
@@ -287,14 +278,14 @@ def test_stemseg_serve_process_has_no_torch(tmp_path: Path, lite_weights: Path) 
         env.close()
 
 
-def test_worker_concurrency_two_slots_share_one_engine(weights: Path, tmp_path: Path) -> None:
+def test_worker_concurrency_two_slots_share_one_engine(small_weights: Path, tmp_path: Path, redis_prefix: str) -> None:
     import threading
     import time
 
     from service.jobs.worker import Worker
 
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "data",
-                 weights=weights, device="cpu", visibility_timeout_s=3, clips_per_task=2, sweep_interval_s=3600,
+    s = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "data",
+                 weights=small_weights, device="cpu", visibility_timeout_s=3, clips_per_task=2, sweep_interval_s=3600,
                  worker_concurrency=2)
     w = Worker(s, name="w-two")
     executed_on: set[str] = set()
@@ -326,9 +317,7 @@ def test_worker_concurrency_two_slots_share_one_engine(weights: Path, tmp_path: 
         runner.join(30)
         client = redis.Redis.from_url(REDIS_URL)
         assert not {c["name"] for c in client.xinfo_consumers(f"{s.redis_prefix}:tasks", "workers")}  # deregistered
-        keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
-        if keys:
-            client.delete(*keys)
+        client.close()
 
 
 def test_worker_runs_the_sweeper(worker) -> None:

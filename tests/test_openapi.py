@@ -5,7 +5,6 @@ response must be a documented status with a documented media type and schema, ne
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from service_env import REDIS_URL
+from service_env import REDIS_URL, drop_prefix, new_prefix
 
 from service.api.main import create_app
 from service.config import Settings
@@ -38,7 +37,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory):
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}",
+    s = Settings(redis_url=REDIS_URL, redis_prefix=new_prefix(),
                  data_dir=Path(tmp_path_factory.mktemp("data")), max_upload_bytes=100_000, rate_limit_jobs=0)
     app = create_app(s, model_cfg=get_preset("kitti_mots"))
     # A live worker's heartbeat, so /readyz answers 200 (its 503 is for a service without workers).
@@ -46,10 +45,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     schema.app = app
     yield schema
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(f"{s.redis_prefix}:*"))
-    if keys:
-        r.delete(*keys)
+    drop_prefix(s.redis_prefix)
     leftovers = [p for p in (s.data_dir / "jobs").iterdir() if p.name.startswith("upload-")]
     assert leftovers == [], leftovers
 

@@ -168,13 +168,15 @@ def test_overlay(h: int, w: int, fps: float | None, tmp_path: Path) -> None:
 
 def test_write_outputs(result: VideoResult, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    paths = write_outputs(result, out, ["ytvis", "davis", "mots", "overlay"], frames_for_overlay=lambda: iter(_frames()))
+    paths = write_outputs(result, out, ["ytvis", "davis", "mots", "overlay"],
+                          frames_for_overlay=lambda: iter(_frames()))
     assert paths == {"ytvis": out / "results.json", "davis": out / "davis", "mots": out / "mots.txt",
                      "overlay": out / "overlay.mp4"}
     assert sorted(p.name for p in out.iterdir()) == ["davis", "mots.txt", "overlay.mp4", "results.json", MANIFEST]
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["formats"] == ["ytvis", "davis", "mots", "overlay"]
-    assert set(manifest["files"]) == {"results.json", "mots.txt", "overlay.mp4", *(f"davis/{f:05d}.png" for f in range(N))}
+    davis = {f"davis/{f:05d}.png" for f in range(N)}
+    assert set(manifest["files"]) == {"results.json", "mots.txt", "overlay.mp4", *davis}
     assert json.loads(paths["ytvis"].read_text()) == ytvis_entries(result)
     assert len(list(paths["davis"].glob("*.png"))) == N
     assert len(_read_mp4(paths["overlay"])) == N

@@ -3,8 +3,6 @@ every clip through the whole network, all evidence kept, then clustering and cha
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -24,13 +22,6 @@ from service.pipeline.track_matching import TrackChainer
 class _Frame:
     def __init__(self, index: int, image: np.ndarray) -> None:
         self.index, self.image = index, image
-
-
-def small_model(official_weights, preset: str):
-    """Synthetic weights seed nothing at the official 0.8 / 0.95, so lower the bar to get tracks."""
-    model = load_model(official_weights(preset))
-    model.cfg = replace(model.cfg, min_dim=64, max_dim=128, min_seediness=0.5)
-    return model
 
 
 def direct_track_maps(model, images: list[np.ndarray], plan: list[list[int]]) -> dict[int, torch.Tensor]:
@@ -73,8 +64,8 @@ def _windows(images, plan):
 
 
 @pytest.mark.parametrize("preset, n", [("kitti_mots", 21), ("kitti_mots", 5), ("youtube_vis", 13), ("davis", 17)])
-def test_streaming_equals_direct(official_weights, preset: str, n: int) -> None:
-    model = small_model(official_weights, preset)
+def test_streaming_equals_direct(small_model, preset: str, n: int) -> None:
+    model = small_model(preset)
     images = moving_frames(n, 48, 64)
     plan = clip_plan(n, model.cfg.clip_len, model.cfg.overlap)
     seg = Segmenter(model)
@@ -90,9 +81,9 @@ def test_streaming_equals_direct(official_weights, preset: str, n: int) -> None:
         assert len(fr.track_ids) == len(masks) and (not len(masks) or masks.shape[1:] == (48, 64))
 
 
-def test_chunked_processing_with_saved_stitcher_state_equals_one_pass(official_weights) -> None:
+def test_chunked_processing_with_saved_stitcher_state_equals_one_pass(small_model) -> None:
     """What the service does: clip groups on different workers, stitched from saved state."""
-    model = small_model(official_weights, "kitti_mots")
+    model = small_model("kitti_mots")
     n = 29
     images = moving_frames(n, 48, 64)
     plan = clip_plan(n, model.cfg.clip_len, model.cfg.overlap)
@@ -149,7 +140,7 @@ def test_lite_outlines_follow_the_foreground_not_the_stride_4_grid(lite_weights)
     assert ious["soft"] > ious["reference"], ious
 
 
-# --- the scheduling options (issue 14): threads and batching never change the outputs -------
+# --- the scheduling options: threads and batching never change the outputs -------
 
 def _run(model, images, plan, pipeline):
     from service.pipeline.runner import PipelineOptions  # noqa: F401
@@ -160,10 +151,10 @@ def _run(model, images, plan, pipeline):
 
 
 @pytest.mark.parametrize("preset, n, per_forward", [("kitti_mots", 29, 3), ("youtube_vis", 21, 2), ("davis", 17, 4)])
-def test_threaded_and_batched_pipeline_equals_serial(official_weights, preset: str, n: int, per_forward: int) -> None:
+def test_threaded_and_batched_pipeline_equals_serial(small_model, preset: str, n: int, per_forward: int) -> None:
     from service.pipeline.runner import PipelineOptions
 
-    model = small_model(official_weights, preset)
+    model = small_model(preset)
     images = moving_frames(n, 48, 64)
     plan = clip_plan(n, model.cfg.clip_len, model.cfg.overlap)
     serial, serial_result = _run(model, images, plan, PipelineOptions.serial())
@@ -207,10 +198,10 @@ def test_prefetch_reraises_the_producers_error_and_stops_when_closed() -> None:
     assert len(produced) <= 5 + 3 + 2  # bounded: at most the queue's depth beyond what was taken
 
 
-def test_pipeline_error_mid_video_surfaces_and_leaves_no_threads(official_weights) -> None:
+def test_pipeline_error_mid_video_surfaces_and_leaves_no_threads(small_model) -> None:
     import threading
 
-    model = small_model(official_weights, "kitti_mots")
+    model = small_model("kitti_mots")
     images = moving_frames(13, 48, 64)
     plan = clip_plan(13, model.cfg.clip_len, model.cfg.overlap)
 

@@ -11,20 +11,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_env import ServiceEnv, service_weights
+from service_env import ServiceEnv
 from videos import make_video
 
-pytestmark = pytest.mark.timeout(600) if hasattr(pytest.mark, "timeout") else []
-
-
-@pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
+from service.jobs.keys import Keys
 
 
 @pytest.fixture
-def env(tmp_path: Path, weights: Path):
-    e = ServiceEnv(tmp_path, weights)
+def env(tmp_path: Path, small_weights: Path):
+    e = ServiceEnv(tmp_path, small_weights)
     yield e
     e.close()
 
@@ -41,7 +36,24 @@ def _tracks(env: ServiceEnv, job_id: str, headers: dict | None = None) -> list[d
     return r.json()["tracks"]
 
 
-def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weights: Path) -> None:
+def _check_ranges(url: str, whole: bytes) -> None:
+    """RFC 9110 ranges: a byte range is 206, an unknown unit is ignored (200, the whole file),
+    a malformed or unsatisfiable one is problem+json (400, 416 with Content-Range)."""
+    part = httpx.get(url, headers={"range": "bytes=4-11"})
+    assert part.status_code == 206 and part.content == whole[4:12]
+    assert part.headers["content-range"] == f"bytes 4-11/{len(whole)}"
+    for unit in ("items=0-3", "frames=1-2", "x"):
+        r = httpx.get(url, headers={"range": unit})
+        assert r.status_code == 200 and r.content == whole, unit
+    for bad in ("bytes=abc", "bytes=5-2", "bytes="):
+        r = httpx.get(url, headers={"range": bad})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/problem+json", (bad, r.text)
+    r = httpx.get(url, headers={"range": f"bytes={len(whole) + 10}-"})
+    assert r.status_code == 416 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["content-range"] == f"bytes */{len(whole)}"
+
+
+def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, small_weights: Path) -> None:
     video = tmp_path / "clip.mp4"
     make_video(video, 21, 64, 48)
     env.start_api()
@@ -59,7 +71,7 @@ def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weigh
     # The same video through `stemseg segment` gives the same tracks.
     out = tmp_path / "cli"
     from service.cli import main
-    assert main(["segment", str(video), "--weights", str(weights), "--out", str(out), "--device", "cpu",
+    assert main(["segment", str(video), "--weights", str(small_weights), "--out", str(out), "--device", "cpu",
                  "--no-progress"]) == 0
     cli = json.loads((out / "results.json").read_text())
     assert [(t["category_id"], t["segmentations"]) for t in tracks] == [
@@ -71,6 +83,7 @@ def test_upload_poll_result_and_cli_agree(env: ServiceEnv, tmp_path: Path, weigh
     assert mots.status_code == 200 and mots.text.strip()
     overlay = httpx.get(f"{env.base}/v1/jobs/{job_id}/overlay.mp4")
     assert overlay.status_code == 200 and overlay.headers["content-type"] == "video/mp4"
+    _check_ranges(f"{env.base}/v1/jobs/{job_id}/overlay.mp4", overlay.content)
 
     events = httpx.get(f"{env.base}/v1/jobs/{job_id}/events", timeout=30).text
     assert "event: frame" in events and "event: end" in events
@@ -115,9 +128,17 @@ def test_cancel_deletes_job_and_files(env: ServiceEnv, tmp_path: Path) -> None:
     assert httpx.delete(f"{env.base}/v1/jobs/{job_id}").status_code == 204
     assert httpx.get(f"{env.base}/v1/jobs/{job_id}").status_code == 404
     assert not (env.data / "jobs" / job_id).exists()
-    env.start_worker()  # its task is skipped, not resurrected
-    time.sleep(2)
+    keys = Keys(env.prefix)
+    assert env.redis.xlen(keys.tasks) > 0  # the cancelled job's tasks are still queued
+    env.start_worker()
+    deadline = time.monotonic() + 120
+    while env.redis.xlen(keys.tasks):  # the worker takes each, finds the job gone, acknowledges it
+        assert time.monotonic() < deadline, "the worker never took the cancelled job's tasks"
+        time.sleep(0.1)
+    # Skipped, not resurrected: no record, no files.
     assert httpx.get(f"{env.base}/v1/jobs/{job_id}").status_code == 404
+    assert not env.redis.exists(keys.job(job_id))
+    assert not (env.data / "jobs" / job_id).exists()
 
 
 @pytest.mark.slow

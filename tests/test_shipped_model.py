@@ -12,7 +12,7 @@ import pytest
 
 from service.evaluation.run import evaluate, predict
 from service.model.checkpoint import load_model
-from service.model.engines import load_engine
+from service.model.engines import TorchEngine
 from service.training.synth import CLASSES, write_dataset
 
 CARD = Path(__file__).parents[1] / "weights" / "MODEL_CARD.md"
@@ -33,7 +33,7 @@ def test_finds_objects_in_unseen_videos(lite_weights: Path, tmp_path: Path) -> N
     numbers, so the test checks that it works, not its exact quality."""
     data = write_dataset(tmp_path / "data", videos=3, seed=77, frames=12)
     gt = json.loads((data / "annotations.json").read_text())
-    engine = load_engine("torch", model=load_model(lite_weights))
+    engine = TorchEngine(load_model(lite_weights))
     report = evaluate(gt, predict(gt, data, engine), metrics=("ytvis",))
     assert report["AP50"] >= 0.3, report
 

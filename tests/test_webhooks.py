@@ -13,8 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import redis
-from service_env import REDIS_URL, in_process_worker, small_service_weights
+from service_env import REDIS_URL, in_process_worker
 from videos import make_video
 
 from service.config import Settings
@@ -50,24 +49,27 @@ class Receiver:
 
 
 def test_callback_url_policy() -> None:
-    allowed = ["127.0.0.1", "localhost", "::1"]
-    assert check_callback_url("http://127.0.0.1:9/x", allowed) is None
-    assert check_callback_url("https://localhost/x", allowed) is None
-    assert check_callback_url("http://[::1]:8080/", allowed) is None
+    allowed = ["127.0.0.1", "localhost", "::1", "127.0.0.1:8080", "[::1]:9000", "hooks.internal:8443"]
+    for good in ("http://127.0.0.1/x", "http://127.0.0.1:80/x", "https://localhost/x", "http://[::1]/",
+                 "http://127.0.0.1:8080/h?a=1", "http://[::1]:9000/", "https://hooks.internal:8443/a",
+                 "HTTP://LOCALHOST./x"):
+        assert check_callback_url(good, allowed) is None, good
     for bad in ("http://169.254.169.254/latest/meta-data", "http://example.com/", "ftp://127.0.0.1/",
                 "file:///etc/passwd", "http://u:p@127.0.0.1/", "http://[::1", "127.0.0.1/x", "http://127.0.0.1:99999/",
-                "http://" + "a" * 3000):
+                "http://" + "a" * 3000,
+                # a listed host is not every port of it: no mapping a host's services through webhooks
+                "http://127.0.0.1:6379/", "http://127.0.0.1:5432/", "http://[::1]:9001/", "https://hooks.internal/a",
+                "http://localhost:8080/",
+                # control characters and whitespace (what %0D%0A in the query decodes to) never pass
+                "http://127.0.0.1/x\r\nX-Injected: 1", "http://127.0.0.1/a b", "http://127.0.0.1/\tx",
+                "http://127.0.0.1/\x85", "http://127.0.0.1/\x00", "http://127.0.0.1/caf\u00e9"):
         assert check_callback_url(bad, allowed), bad
-
-
-@pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return small_service_weights(official_weights, tmp_path_factory)
+    assert "6379" in check_callback_url("http://127.0.0.1:6379/", allowed)
 
 
 @pytest.fixture
-def worker(weights: Path, tmp_path: Path):
-    with in_process_worker(weights, tmp_path / "data", "w-hooks", clips_per_task=4,
+def worker(small_weights: Path, tmp_path: Path):
+    with in_process_worker(small_weights, tmp_path / "data", "w-hooks", clips_per_task=4,
                            webhook_secret=SECRET, webhook_attempts=4, webhook_backoff_s=0.2) as w:
         yield w
 
@@ -120,8 +122,8 @@ def test_failure_webhook_and_giving_up(worker, tmp_path: Path) -> None:
         make_video(video, 9, 64, 48)
         job_id = _job_with_callback(worker, video, receiver.url)
         worker.storage.path(job_id, "video").write_bytes(b"no longer a video" * 10)
-        from service.video.decode import _scan_cached
-        _scan_cached.cache_clear()
+        from service.video.decode import clear_cache
+        clear_cache()
         while worker.jobs.get(job_id)["status"] != "failed":
             worker.step()
         _wait(lambda: len((worker.jobs.get(job_id).get("webhook") or {}).get("attempts", [])) == 4)
@@ -133,7 +135,7 @@ def test_failure_webhook_and_giving_up(worker, tmp_path: Path) -> None:
     assert payload["status"] == "failed" and payload["error"].startswith("video:")
 
 
-def test_api_takes_callback_url_from_allowed_hosts_only(tmp_path: Path) -> None:
+def test_api_takes_callback_url_from_allowed_hosts_only(tmp_path: Path, redis_prefix: str) -> None:
     from fastapi.testclient import TestClient
 
     from service.api.main import create_app
@@ -141,19 +143,13 @@ def test_api_takes_callback_url_from_allowed_hosts_only(tmp_path: Path) -> None:
 
     video = tmp_path / "v.mp4"
     make_video(video, 9, 64, 48)
-    s = Settings(redis_url=REDIS_URL, redis_prefix=f"stemseg-test-{uuid.uuid4().hex[:8]}", data_dir=tmp_path / "data",
-                 rate_limit_jobs=0, webhook_hosts="hooks.internal")
-    try:
-        with TestClient(create_app(s, model_cfg=get_preset("kitti_mots"))) as c:
-            r = c.post("/v1/jobs", params={"callback_url": "http://127.0.0.1:9/x"}, content=video.read_bytes(),
-                       headers={"content-type": "video/mp4"})
-            assert r.status_code == 422 and "STEMSEG_WEBHOOK_HOSTS" in r.json()["detail"]
-            r = c.post("/v1/jobs", params={"callback_url": "https://hooks.internal/stemseg"}, content=video.read_bytes(),
-                       headers={"content-type": "video/mp4"})
-            assert r.status_code == 202, r.text
-            assert r.json()["webhook"] == {"url": "https://hooks.internal/stemseg", "delivered": None, "attempts": []}
-    finally:
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{s.redis_prefix}:*"))
-        if keys:
-            client.delete(*keys)
+    s = Settings(redis_url=REDIS_URL, redis_prefix=redis_prefix, data_dir=tmp_path / "data", rate_limit_jobs=0,
+                 webhook_hosts="hooks.internal")
+    with TestClient(create_app(s, model_cfg=get_preset("kitti_mots"))) as c:
+        r = c.post("/v1/jobs", params={"callback_url": "http://127.0.0.1:9/x"}, content=video.read_bytes(),
+                   headers={"content-type": "video/mp4"})
+        assert r.status_code == 422 and "STEMSEG_WEBHOOK_HOSTS" in r.json()["detail"]
+        r = c.post("/v1/jobs", params={"callback_url": "https://hooks.internal/stemseg"}, content=video.read_bytes(),
+                   headers={"content-type": "video/mp4"})
+        assert r.status_code == 202, r.text
+        assert r.json()["webhook"] == {"url": "https://hooks.internal/stemseg", "delivered": None, "attempts": []}

@@ -15,7 +15,8 @@ import pytest
 
 from service.cli import main
 from service.config import get_settings, resolve_weights
-from service.model.hub import CHECKPOINTS, FetchError, fetch
+from service.model.hub import FetchError, fetch
+from service.model.presets import OFFICIAL
 
 
 class _Server:
@@ -84,7 +85,7 @@ def weights_dir(monkeypatch, tmp_path: Path) -> Path:
 
 def test_the_urls_are_the_original_readmes() -> None:
     base = "https://omnomnom.vision.rwth-aachen.de/data/STEm-Seg/models/"
-    assert {n: c.url for n, c in CHECKPOINTS.items()} == {n: f"{base}{n}.pth" for n in ("davis", "youtube_vis",
+    assert {n: c.url for n, c in OFFICIAL.items()} == {n: f"{base}{n}.pth" for n in ("davis", "youtube_vis",
                                                                                        "kitti_mots")}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -123,5 +124,43 @@ def remux(src: Path, dst: Path, *, skip: int = 0, shift: int = 0, container: str
                 continue
             packet.pts += shift
             packet.dts += shift
+            packet.stream = target
+            out.mux(packet)
+
+
+
+def make_long_video(path: Path, num_frames: int, width: int = 16, height: int = 16, gop: int = 250,
+                    container: str | None = None, fps: int = 25) -> None:
+    """A video of `num_frames` frames made fast: one GOP of a still picture (a keyframe, then
+    P-frames of a few bytes) encoded once and its packets repeated with new timestamps, so every
+    frame decodes. A 5,000,000-frame MP4 is about 65 MB. A `.h264` suffix writes a raw Annex-B
+    stream (no timestamps, no index: what a camera or `ffmpeg -f h264` gives)."""
+    suffix = Path(path).suffix
+    fmt = container or ("h264" if suffix in (".h264", ".264") else _FORMATS.get(suffix))
+    raw = io.BytesIO()
+    still = av.VideoFrame.from_ndarray(squares_frames(1, height, width)[0], format="bgr24").reformat(format="yuv420p")
+    with av.open(raw, "w", format="h264") as enc:
+        stream = enc.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"bf": "0", "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0",
+                          "x264-params": "repeat-headers=1"}
+        for i in range(gop):
+            still.pts = i
+            for packet in stream.encode(still):
+                enc.mux(packet)
+        for packet in stream.encode(None):
+            enc.mux(packet)
+    raw.seek(0)
+    with av.open(raw, format="h264") as src, av.open(str(path), "w", format=fmt) as out:
+        source = src.streams.video[0]
+        packets = [(bytes(p), p.is_keyframe) for p in src.demux(source) if p.size]
+        target = out.add_stream_from_template(source)
+        target.time_base = Fraction(1, fps)
+        for i in range(num_frames):
+            data, key = packets[i % len(packets)]
+            packet = av.Packet(data)
+            packet.pts = packet.dts = i
+            packet.time_base = Fraction(1, fps)
+            packet.is_keyframe = key
             packet.stream = target
             out.mux(packet)

@@ -38,12 +38,16 @@ class Services:
     def connect(cls, settings: Settings, model: ModelConfig) -> Services:
         # No retries and short timeouts: with Redis down a request answers 503 at once.
         # A hung Redis (accepting, never answering) too: every call gives up after the timeout.
+        # Pools sized from the settings: every API thread may hold one connection, every event
+        # stream one (it sits in XREAD); a full pool raises MaxConnectionsError, answered 503 as such.
         t = settings.redis_timeout_s
+        sync_size, async_size = settings.redis_pool_sizes
         r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=t, socket_timeout=t,
-                                 retry=Retry(NoBackoff(), 0))
+                                 retry=Retry(NoBackoff(), 0), max_connections=sync_size)
         # Event streams block in XREAD for EVENTS_BLOCK_MS: their client waits that much longer.
         ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=t,
-                                   socket_timeout=t + EVENTS_BLOCK_MS / 1000, retry=AsyncRetry(NoBackoff(), 0))
+                                   socket_timeout=t + EVENTS_BLOCK_MS / 1000, retry=AsyncRetry(NoBackoff(), 0),
+                                   max_connections=async_size)
         storage = LocalStorage(settings.data_dir)
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
         return cls(settings, model, r, ar, jobs, storage)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from service.api import problems
@@ -26,6 +27,9 @@ def create_app(settings: Settings | None = None, model_cfg: ModelConfig | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Blocking work (sync routes, run_in_threadpool) runs on this many threads, the sync
+        # Redis pool is sized to match (Settings.redis_pool_sizes).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         yield
         await services.aredis.aclose()
         services.redis.close()

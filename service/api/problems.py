@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service.errors import UserError
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
 from service.jobs.storage import NoSpace
+from service.video import VideoError
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("stemseg.api")
@@ -46,7 +48,9 @@ _DESCRIPTIONS = {
     408: "The upload stalled", 409: "The job has not succeeded, or was not asked for that output",
     413: "The upload, its frame count or its duration is over a limit", 415: "Unsupported media type",
     422: "Invalid parameters", 429: "Rate limit or job quota reached; see Retry-After",
-    503: "Redis is unreachable or too many event streams are open; see Retry-After",
+    416: "The range starts past the end of the file",
+    503: "Redis is unreachable, its connections are all in use, or too many event streams are open; "
+         "see Retry-After",
     507: "No space left on the server's disk",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
@@ -102,6 +106,12 @@ def install(app: FastAPI) -> None:
         title = "Not a usable video" if exc.status == 400 else HTTPStatus(exc.status).phrase
         return problem_response(request, exc.status, title, exc.detail)
 
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+        # The user knows a video by what they sent, never by the server's path to it.
+        detail = exc.about("the upload") if isinstance(exc, VideoError) else str(exc).splitlines()[0]
+        return problem_response(request, 400, "Bad Request", detail)
+
     @app.exception_handler(QuotaExceeded)
     async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
         return problem_response(request, 429, "Too Many Requests", str(exc), {"Retry-After": retry_after})
@@ -114,6 +124,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NoSpace)
     async def _no_space(request: Request, exc: NoSpace) -> JSONResponse:
         return problem_response(request, 507, "Insufficient Storage", "no space left on the server's disk")
+
+    @app.exception_handler(redis.exceptions.MaxConnectionsError)
+    async def _pool_full(request: Request, exc: Exception) -> JSONResponse:
+        sync_size, async_size = app.state.settings.redis_pool_sizes
+        return problem_response(request, 503, "Service Unavailable",
+                                f"this API process's Redis connections are all in use ({sync_size} for requests, "
+                                f"{async_size} for event streams: STEMSEG_API_THREADS, STEMSEG_MAX_EVENT_STREAMS "
+                                "and STEMSEG_REDIS_POOL_MARGIN size them); Redis itself is up",
+                                {"Retry-After": retry_after})
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
@@ -137,5 +156,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %r", request.method, request.url.path, exc_info=exc)  # %r: no raw CR LF
         return problem_response(request, 500, "Internal Server Error", "an unexpected error; it has been logged")

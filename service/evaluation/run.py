@@ -56,7 +56,8 @@ def load_ground_truths(paths: Sequence[Path]) -> tuple[dict, Path]:
             pooled["videos"].append(video)
         for a in doc["annotations"]:
             if a["video_id"] in ids:
-                pooled["annotations"].append({**a, "id": len(pooled["annotations"]) + 1, "video_id": ids[a["video_id"]]})
+                pooled["annotations"].append({**a, "id": len(pooled["annotations"]) + 1,
+                                              "video_id": ids[a["video_id"]]})
         pooled["info"].append(doc.get("info", {"path": str(path)}))
     return pooled, Path("/")
 

@@ -98,8 +98,8 @@ def evaluate_mots(gt: dict, predictions: Iterable[dict]) -> dict:
                                 "MOTSA": float(m["MOTA"]), "IDSW": int(m["IDSW"])}
     if not per_class:
         return {"HOTA": -1.0, "sMOTSA": -1.0, "MOTSA": -1.0, "per_class": {}}
-    return {**{k: float(np.mean([v[k] for v in per_class.values()])) for k in ("HOTA", "DetA", "AssA", "sMOTSA", "MOTSA")},
-            "per_class": per_class}
+    metrics = ("HOTA", "DetA", "AssA", "sMOTSA", "MOTSA")
+    return {**{k: float(np.mean([v[k] for v in per_class.values()])) for k in metrics}, "per_class": per_class}
 
 
 __all__ = ["evaluate_davis", "evaluate_mots"]

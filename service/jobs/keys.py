@@ -14,7 +14,7 @@ Lifetimes (the reason where a key has no TTL):
 | `active:{owner}` (set of unfinished jobs, the quota) | `job_ttl_s` from the owner's last new job |
 | `state:{status}` (set of job ids per state, the gauges) | none: one per state, pruned of expired ids by the sweeper |
 | `rate:{owner}:{window}` (fixed-window counter) | the window |
-| `tasks` (the stream) and its consumer group | none: it is the queue; acknowledged entries are deleted, so it holds only live work |
+| `tasks` (stream) and its consumer group | none: the queue; acknowledged entries are deleted, leaving only live work |
 | `worker:{name}` (heartbeat) | a few visibility timeouts |
 | `stats:clips` (cumulative counters) | none: three fields, monotonic, read by `/metrics` |
 | `sweep` (the sweeper's lease) | the sweep period |

@@ -29,12 +29,15 @@ from typing import Any
 
 import redis
 
+from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
 from service.jobs.queue import GROUP, OUTPUTS, TaskQueue
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
-from service.video import VideoError, probe
+from service.video import VideoError, VideoInfo
+from service.video.decode import OverLimit, Unindexed, check_indexable
+from service.video.normalise import normalise
 
 log = logging.getLogger("stemseg.jobs")
 
@@ -80,11 +83,28 @@ class JobPlan:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one job may ask for (each a setting: STEMSEG_MAX_FRAME_PIXELS, _MAX_FRAMES, _MAX_DURATION_S)."""
+    """What one job may ask for (each a setting: STEMSEG_MAX_FRAME_PIXELS, _MAX_FRAMES, _MAX_DURATION_S,
+    _PROBE_BUDGET_S, _MAX_CONTAINER_SAMPLES, _MAX_UPLOAD_BYTES)."""
 
     max_pixels: int
     max_frames: int
     max_duration_s: float
+    # Unset: the settings' defaults (service/config.py), so a caller naming only the first three
+    # still gets every bound.
+    probe_budget_s: float = Settings.model_fields["probe_budget_s"].default
+    max_samples: int = Settings.model_fields["max_container_samples"].default
+    max_bytes: int = Settings.model_fields["max_upload_bytes"].default
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Limits:
+        return cls(s.max_frame_pixels, s.max_frames, s.max_duration_s, s.probe_budget_s, s.max_container_samples,
+                   s.max_upload_bytes)
+
+
+_OVER = {"frames": ("the video has more than {limit} frames", "STEMSEG_MAX_FRAMES"),
+         "samples": ("the file's tracks list more than {limit} samples", "STEMSEG_MAX_CONTAINER_SAMPLES"),
+         "time": ("reading the video took longer than {limit:g} s", "STEMSEG_PROBE_BUDGET_S"),
+         "bytes": ("the video remuxed to be seekable is larger than {limit} bytes", "STEMSEG_MAX_UPLOAD_BYTES")}
 
 
 class Refused(Exception):
@@ -274,13 +294,15 @@ class Jobs:
         """Make a job of a received upload (in storage under `staging`): probe it, hold it to
         the limits, plan it, move its files under the job id, record and enqueue it. On any
         failure nothing is left on disk."""
-        video = self.storage.path(staging, "video")
         job_id = self.new_id()
         try:
             try:
-                info = probe(video, max_pixels=limits.max_pixels)
-            except VideoError as e:  # the message names our path: say "the upload" instead
-                raise Refused(400, str(e).splitlines()[0].replace(str(video), "the upload")) from None
+                info = self._readable(staging, limits)
+            except OverLimit as e:
+                what, setting = _OVER[e.kind]
+                raise Refused(413, f"{what.format(limit=e.limit)}, over the limit ({setting})") from None
+            except VideoError as e:  # the user knows the file as "the upload", not by our path
+                raise Refused(400, e.about("the upload")) from None
             if info.num_frames > limits.max_frames:
                 raise Refused(413, f"the video has {info.num_frames} frames; the limit is {limits.max_frames} "
                                    "(STEMSEG_MAX_FRAMES)")
@@ -299,6 +321,31 @@ class Jobs:
             self.storage.delete_job(staging)
             self.storage.delete_job(job_id)
             raise
+
+    def _readable(self, staging: str, limits: Limits) -> VideoInfo:
+        """Probe an upload within the limits; one whose frames cannot be placed without decoding
+        from the start is remuxed once into a seekable file (service.video.normalise), so a task's
+        decode cost does not depend on where its clips are."""
+        video = self.storage.path(staging, "video")
+        started = time.monotonic()
+
+        def check(budget: float):
+            return check_indexable(video, max_pixels=limits.max_pixels, max_frames=limits.max_frames,
+                                   budget_s=budget, max_samples=limits.max_samples)
+
+        try:
+            return check(limits.probe_budget_s)
+        except Unindexed:
+            pass
+        left = max(limits.probe_budget_s - (time.monotonic() - started), 0.001)
+        with self.storage.writer(staging, "video") as out:
+            normalise(video, out, max_pixels=limits.max_pixels, max_frames=limits.max_frames, budget_s=left,
+                      max_bytes=limits.max_bytes)
+        try:
+            return check(max(limits.probe_budget_s - (time.monotonic() - started), 0.001))
+        except Unindexed:
+            raise VideoError(video, "the video cannot be made seekable (its frames cannot be placed "
+                                    "by timestamp even after remuxing)") from None
 
     # -- state changes -----------------------------------------------------------------------
     def transition(self, job_id: str, status: JobStatus, *, events: list[tuple[str, dict]] = (),

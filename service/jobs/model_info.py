@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from service.errors import UserError
 from service.model.presets import ModelConfig, get_preset
 
 _CHILD = """
@@ -23,8 +24,8 @@ print(load_model(sys.argv[1]).cfg.to_json())
 """
 
 
-class ModelInfoError(Exception):
-    pass
+class ModelInfoError(UserError):
+    """The API cannot tell which model the workers serve (one line naming the setting)."""
 
 
 def _safetensors_preset(path: Path) -> ModelConfig | None:

@@ -5,7 +5,9 @@ signed as Stripe and GitHub do: `X-Stemseg-Signature: sha256=HMAC_SHA256(secret,
 with the Unix time in `X-Stemseg-Timestamp`, so a receiver can check both origin and age
 (replays). A delivery that fails (connection error, timeout, non-2xx) is retried with
 exponential backoff up to `webhook_attempts` times; every attempt is recorded on the job
-(`webhook.attempts`). Delivery runs in a thread of the worker that ended the job: if that
+(`webhook.attempts`) as its status code, "connection failed" or "timed out"; `webhook_timeout_s`
+bounds a whole attempt, not each socket read. Targets are listed as host:port
+(`parse_allowed`). Delivery runs in a thread of the worker that ended the job: if that
 worker dies mid-retry, the remaining attempts are lost (the job's state is still right).
 """
 
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,16 +30,9 @@ log = logging.getLogger("stemseg.webhooks")
 
 TIMESTAMP_HEADER = "X-Stemseg-Timestamp"
 SIGNATURE_HEADER = "X-Stemseg-Signature"
-
-
-class _Refuse(urllib.request.HTTPRedirectHandler):
-    """A 3xx is a failed delivery, not a hop: following it would reach hosts the allow-list never saw."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-_NO_REDIRECTS = urllib.request.build_opener(_Refuse)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+CONNECTION_FAILED = "connection failed"
+TIMED_OUT = "timed out"
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -44,28 +40,101 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={mac.hexdigest()}"
 
 
+def _canonical_host(host: str) -> str:
+    host = host.strip().lower().removeprefix("[").removesuffix("]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.rstrip(".")
+
+
+def parse_allowed(entries: list[str]) -> set[tuple[str, int | None]]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address -> (host, port); port None: the
+    URL's scheme's default port only."""
+    out: set[tuple[str, int | None]] = set()
+    for entry in entries:
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        host, port = entry, None
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        elif entry.count(":") == 1:
+            host, _, p = entry.partition(":")
+            port = int(p) if p.isdigit() else None
+        out.add((_canonical_host(host), port))
+    return out
+
+
 def check_callback_url(url: str, allowed_hosts: list[str]) -> str | None:
-    """Why `url` may not be used as a callback (None: it may). Only http(s) to listed hosts,
-    so the service cannot be turned into a proxy into the network it runs in."""
+    """Why `url` may not be used as a callback (None: it may). Only http(s) to a listed host and
+    port (a host listed alone: its scheme's default port), so the service can be turned neither
+    into a proxy into the network it runs in nor into a scanner of a host's ports."""
     if len(url) > 2048:
         return "callback_url is longer than 2048 characters"
+    if any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url):
+        return "callback_url must not contain whitespace, control or non-ASCII characters (percent-encode them)"
     try:
         parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        parts.port  # noqa: B018 (raises ValueError on a bad port)
+        host = parts.hostname or ""
+        port = parts.port
     except ValueError:
         return "callback_url is not a valid URL"
-    if parts.scheme not in ("http", "https") or not host:
+    if parts.scheme not in _DEFAULT_PORTS or not host:
         return "callback_url must be an http:// or https:// URL with a host"
     if parts.username or parts.password:
         return "callback_url must not carry credentials"
+    host = _canonical_host(host)
+    port = port if port is not None else _DEFAULT_PORTS[parts.scheme]
+    allowed = parse_allowed(allowed_hosts)
+    if (host, port) in allowed or (port == _DEFAULT_PORTS[parts.scheme] and (host, None) in allowed):
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return f"callback_url's host and port {shown}:{port} are not allowed (STEMSEG_WEBHOOK_HOSTS)"
+
+
+def _post(url: str, data: bytes, headers: dict[str, str], deadline_s: float) -> int:
+    """POST and return the status; the whole attempt (connect, send, the answer's status line
+    and headers) ends at `deadline_s`: a receiver trickling bytes is cut off then (TimeoutError)."""
+    parts = urlsplit(url)
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, port, timeout=deadline_s, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, port, timeout=deadline_s)
+    expired = threading.Event()
+
+    def cut() -> None:  # unblocks whatever socket call is under way
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(deadline_s, cut)
+    timer.daemon = True
+    timer.start()
     try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    if host not in allowed_hosts:
-        return f"callback_url's host {host!r} is not allowed (STEMSEG_WEBHOOK_HOSTS)"
-    return None
+        conn.connect()
+        if expired.is_set():
+            raise TimeoutError
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("POST", target, body=data, headers=headers)
+        status = conn.getresponse().status
+        if expired.is_set():
+            raise TimeoutError
+        return status
+    except Exception:
+        if expired.is_set():
+            raise TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
+        conn.close()
 
 
 def payload(job: dict[str, Any]) -> dict[str, Any]:
@@ -82,32 +151,37 @@ class Notifier:
         self.secret, self.attempts, self.backoff_s, self.timeout_s = secret, attempts, backoff_s, timeout_s
 
     def deliver(self, url: str, body: dict[str, Any], record: Any) -> bool:
+        """Up to `attempts` POSTs, each bounded as a whole by `timeout_s`. An attempt records the
+        status code, or "connection failed" / "timed out": never what the peer said, which would
+        tell a tenant what listens where."""
         data = json.dumps(body).encode()
         delay = self.backoff_s
         tries: list[dict[str, Any]] = []
         for n in range(1, self.attempts + 1):
-            ts = str(int(time.time()))
-            headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: ts, "User-Agent": "stemseg-serve"}
-            if self.secret:
-                headers[SIGNATURE_HEADER] = signature(self.secret, ts, data)
             attempt: dict[str, Any] = {"at": time.time(), "status": None, "error": None}
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with _NO_REDIRECTS.open(req, timeout=self.timeout_s) as resp:
-                    attempt["status"] = resp.status
-            except urllib.error.HTTPError as e:
-                attempt["status"] = e.code
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                attempt["error"] = str(getattr(e, "reason", e))[:200]
+                ts = str(int(time.time()))
+                headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: ts, "User-Agent": "stemseg-serve"}
+                if self.secret:
+                    headers[SIGNATURE_HEADER] = signature(self.secret, ts, data)
+                attempt["status"] = _post(url, data, headers, self.timeout_s)
+            except TimeoutError:
+                attempt["error"] = TIMED_OUT
+            except Exception as e:  # noqa: BLE001 (refused, reset, TLS, a malformed answer: one outcome)
+                attempt["error"] = CONNECTION_FAILED
+                log.info("webhook attempt %d to %r: %s", n, _where(url), type(e).__name__)
             ok = attempt["status"] is not None and 200 <= attempt["status"] < 300
             tries.append(attempt)
-            record({"url": url, "delivered": ok, "attempts": tries})
+            try:
+                record({"url": url, "delivered": ok, "attempts": tries})
+            except Exception as e:  # noqa: BLE001 (recording must not end the deliveries)
+                log.warning("could not record webhook attempt %d to %r (%s)", n, _where(url), type(e).__name__)
             if ok:
                 return True
             if n < self.attempts:
                 time.sleep(delay)
                 delay *= 2
-        log.warning("webhook to %s failed %d times", url, self.attempts)
+        log.warning("webhook to %r failed %d times", _where(url), self.attempts)
         return False
 
     def deliver_in_background(self, url: str, body: dict[str, Any], record: Any) -> threading.Thread:
@@ -118,5 +192,14 @@ class Notifier:
     def _safe(self, url: str, body: dict[str, Any], record: Any) -> None:
         try:
             self.deliver(url, body, record)
-        except Exception:  # a webhook must never take a worker down
-            log.exception("webhook to %s", url)
+        except Exception as e:  # noqa: BLE001 (a webhook must never take a worker down)
+            log.error("webhook to %r: %s", _where(url), type(e).__name__)
+
+
+def _where(url: str) -> str:
+    """scheme://host:port of a callback, for logs (the path and query are the tenant's)."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or _DEFAULT_PORTS.get(parts.scheme, '')}"
+    except ValueError:
+        return "an invalid URL"

@@ -43,18 +43,22 @@ from service.jobs.lifecycle import Jobs, JobStatus
 from service.jobs.queue import OUTPUTS, Task
 from service.jobs.storage import LocalStorage, NoSpace, is_no_space
 from service.jobs.webhooks import Notifier, payload
-from service.model.engines import Engine, engine_from_settings
+from service.model.engine_spec import EngineSpec
+from service.model.engines import Engine, build_engine
 from service.pipeline.clips import clip_plan, context_range
 from service.pipeline.runner import ClipProcessor, PipelineOptions, SegmenterOptions
 from service.pipeline.timing import StageTimer
 from service.video import VideoError, read_frames
+from service.video.decode import configure_cache as configure_video_cache
+from service.video.decode import forget as forget_video
 
 log = logging.getLogger("stemseg.worker")
 
 
 def load_service_engine(settings: Settings) -> Engine:
-    # Engine choice, its graphs and caches, and batching all live with the engines (issue 14).
-    return engine_from_settings(settings)
+    """The engine the settings name, exactly: a worker that fell back to another engine or the CPU
+    would serve at a fraction of the expected speed with nothing to show why."""
+    return build_engine(EngineSpec.from_settings(settings))
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Worker:
         if self.engine is None:
             self.engine = load_service_engine(s)
         self.r = redis_client(s)
+        configure_video_cache(s.probe_cache_bytes)
         self.storage = LocalStorage(s.data_dir)
         self.jobs = Jobs(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
         self.jobs.on_end = self._job_ended
@@ -125,9 +130,8 @@ class Worker:
             if task.kind == OUTPUTS:
                 return self._run_outputs(task, job)
             return self._run_clips(task, job, plan)
-        except VideoError as e:  # the message starts with our path: the user knows it as "the video"
-            reason = str(e).splitlines()[0].replace(str(self.storage.path(task.job_id, "video")), "the video")
-            return Outcome("fail", f"video: {reason}")
+        except VideoError as e:  # the user knows the file as "the video", not by our path
+            return Outcome("fail", f"video: {e.about('the video')}")
         except NoSpace:
             return Outcome("fail", NO_SPACE)
         except OSError as e:
@@ -137,6 +141,8 @@ class Worker:
         except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as e:  # a bug or a transient fault: redelivered, and the deliveries are bounded
+            if self.jobs.get(task.job_id) is None:  # not a bug: a DELETE took the files (see settle)
+                return Outcome("done", "the job was deleted while running")
             log.exception("task %s of job %s", task.id, task.job_id)
             return Outcome("retry", f"{type(e).__name__}: {e}")
 
@@ -193,6 +199,10 @@ class Worker:
 
     def settle(self, task: Task, outcome: Outcome) -> None:
         """Act on a task's outcome; then, if its job is gone, delete what this task wrote."""
+        if outcome.kind != "done" and self.jobs.get(task.job_id) is None:
+            # A DELETE while the task ran took the record and the files: what that broke (the
+            # video or a clip vanishing mid-read) is no failure, and there is nothing to retry.
+            outcome = Outcome("done", "the job was deleted while running")
         if outcome.kind == "fail":
             self.jobs.fail(task.job_id, outcome.reason)
         if outcome.kind == "retry":
@@ -201,6 +211,7 @@ class Worker:
             self.queue.done(task.id)
         if self.jobs.get(task.job_id) is None:
             self.storage.delete_job(task.job_id)
+            forget_video(self.storage.path(task.job_id, files.VIDEO))
 
     def finalize(self) -> None:
         self.stopping.set()

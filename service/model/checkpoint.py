@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from service.errors import UserError
 from service.model.presets import PRESETS, ModelConfig, get_preset
 from service.model.stemseg import STEmSeg
 
@@ -27,7 +28,7 @@ FORMAT = "stemseg-serve/1"
 _TRAINING_ONLY_PREFIXES = ("embedding_loss_criterion.",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A weights file that cannot be used, with a message meant for the user."""
 
 

@@ -3,7 +3,8 @@
 The pipeline and the workers only call `frame_features` and `clip_heads`, so the network can
 run as eager PyTorch, as the exported ONNX graphs under ONNX Runtime (CPU, CUDA or its
 TensorRT execution provider), or as native TensorRT engines built from those graphs. A
-backend that is not installed is reported, not crashed on.
+backend that is not installed is reported, not crashed on. `build_engine` is the one way from
+an `EngineSpec` (service.model.engine_spec) to a running engine.
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.config import ENGINES, Settings
+from service.model.engine_spec import COMPILE_MODES, ENGINES, EngineError, EngineSpec, check_torch_options
+from service.model.graph import HEAD_OUTPUTS, IMAGES, LEVELS, PRESET_KEY, WEIGHTS_KEY, graph_config, graph_paths
 from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs, STEmSeg
-
-
-class EngineError(RuntimeError):
-    """An engine that cannot run here, with a message meant for the user."""
 
 
 class Engine(Protocol):
@@ -35,7 +33,6 @@ class Engine(Protocol):
 
 
 AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 class TorchEngine:
@@ -53,11 +50,8 @@ class TorchEngine:
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         mode = ("default" if compile is True else "off") if isinstance(compile, bool) else compile
-        if mode not in COMPILE_MODES:
-            raise EngineError(f"unknown torch.compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         autocast = autocast or "off"
-        if autocast not in AUTOCAST:
-            raise EngineError(f"unknown autocast dtype {autocast!r}; choose one of {', '.join(AUTOCAST)}")
+        check_torch_options(mode, autocast)
         if autocast == "fp16" and self.device.type != "cuda":
             raise EngineError("fp16 autocast needs a CUDA GPU; on the CPU use bf16")
         self.autocast, self.compile = autocast, mode
@@ -91,15 +85,6 @@ class TorchEngine:
         return ClipOutputs(f(out.embeddings), f(out.bandwidths), f(out.seediness), f(out.semseg_logits))
 
 
-def _graph_paths(onnx_dir: Path) -> list[Path]:
-    """backbone.onnx and heads.onnx of an export directory, or a clear error."""
-    paths = [onnx_dir / "backbone.onnx", onnx_dir / "heads.onnx"]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise EngineError(f"no exported graphs at {', '.join(missing)}: run `stemseg export onnx --out {onnx_dir}`")
-    return paths
-
-
 def _providers(kind: str, device: str, cache_dir: Path) -> list:
     if kind == "onnxruntime-trt":
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -119,34 +104,33 @@ class OnnxRuntimeEngine:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise EngineError("--engine onnxruntime needs the onnxruntime package: "
+            raise EngineError("the onnxruntime engines need the onnxruntime package: "
                               "pip install 'stemseg-serve[export]' (or onnxruntime-gpu)") from None
         onnx_dir = Path(onnx_dir)
-        paths = _graph_paths(onnx_dir)
+        paths = graph_paths(onnx_dir)
         providers = _providers(kind, device, onnx_dir / "trt-cache")
         wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
         if wanted not in ort.get_available_providers():
-            raise EngineError(f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())})")
+            available = ", ".join(ort.get_available_providers())
+            raise EngineError(f"ONNX Runtime here has no {wanted} (available: {available})")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._backbone = ort.InferenceSession(str(paths[0]), opts, providers=providers)
         self._heads = ort.InferenceSession(str(paths[1]), opts, providers=providers)
         meta = self._heads.get_modelmeta().custom_metadata_map
-        self.cfg = ModelConfig.from_json(meta["stemseg.preset"])
-        self.weights_sha256 = meta.get("stemseg.weights_sha256")
+        self.cfg = ModelConfig.from_json(meta[PRESET_KEY])
+        self.weights_sha256 = meta.get(WEIGHTS_KEY)
         self.device = torch.device("cpu")  # inputs are staged on the host either way
         self._head_outputs = [o.name for o in self._heads.get_outputs()]
 
     def frame_features(self, images: Tensor) -> list[Tensor]:
-        outs = self._backbone.run(None, {"images": images.detach().cpu().numpy()})
+        outs = self._backbone.run(None, {IMAGES: images.detach().cpu().numpy()})
         return [torch.from_numpy(o) for o in outs]
 
     def clip_heads(self, feats: list[Tensor]) -> ClipOutputs:
-        names = ("p4", "p8", "p16", "p32")
         outs = dict(zip(self._head_outputs, self._heads.run(
-            None, {n: np.ascontiguousarray(f.detach().cpu().numpy()) for n, f in zip(names, feats)})))
-        t = {k: torch.from_numpy(v) for k, v in outs.items()}
-        return ClipOutputs(t["embeddings"], t["bandwidths"], t["seediness"], t.get("semseg_logits"))
+            None, {n: np.ascontiguousarray(f.detach().cpu().numpy()) for n, f in zip(LEVELS, feats)})))
+        return _clip_outputs({k: torch.from_numpy(v) for k, v in outs.items()})
 
 
 class TensorRTEngine:
@@ -160,12 +144,12 @@ class TensorRTEngine:
         try:
             import tensorrt as trt
         except ImportError:
-            raise EngineError("--engine tensorrt needs the tensorrt package (pip install 'stemseg-serve[gpu]')") from None
-        from model_export.tensorrt_build import build_or_load, cached_buckets, default_buckets, gpu_identity
+            raise EngineError("the tensorrt engine needs the tensorrt package "
+                              "(pip install 'stemseg-serve[gpu]')") from None
+        from service.model.tensorrt_build import build_or_load, cached_buckets, default_buckets, gpu_identity
 
         onnx_dir = Path(onnx_dir)
-        _graph_paths(onnx_dir)
-        self.cfg = ModelConfig.from_json(graph_metadata(onnx_dir)["stemseg.preset"])
+        self.cfg = graph_config(onnx_dir)
         self.device = torch.device(device)
         self.buckets = buckets or cached_buckets(onnx_dir, gpu=gpu_identity(), trt_version=trt.__version__, fp16=fp16,
                                                  cache_dir=cache_dir) or default_buckets(self.cfg)
@@ -205,87 +189,66 @@ class TensorRTEngine:
             out[name] = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device=self.device)
             ctx.set_tensor_address(name, out[name].data_ptr())
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise EngineError(f"TensorRT failed to run the {graph} engine for inputs {[tuple(t.shape) for t in keep.values()]}")
+            shapes = [tuple(t.shape) for t in keep.values()]
+            raise EngineError(f"TensorRT failed to run the {graph} engine for inputs {shapes}")
         return out
 
     def frame_features(self, images: Tensor) -> list[Tensor]:
-        out = self._run("backbone", {"images": images}, images.shape[-2], images.shape[-1])
-        return [out[n].float() for n in ("p4", "p8", "p16", "p32")]
+        out = self._run("backbone", {IMAGES: images}, images.shape[-2], images.shape[-1])
+        return [out[n].float() for n in LEVELS]
 
     def clip_heads(self, feats: list[Tensor]) -> ClipOutputs:
         h, w = feats[0].shape[-2] * 4, feats[0].shape[-1] * 4
-        t = self._run("heads", dict(zip(("p4", "p8", "p16", "p32"), feats)), h, w)
-        t = {k: v.float() for k, v in t.items()}
-        return ClipOutputs(t["embeddings"], t["bandwidths"], t["seediness"], t.get("semseg_logits"))
+        t = self._run("heads", dict(zip(LEVELS, feats)), h, w)
+        return _clip_outputs({k: v.float() for k, v in t.items()})
 
 
-def graph_metadata(onnx_dir: Path) -> dict[str, str]:
-    import onnx
-
-    model = onnx.load(str(Path(onnx_dir) / "heads.onnx"), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def load_engine(kind: str, *, model: STEmSeg | None = None, onnx_dir: Path | None = None,
-                device: str = "cpu", compile: bool | str = False, autocast: str | None = None,
-                trt_cache: Path | None = None) -> Engine:
-    if kind == "torch":
-        if model is None:
-            raise EngineError("--engine torch needs weights")
-        return TorchEngine(model, compile=compile, autocast=autocast)
-    if kind in ("onnxruntime", "onnxruntime-trt", "tensorrt"):
-        if onnx_dir is None:
-            raise EngineError(f"--engine {kind} needs --onnx DIR (make one with `stemseg export onnx --out DIR`)")
-        if kind != "onnxruntime" and not device.startswith("cuda"):
-            raise EngineError(f"--engine {kind} needs a CUDA GPU; none is in use here")
-        if kind == "tensorrt":
-            return TensorRTEngine(onnx_dir, device, cache_dir=trt_cache)
-        return OnnxRuntimeEngine(onnx_dir, device, kind)
-    raise EngineError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
+def _clip_outputs(t: dict[str, Tensor]) -> ClipOutputs:
+    """The heads graph's outputs by name (the semantic head's only where the preset has one)."""
+    embeddings, bandwidths, seediness, semseg = HEAD_OUTPUTS
+    return ClipOutputs(t[embeddings], t[bandwidths], t[seediness], t.get(semseg))
 
 
-def engine_from_settings(settings: Settings) -> Engine:
-    """The engine a service worker runs, exactly as configured: STEMSEG_ENGINE with its graphs
-    (STEMSEG_ONNX_DIR) and TensorRT cache (STEMSEG_TRT_CACHE) on STEMSEG_DEVICE. Anything that
-    cannot run here (no GPU, no graphs, a backend not installed) is an EngineError naming the
-    setting: a worker that silently fell back to another engine or the CPU would serve at a
-    fraction of the expected speed with nothing to show why. With STEMSEG_BATCH_MAX_SIZE > 1 the
+def build_engine(spec: EngineSpec) -> Engine:
+    """The engine `spec` describes, on its device. What cannot run here (no GPU, no graphs, weights
+    that name no file, a backend not installed) is a one-line UserError naming the option as the
+    spec's source spells it: an engine that silently fell back to another or to the CPU would run
+    at a fraction of the expected speed with nothing to show why. With batch_max_size > 1 the
     engine is shared through a dynamic batcher (service.model.batching)."""
-    from service.config import resolve_device
-    from service.model.checkpoint import load_model
+    from service.config import get_settings, resolve_device, resolve_weights
 
-    kind = settings.engine
-    if kind not in ENGINES:
-        raise EngineError(f"STEMSEG_ENGINE={kind!r} is not an engine; choose one of {', '.join(ENGINES)}")
-    if settings.batch_max_size > 1 and kind == "torch" and settings.torch_compile != "off":
-        # Every merged batch size is a new shape: torch.compile (dynamic=False) would recompile per
-        # size until its limit, then silently run eager (and capture a CUDA graph per size).
-        raise EngineError("STEMSEG_BATCH_MAX_SIZE > 1 and STEMSEG_TORCH_COMPILE together would recompile per "
-                          "batch size; choose one")
+    say = spec.spelling
     try:
-        device = resolve_device(settings.device)
+        device = resolve_device(spec.device)
     except ValueError as e:
-        raise EngineError(f"STEMSEG_DEVICE: {e}") from None
-    if kind == "torch":
-        weights = settings.weights_path  # WeightsNotFound (one line) when the setting names no file
+        raise EngineError(f"{say('device')}: {e}") from None
+    if spec.needs_cuda and not device.startswith("cuda"):
+        raise EngineError(f"{say('kind', spec.kind)} needs a CUDA GPU, and {say('device')} resolves to {device}")
+    engine: Engine
+    if spec.kind == "torch":
+        from service.model.checkpoint import load_model
+
+        weights = resolve_weights(spec.weights, spec.weights_dir or get_settings().weights_dir)
         if device.startswith("cuda"):
             # Explicit both ways: PyTorch's default lets cuDNN convolutions use TF32, not fp32.
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.tf32
-        engine = load_engine("torch", model=load_model(weights, settings.preset, device=device),
-                             compile=settings.torch_compile, autocast=settings.autocast)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.tf32
+        model = load_model(weights, spec.preset, device=device)
+        if spec.min_dim is not None:
+            model.cfg = model.cfg.with_min_dim(spec.min_dim)
+        engine = TorchEngine(model, compile=spec.compile, autocast=spec.autocast)
     else:
-        if settings.onnx_dir is None:
-            raise EngineError(f"STEMSEG_ENGINE={kind} needs STEMSEG_ONNX_DIR (graphs of `stemseg export onnx`)")
-        if kind != "onnxruntime" and not device.startswith("cuda"):
-            raise EngineError(f"STEMSEG_ENGINE={kind} needs a CUDA GPU, and STEMSEG_DEVICE resolves to {device}")
-        engine = load_engine(kind, onnx_dir=settings.onnx_dir, device=device, trt_cache=settings.trt_cache)
-    if settings.batch_max_size > 1:
+        if spec.kind == "tensorrt":
+            engine = TensorRTEngine(spec.onnx_dir, device, cache_dir=spec.trt_cache)
+        else:
+            engine = OnnxRuntimeEngine(spec.onnx_dir, device, spec.kind)
+        if spec.min_dim is not None:
+            engine.cfg = engine.cfg.with_min_dim(spec.min_dim)
+    if spec.batch_max_size > 1:
         from service.model.batching import DynamicBatcher
 
-        engine = DynamicBatcher(engine, max_batch=settings.batch_max_size,
-                                max_delay_s=settings.batch_max_delay_ms / 1000)
+        engine = DynamicBatcher(engine, max_batch=spec.batch_max_size, max_delay_s=spec.batch_max_delay_ms / 1000)
     return engine
 
 
-__all__ = ["AUTOCAST", "COMPILE_MODES", "ENGINES", "Engine", "EngineError", "OnnxRuntimeEngine", "TensorRTEngine",
-           "TorchEngine", "engine_from_settings", "graph_metadata", "load_engine"]
+__all__ = ["AUTOCAST", "COMPILE_MODES", "ENGINES", "Engine", "EngineError", "EngineSpec", "OnnxRuntimeEngine",
+           "TensorRTEngine", "TorchEngine", "build_engine"]

@@ -1,6 +1,6 @@
 """The authors' released checkpoints, one command away: `stemseg weights fetch NAME`.
 
-The URLs are the ones the original README (github.com/sabarim/STEm-Seg) publishes. A download
+The names and URLs are `service.model.presets.OFFICIAL`. A download
 goes to a hidden `.NAME.pth.part` beside the target and resumes from its length with an HTTP
 Range request; the finished file must load strictly into the preset it is named after (every key
 and shape, service.model.checkpoint) before it is renamed into place, so a truncated, corrupt or
@@ -14,32 +14,16 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from service.config import OFFICIAL_WEIGHTS, fetched_weights_path
-
-
-@dataclass(frozen=True)
-class OfficialCheckpoint:
-    name: str  # also the preset it loads into
-    url: str
-    trained_on: str
-
-
-_BASE = "https://omnomnom.vision.rwth-aachen.de/data/STEm-Seg/models"
-CHECKPOINTS: dict[str, OfficialCheckpoint] = {
-    "davis": OfficialCheckpoint("davis", f"{_BASE}/davis.pth", "DAVIS'17, YouTube-VIS, COCO, PascalVOC"),
-    "youtube_vis": OfficialCheckpoint("youtube_vis", f"{_BASE}/youtube_vis.pth", "YouTube-VIS, COCO, PascalVOC"),
-    "kitti_mots": OfficialCheckpoint("kitti_mots", f"{_BASE}/kitti_mots.pth",
-                                     "Mapillary, KITTI-MOTS, MOTSChallenge 0002"),
-}
-assert tuple(CHECKPOINTS) == OFFICIAL_WEIGHTS
+from service.config import fetched_weights_path
+from service.errors import UserError
+from service.model.presets import OFFICIAL
 
 CHUNK = 1 << 20
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError, RuntimeError):
     """A download that could not be completed or verified (one-line message)."""
 
 
@@ -68,9 +52,9 @@ def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = T
 
     from service.model.checkpoint import CheckpointError, load_model
 
-    if name not in CHECKPOINTS:
-        raise FetchError(f"unknown checkpoint {name!r}; choose from {', '.join(CHECKPOINTS)}")
-    url = url or CHECKPOINTS[name].url
+    if name not in OFFICIAL:
+        raise FetchError(f"unknown checkpoint {name!r}; choose from {', '.join(OFFICIAL)}")
+    url = url or OFFICIAL[name].url
     if not url.startswith(("http://", "https://")):
         raise FetchError(f"{url}: only http:// and https:// URLs can be fetched")
     to_dir = Path(to_dir)
@@ -116,4 +100,4 @@ def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = T
     return target
 
 
-__all__ = ["CHECKPOINTS", "FetchError", "OfficialCheckpoint", "fetch", "target_path"]
+__all__ = ["FetchError", "fetch", "target_path"]

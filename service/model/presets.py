@@ -2,7 +2,9 @@
 
 The three official presets mirror the authors' released checkpoints (`davis.pth`,
 `youtube_vis.pth`, `kitti_mots.pth`); every number here is read off their configs and
-checked against the reference vectors.
+checked against the reference vectors. `OFFICIAL` is the one list of those names: each with its
+preset and where `stemseg weights fetch` downloads it (the URLs the original README,
+github.com/sabarim/STEm-Seg, publishes). Torch-free.
 """
 
 from __future__ import annotations
@@ -97,24 +99,40 @@ def _classes(dataset: str) -> dict[int, str]:
     return {int(k): v for k, v in table[dataset].items()}
 
 
-PRESETS: dict[str, ModelConfig] = {
-    "davis": ModelConfig(
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    """One of the authors' released checkpoints: the preset it loads into, and where it is published."""
+
+    config: ModelConfig
+    url: str
+    trained_on: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+_BASE = "https://omnomnom.vision.rwth-aachen.de/data/STEm-Seg/models"
+OFFICIAL: dict[str, OfficialCheckpoint] = {c.name: c for c in (
+    OfficialCheckpoint(ModelConfig(
         name="davis", clip_len=16, overlap=6, min_dim=736, max_dim=1248, classes=_classes("davis"),
         embedding_mode="xyff", seediness_inter=(256, 256, 128, 128), semseg_inter=None,
         foreground="seediness", foreground_thresh=0.25, cluster_stride=4,
         min_seediness=0.8, max_instances=20, max_tracks=20,
-    ),
-    "youtube_vis": ModelConfig(
+    ), f"{_BASE}/davis.pth", "DAVIS'17, YouTube-VIS, COCO, PascalVOC"),
+    OfficialCheckpoint(ModelConfig(
         name="youtube_vis", clip_len=8, overlap=4, min_dim=640, max_dim=1196, classes=_classes("youtube_vis"),
         embedding_mode="xyff", semseg_inter=(256, 256, 256, 256), foreground="semseg",
         foreground_thresh=0.5, cluster_stride=1, min_seediness=0.8, max_instances=20, max_tracks=10,
-    ),
-    "kitti_mots": ModelConfig(
+    ), f"{_BASE}/youtube_vis.pth", "YouTube-VIS, COCO, PascalVOC"),
+    OfficialCheckpoint(ModelConfig(
         name="kitti_mots", clip_len=8, overlap=4, min_dim=800, max_dim=1948, classes=_classes("kitti_mots"),
         embedding_mode="xyt", free_dim_stds=(), semseg_inter=(256, 256, 128, 128), foreground="semseg",
         foreground_thresh=0.5, cluster_stride=4, min_seediness=0.95, max_instances=20, max_tracks=None,
-    ),
-}
+    ), f"{_BASE}/kitti_mots.pth", "Mapillary, KITTI-MOTS, MOTSChallenge 0002"),
+)}
+OFFICIAL_WEIGHTS = tuple(OFFICIAL)  # names `stemseg weights fetch` downloads and `--weights NAME` finds
+PRESETS: dict[str, ModelConfig] = {name: c.config for name, c in OFFICIAL.items()}
 
 
 # Our small model, trained on `stemseg synth` videos: the same family at a fraction of the

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from service.config import OUTPUT_FORMATS as FORMATS
+from service.errors import UserError
 from service.outputs.labels import Labels
 from service.outputs.names import MANIFEST, NAMES
 from service.outputs.render import assemble, range_masks, ranges, render_range
 from service.pipeline.tracks import VideoResult
 
 
-class OutputExists(ValueError):
+class OutputExists(UserError, ValueError):
     """The output path holds something stemseg may not replace (one-line message)."""
 
 
@@ -118,7 +119,8 @@ def _render_one(labels: Labels, formats: Sequence[str], masks: dict, video: Path
 def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
                   frames_for_overlay: Callable[[], Iterable[np.ndarray]] | None = None, *,
                   replace: bool = True, overlay_min_score: float = 0.0, video: Path | None = None,
-                  processes: int = 1, range_frames: int | None = None, max_pixels: int | None = None) -> dict[str, Path]:
+                  processes: int = 1, range_frames: int | None = None,
+                  max_pixels: int | None = None) -> dict[str, Path]:
     """Write formats (from FORMATS) into out_dir; returns format -> path.
 
     out_dir may be absent, an empty directory, or (when replace) a previous output, which the new

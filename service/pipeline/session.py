@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.config import get_settings, resolve_device, resolve_weights
-from service.model.engines import Engine, load_engine
+from service.config import get_settings
+from service.model.engine_spec import EngineSpec
+from service.model.engines import Engine, build_engine
 from service.pipeline.clips import clip_plan
 from service.pipeline.handover import FrameTracks
 from service.pipeline.runner import PipelineOptions, Segmenter, SegmenterOptions
@@ -32,17 +33,15 @@ from service.video import VideoInfo, iter_clip_windows, iter_frames, probe
 
 
 def load(weights: str | Path | None = None, *, preset: str | None = None, device: str = "auto",
-         min_dim: int | None = None, autocast: str | None = None, compile: bool | str = False) -> Engine:
+         min_dim: int | None = None, autocast: str | None = None, compile: bool | str = False,
+         tf32: bool = False) -> Engine:
     """The torch engine for a weights file, an official name fetched with `stemseg weights fetch`, or
     (None) the shipped model; on `device` ("auto": CUDA when usable). `autocast` ("bf16", "fp16")
-    and `compile` (a torch.compile mode) trade exact fp32 outputs for speed."""
-    from service.model.checkpoint import load_model
-
-    settings = get_settings()
-    model = load_model(resolve_weights(weights, settings.weights_dir), preset, device=resolve_device(device))
-    if min_dim is not None:
-        model.cfg = model.cfg.with_min_dim(min_dim)
-    return load_engine("torch", model=model, autocast=autocast, compile=compile)
+    and `compile` (a torch.compile mode), and on CUDA `tf32`, trade exact fp32 outputs for speed."""
+    if isinstance(compile, bool):
+        compile = "default" if compile else "off"
+    return build_engine(EngineSpec(weights=weights, preset=preset, device=device, min_dim=min_dim,
+                                   autocast=autocast or "off", compile=compile, tf32=tf32))
 
 
 class VideoSession:

@@ -75,7 +75,8 @@ def render_video(seed: int, frames: int = 24, size: tuple[int, int] = (128, 160)
         velocity = (target - start) / frames * rng.uniform(0.8, 1.6)
         objects.append(_Object(
             cls=int(rng.integers(1, 7)), colour=rng.uniform(20, 235, 3), stripes=rng.uniform(0.15, 0.5),
-            size=size_px, path=np.concatenate([start, velocity]), wobble=np.array([rng.uniform(0, 6), rng.uniform(0, 6.3)]),
+            size=size_px, path=np.concatenate([start, velocity]),
+            wobble=np.array([rng.uniform(0, 6), rng.uniform(0, 6.3)]),
             rot0=rng.uniform(0, 2 * np.pi), rot_speed=rng.uniform(-0.08, 0.08), scale_speed=rng.uniform(-0.01, 0.015),
             z=rng.uniform()))
     objects.sort(key=lambda o: o.z)  # painter's order: later objects occlude earlier ones

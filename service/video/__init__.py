@@ -12,5 +12,5 @@ from service.video.decode import (
     read_frames,
 )
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Frame", "VideoError", "VideoInfo", "iter_clip_windows", "iter_frame_range", "iter_frames",
-           "probe", "read_frames"]
+__all__ = ["DEFAULT_MAX_PIXELS", "Frame", "VideoError", "VideoInfo", "iter_clip_windows", "iter_frame_range",
+           "iter_frames", "probe", "read_frames"]

@@ -20,6 +20,14 @@ DURATION tag) than the file holds, a cut-off last packet, or a decoding error. A
 file whose container states neither (e.g. WebM from MediaRecorder) cannot be told from a
 complete one and is used as far as it decodes.
 
+Bounded probing. Memory and time of a probe do not grow with what a file claims to hold: with
+``max_frames`` the demux pass stops once the packets pass it (plus the few that a decoder may
+drop at the start), so does a decode that counts frames, and every loop checks a deadline
+(``budget_s``); both raise ``OverLimit``. An MP4/MOV's sample tables and an AVI's indexes are
+counted from their headers before FFmpeg opens the file (``service.video.indexes``), because
+FFmpeg builds its whole index (24-80 bytes an entry) while opening. ``read_frames``'s index cache
+is bounded in bytes (``configure_cache``) and an entry is dropped with its file (``forget``).
+
 Rotation: the display matrix, which FFmpeg attaches to every decoded frame (PyAV's
 ``VideoFrame.rotation``, degrees counterclockwise), rounded to a multiple of 90 and applied
 with ``np.rot90``; mirroring in the matrix is ignored.
@@ -29,13 +37,20 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import threading
+import time
+from array import array
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import av
 import numpy as np
+
+from service.errors import UserError
+from service.video.indexes import declared_counts
 
 try:
     from av.stream import Disposition
@@ -49,8 +64,38 @@ _VERIFY_PACKETS = 48  # enough to cover the start-of-stream cases above, cheap t
 _NO_PTS = np.iinfo(np.int64).min
 
 
-class VideoError(Exception):
-    """A file that cannot be used as a video, with a one-line message meant for the user."""
+class VideoError(UserError):
+    """A file that cannot be used as a video: `path` and the one-line `reason` apart, so a face
+    that knows the file by another name (the upload, the job's video) says it without the path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(self.about(self.path))
+
+    def about(self, name: str) -> str:
+        """The message with the file called `name`."""
+        return f"{name}: {self.reason}"
+
+    def __reduce__(self):  # crosses process and thread boundaries with both parts
+        return type(self), (self.path, self.reason)
+
+
+class OverLimit(VideoError):
+    """The file passes a limit before it is fully read: `kind` is "frames" (more than `limit`
+    frames), "samples" (its container lists more than `limit` samples in all tracks) or "time"
+    (probing took longer than `limit` seconds)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, kind: str, limit: float) -> None:
+        super().__init__(path, reason)
+        self.kind, self.limit = kind, limit
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.kind, self.limit)
+
+
+class Unindexed(VideoError):
+    """Frames cannot be placed from the packets' timestamps (raw streams, made-up pts): reading
+    one means decoding from the start. `normalise` remuxes such a file into one that can be."""
 
 
 @dataclass(frozen=True)
@@ -95,12 +140,12 @@ def _reason(e: BaseException) -> str:
 def _check_path(path: str | Path) -> os.stat_result:
     p = Path(path)
     if not p.exists():
-        raise VideoError(f"{p}: no such file")
+        raise VideoError(p, "no such file")
     if not p.is_file():
-        raise VideoError(f"{p}: not a file")
+        raise VideoError(p, "not a file")
     st = p.stat()
     if st.st_size == 0:
-        raise VideoError(f"{p}: the file is empty")
+        raise VideoError(p, "the file is empty")
     return st
 
 
@@ -110,7 +155,7 @@ def _open(path: str | Path) -> av.container.InputContainer:
     try:
         return av.open(str(p), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise VideoError(f"{p}: not a readable video, or damaged/truncated ({_reason(e)})") from None
+        raise VideoError(p, f"not a readable video, or damaged/truncated ({_reason(e)})") from None
 
 
 def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.video.stream.VideoStream:
@@ -119,12 +164,12 @@ def _video_stream(container: av.container.InputContainer, path: str | Path) -> a
     if not videos:
         kinds = sorted({s.type for s in container.streams} & {"audio", "subtitle"})
         if not kinds:  # also what a cut-off MP4 header leaves: a stream of unknown type
-            raise VideoError(f"{path}: no video stream found (not a video, or the file is damaged or "
-                             "truncated)")
+            raise VideoError(path, "no video stream found (not a video, or the file is damaged or "
+                                   "truncated)")
         extra = " and a cover picture" if container.streams.video else ""
-        raise VideoError(f"{path}: no video stream (the file has only {' and '.join(kinds)} streams{extra})")
+        raise VideoError(path, f"no video stream (the file has only {' and '.join(kinds)} streams{extra})")
     if videos[0].codec_context is None:  # an MP4 cut inside its moov box: a track without codec parameters
-        raise VideoError(f"{path}: the video stream has no codec parameters (the file is damaged or truncated)")
+        raise VideoError(path, "the video stream has no codec parameters (the file is damaged or truncated)")
     return videos[0]
 
 
@@ -147,7 +192,7 @@ def _to_bgr(frame: av.VideoFrame, rotation: int) -> np.ndarray:
 
 def _check_size(path: str | Path, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise VideoError(f"{path}: frames of {width}x{height} exceed the limit of {max_pixels} pixels")
+        raise VideoError(path, f"frames of {width}x{height} exceed the limit of {max_pixels} pixels")
 
 
 def _seconds(ts: int | None, tb) -> float | None:
@@ -166,10 +211,62 @@ def _declared_end(stream: av.video.stream.VideoStream) -> float | None:
     return None
 
 
-def _decode_all(container, stream, path, limit: int | None) -> tuple[tuple | None, list[int]]:
+@dataclass(frozen=True)
+class _Bounds:
+    """How far one probe may go: stop once more than `stop_at` packets or frames are seen,
+    raise once `deadline` (time.monotonic()) passes."""
+
+    max_frames: int | None = None
+    deadline: float | None = None
+    budget_s: float | None = None
+    max_samples: int | None = None
+
+    @classmethod
+    def of(cls, max_frames: int | None, budget_s: float | None, max_samples: int | None) -> _Bounds:
+        return cls(max_frames, None if budget_s is None else time.monotonic() + budget_s, budget_s, max_samples)
+
+    @property
+    def stop_at(self) -> int | None:
+        # Packets a decoder may drop at the start of a stream: more than the limit in packets
+        # is not yet more than the limit in frames. The exact count is the caller's to check.
+        return None if self.max_frames is None else self.max_frames + _VERIFY_PACKETS
+
+    def over_frames(self, path, n: int) -> None:
+        if self.stop_at is not None and n > self.stop_at:
+            raise OverLimit(path, f"the video has more than {self.max_frames} frames", "frames", self.max_frames)
+
+    def check_time(self, path) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise OverLimit(path, f"probing the video took longer than {self.budget_s:g} s", "time",
+                            self.budget_s)
+
+
+_UNBOUNDED = _Bounds()
+_CHECK_EVERY = 256  # packets between deadline checks
+
+def _check_declared(path: str | Path, bounds: _Bounds) -> None:
+    """Refuse a file whose index lists too many frames or samples before FFmpeg reads it all
+    (MP4/MOV sample tables, AVI indexes: FFmpeg holds about 24-80 bytes an entry)."""
+    if bounds.max_frames is None and bounds.max_samples is None:
+        return
+    try:
+        counts = declared_counts(path, lambda: bounds.check_time(path))
+    except (struct.error, OSError, ValueError):  # a damaged header: FFmpeg says what is wrong with it
+        return
+    if counts is None:
+        return
+    video, total = counts
+    bounds.over_frames(path, video)
+    if bounds.max_samples is not None and total > bounds.max_samples:
+        raise OverLimit(path, f"the container lists {total} samples or index entries in all its tracks, more than "
+                              f"{bounds.max_samples}", "samples", bounds.max_samples)
+
+
+def _decode_all(container, stream, path, limit: int | None,
+                bounds: _Bounds = _UNBOUNDED) -> tuple[tuple | None, array]:
     """Decode the first `limit` packets (all if None) and drain the decoder. Returns the first
     frame's (width, height, rotation, pix_fmt) and the pts of every frame (None as _NO_PTS)."""
-    first, pts, fed, cut = None, [], 0, False
+    first, pts, fed, cut = None, array("q"), 0, False
 
     def take(frame: av.VideoFrame) -> None:
         nonlocal first
@@ -185,12 +282,16 @@ def _decode_all(container, stream, path, limit: int | None) -> tuple[tuple | Non
             fed += bool(packet.size)
             for frame in packet.decode():  # the size-0 packets at the end drain the decoder
                 take(frame)
+            if fed % _CHECK_EVERY == 0:
+                bounds.check_time(path)
+                bounds.over_frames(path, len(pts))
         if cut:
             for frame in stream.decode(None):
                 take(frame)
+        bounds.over_frames(path, len(pts))
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: the video cannot be decoded past frame {len(pts)} "
-                         f"(damaged or truncated: {_reason(e)})") from None
+        raise VideoError(path, f"the video cannot be decoded past frame {len(pts)} "
+                               f"(damaged or truncated: {_reason(e)})") from None
     return first, pts
 
 
@@ -206,8 +307,10 @@ class _Packets:
     corrupt_last: bool
 
 
-def _demux_pass(container, stream, path) -> _Packets:
-    pts, dts, dur, key, discard, corrupt = [], [], [], [], [], False
+def _demux_pass(container, stream, path, bounds: _Bounds = _UNBOUNDED) -> _Packets:
+    # Compact arrays: 8 bytes a packet (a list of Python ints takes about five times that).
+    pts, dts, dur, key, discard = array("q"), array("q"), array("q"), array("b"), array("b")
+    kept, corrupt = 0, False
     try:
         for p in container.demux(stream):
             if not p.size:
@@ -217,26 +320,31 @@ def _demux_pass(container, stream, path) -> _Packets:
             dur.append(p.duration or 0)
             key.append(p.is_keyframe)
             discard.append(p.is_discard)
+            kept += not p.is_discard
             corrupt = p.is_corrupt
+            if len(pts) % _CHECK_EVERY == 0:
+                bounds.check_time(path)
+            bounds.over_frames(path, kept)
     except av.FFmpegError as e:
-        raise VideoError(f"{path}: the file is damaged: reading stopped after {len(pts)} video packets "
-                         f"({_reason(e)})") from None
-    ints = [np.array(a, dtype=np.int64) for a in (pts, dts, dur)]
-    return _Packets(*ints, np.array(key, dtype=bool), ~np.array(discard, dtype=bool), corrupt)
+        raise VideoError(path, f"the file is damaged: reading stopped after {len(pts)} video packets "
+                               f"({_reason(e)})") from None
+    ints = [np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64) for a in (pts, dts, dur)]
+    flags = [np.frombuffer(a, dtype=np.int8).astype(bool) if len(a) else np.zeros(0, bool) for a in (key, discard)]
+    return _Packets(*ints, flags[0], ~flags[1], corrupt)
 
 
 def _check_complete(path, packets: _Packets, declared: int, declared_end: float | None, tb) -> float | None:
     """Refuse a file that holds fewer frames than its container states; returns the end of the
     video track in seconds where the packets tell."""
     if packets.corrupt_last:
-        raise VideoError(f"{path}: the file is truncated (its last video packet is cut off)")
+        raise VideoError(path, "the file is truncated (its last video packet is cut off)")
     if declared > packets.pts.size:
-        raise VideoError(f"{path}: the file is truncated or damaged: the container lists {declared} "
-                         f"frames, only {packets.pts.size} are present")
+        raise VideoError(path, f"the file is truncated or damaged: the container lists {declared} "
+                               f"frames, only {packets.pts.size} are present")
     pts = packets.pts[packets.kept]
     if not pts.size:
         hint = " (the file is truncated)" if declared or declared_end else ""
-        raise VideoError(f"{path}: the video stream has no frames{hint}")
+        raise VideoError(path, f"the video stream has no frames{hint}")
     if (pts == _NO_PTS).any() or tb is None:
         return None
     steps = np.diff(np.sort(pts))
@@ -245,25 +353,28 @@ def _check_complete(path, packets: _Packets, declared: int, declared_end: float 
     end = float((pts + np.where(durations > 0, durations, step)).max() * tb)  # unknown: a typical one
     # More than about a frame short of what the container states: frames are missing.
     if declared_end is not None and step and declared_end - end > 1.5 * float(step * tb) + 1e-3:
-        raise VideoError(f"{path}: the file is truncated: the video track should last {declared_end:.2f} s, "
-                         f"it ends at {end:.2f} s")
+        raise VideoError(path, f"the file is truncated: the video track should last {declared_end:.2f} s, "
+                               f"it ends at {end:.2f} s")
     return end
 
 
-def _decoded(path: str, limit: int | None = None) -> tuple[tuple | None, list[int]]:
+def _decoded(path: str, limit: int | None = None, bounds: _Bounds = _UNBOUNDED) -> tuple[tuple | None, array]:
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"  # as iter_frames, so the frames counted are the frames it yields
-        return _decode_all(container, stream, path, limit)
+        return _decode_all(container, stream, path, limit, bounds)
 
 
-def _scan(path: str, max_pixels: int) -> tuple[_Index, VideoInfo]:
+def _scan(path: str, max_pixels: int, bounds: _Bounds = _UNBOUNDED,
+          decode_to_count: bool = True) -> tuple[_Index, VideoInfo]:
+    _check_path(path)
+    _check_declared(path, bounds)
     with _open(path) as container:
         stream = _video_stream(container, path)
         cc = stream.codec_context
         if cc.width and cc.height:  # refuse before decoding anything huge
             _check_size(path, cc.width, cc.height, max_pixels)
-        packets = _demux_pass(container, stream, path)
+        packets = _demux_pass(container, stream, path, bounds)
         tb = stream.time_base
         # Only MP4/MOV sample tables count frames; AVI's "frames" are time-base ticks.
         declared = (stream.frames or 0) if "mp4" in container.format.name.split(",") else 0
@@ -277,17 +388,19 @@ def _scan(path: str, max_pixels: int) -> tuple[_Index, VideoInfo]:
     seekable, first, got = False, None, None
     if end is not None and np.unique(frame_pts).size == frame_pts.size:
         limit = min(_VERIFY_PACKETS, packets.pts.size)
-        first, got = _decoded(path, limit)
+        first, got = _decoded(path, limit, bounds)
         expect = np.sort(packets.pts[:limit][packets.kept[:limit]])
         seekable = np.array_equal(np.array(got, dtype=np.int64), expect)
         if not seekable and limit < packets.pts.size:
             got = None
     if not seekable:
+        if not decode_to_count:
+            raise Unindexed(path, "the video's frames cannot be placed without decoding it from the start")
         if got is None:
-            first, got = _decoded(path)
+            first, got = _decoded(path, None, bounds)
         frame_pts = np.array(got, dtype=np.int64)
     if first is None or frame_pts.size == 0:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     width, height, rotation, pix_fmt = first
     _check_size(path, width, height, max_pixels)
 
@@ -313,20 +426,111 @@ def _scan(path: str, max_pixels: int) -> tuple[_Index, VideoInfo]:
     return index, info
 
 
-@lru_cache(maxsize=16)
-def _scan_cached(path: str, mtime_ns: int, size: int, max_pixels: int) -> tuple[_Index, VideoInfo]:
-    return _scan(path, max_pixels)
+class _IndexCache:
+    """read_frames' indexes by (path, mtime, size, max_pixels), least recently used first out,
+    bounded by the bytes of their arrays: an index is 8-40 bytes a frame, so a count of entries
+    would bound nothing. Shared by a worker's task threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[tuple[_Index, VideoInfo], int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(self, key: tuple) -> tuple[_Index, VideoInfo] | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return None
+            self._entries.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: tuple, value: tuple[_Index, VideoInfo]) -> None:
+        index = value[0]
+        size = 512 + sum(a.nbytes for a in (index.pts, index.pos, index.all_pts, index.key_pos, index.key_pts,
+                                              index.key_dts))
+        with self._lock:
+            if key in self._entries:
+                return
+            if size > self.max_bytes:
+                return  # used once and not kept
+            self._entries[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, n) = self._entries.popitem(last=False)
+                self._bytes -= n
+
+    def forget(self, path: str | Path) -> None:
+        """Drop the entries of this file, or of every file under this directory."""
+        root = str(path).rstrip("/")
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == root or k[0].startswith(root + "/")]:
+                self._bytes -= self._entries.pop(key)[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+DEFAULT_CACHE_BYTES = 64 * 1024**2
+_cache = _IndexCache(DEFAULT_CACHE_BYTES)
+
+
+def configure_cache(max_bytes: int) -> None:
+    """Bound read_frames' index cache (bytes); entries over it are dropped, oldest first."""
+    with _cache._lock:
+        _cache.max_bytes = max_bytes
+        while _cache._bytes > max_bytes and _cache._entries:
+            _, (_, n) = _cache._entries.popitem(last=False)
+            _cache._bytes -= n
+
+
+def forget(path: str | Path) -> None:
+    """Drop what the cache holds about this file (or every file under this directory): call it
+    when the file is deleted or replaced."""
+    _cache.forget(path)
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+def cache_bytes() -> int:
+    return _cache.bytes
 
 
 def _index(path: str | Path, max_pixels: int) -> tuple[_Index, VideoInfo]:
     st = _check_path(path)
-    return _scan_cached(str(path), st.st_mtime_ns, st.st_size, max_pixels)
+    key = (str(path), st.st_mtime_ns, st.st_size, max_pixels)
+    hit = _cache.get(key)
+    if hit is None:
+        hit = _scan(str(path), max_pixels)
+        _cache.put(key, hit)
+    return hit
 
 
-def probe(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
+def probe(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, max_frames: int | None = None,
+          budget_s: float | None = None, max_samples: int | None = None) -> VideoInfo:
     """Validate a video and count its frames exactly (see the module docstring for how), so a
-    clip plan can be made up front and bad files are refused before any work starts."""
-    return _index(path, max_pixels)[1]
+    clip plan can be made up front and bad files are refused before any work starts.
+
+    With `max_frames`, `budget_s` or `max_samples`, reading stops (OverLimit) as soon as the
+    video has more frames than `max_frames` (the count returned may still be a little over it:
+    compare), probing has taken `budget_s` seconds, or an MP4/MOV lists more than `max_samples`
+    samples in all its tracks. Nothing is cached: a probe is for admitting a file once."""
+    return _scan(str(path), max_pixels, _Bounds.of(max_frames, budget_s, max_samples))[1]
+
+
+def check_indexable(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, max_frames: int | None = None,
+                    budget_s: float | None = None, max_samples: int | None = None) -> VideoInfo:
+    """As probe, but a video whose frames cannot be placed without decoding from the start
+    raises Unindexed instead of being decoded to count them (see `service.video.normalise`)."""
+    return _scan(str(path), max_pixels, _Bounds.of(max_frames, budget_s, max_samples), decode_to_count=False)[1]
 
 
 def iter_frames(path: str | Path, *, threads: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -346,17 +550,17 @@ def iter_frames(path: str | Path, *, threads: bool = True, max_pixels: int = DEF
                     size = (frame.width, frame.height)
                     _check_size(path, *size, max_pixels)
                 elif (frame.width, frame.height) != size:
-                    raise VideoError(f"{path}: the frame size changes from {size[0]}x{size[1]} to "
-                                     f"{frame.width}x{frame.height} at frame {n}, which is not supported")
+                    raise VideoError(path, f"the frame size changes from {size[0]}x{size[1]} to "
+                                           f"{frame.width}x{frame.height} at frame {n}, which is not supported")
                 yield Frame(n, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 n += 1
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed at frame {n} "
-                             f"(damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"decoding failed at frame {n} "
+                                   f"(damaged or truncated: {_reason(e)})") from None
     if n == 0:
-        raise VideoError(f"{path}: the video stream has no decodable frames")
+        raise VideoError(path, "the video stream has no decodable frames")
     if expected is not None and n < expected:
-        raise VideoError(f"{path}: the video ends at frame {n} of {expected} (damaged or truncated)")
+        raise VideoError(path, f"the video ends at frame {n} of {expected} (damaged or truncated)")
 
 
 def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, threads: bool = True,
@@ -375,8 +579,8 @@ def iter_clip_windows(path: str | Path, plan: Sequence[Sequence[int]], *, thread
                 while f not in held:
                     frame = next(frames, None)
                     if frame is None or frame.index > f:
-                        raise VideoError(f"{path}: frame {f} is not available (the video ends or the plan "
-                                         "goes back to a frame already dropped)")
+                        raise VideoError(path, f"frame {f} is not available (the video ends or the plan "
+                                               "goes back to a frame already dropped)")
                     if frame.index in last:
                         held[frame.index] = frame
             yield k, [held[f] for f in clip]
@@ -404,7 +608,7 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
         frames.close()
     missing = [i for i in wanted if i not in got]
     if missing:
-        raise VideoError(f"{path}: could not decode frames {missing[:5]} (damaged file)")
+        raise VideoError(path, f"could not decode frames {missing[:5]} (damaged file)")
     return [got[i] for i in indices]
 
 
@@ -426,7 +630,7 @@ def iter_frame_range(path: str | Path, start: int, stop: int, *, threads: bool =
     finally:
         frames.close()
     if nxt < stop:
-        raise VideoError(f"{path}: could not decode frames {list(range(nxt, min(stop, nxt + 5)))} (damaged file)")
+        raise VideoError(path, f"could not decode frames {list(range(nxt, min(stop, nxt + 5)))} (damaged file)")
 
 
 class _SeekFailed(Exception):
@@ -442,7 +646,7 @@ def _wanted_frames(path: str | Path, wanted: list[int], threads: bool, max_pixel
     if wanted[0] < 0:
         raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
     if wanted[-1] >= info.num_frames:
-        raise VideoError(f"{path}: frame {wanted[-1]} asked for, the video has {info.num_frames}")
+        raise VideoError(path, f"frame {wanted[-1]} asked for, the video has {info.num_frames}")
     if index.seekable:
         seeking = _read_seeking(path, index, wanted, threads)
         try:
@@ -498,11 +702,11 @@ def _read_seeking(path: str | Path, index: _Index, wanted: list[int], threads: b
                     i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
                     if 0 <= i < index.pts.size and index.pts[i] == frame.pts and i in keep and i not in got:
                         if (frame.width, frame.height) != (index.width, index.height):
-                            raise VideoError(f"{path}: the frame size changes at frame {i}, "
-                                             "which is not supported")
+                            raise VideoError(path, f"the frame size changes at frame {i}, "
+                                                   "which is not supported")
                         got.add(i)
                         yield Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 if len(got) == len(keep):
                     break
         except av.FFmpegError as e:
-            raise VideoError(f"{path}: decoding failed (damaged or truncated: {_reason(e)})") from None
+            raise VideoError(path, f"decoding failed (damaged or truncated: {_reason(e)})") from None

@@ -6,23 +6,27 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import time
 import zipfile
 from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
+from service.api.ranges import RangedFile, ranged_responses
 from service.api.uploads import receive
 from service.config import OUTPUT_FORMATS, parse_formats
+from service.jobs import files
 from service.jobs.lifecycle import JobStatus, Limits
 from service.jobs.webhooks import check_callback_url
+from service.outputs.names import NAMES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _NAMES = "|".join(OUTPUT_FORMATS)
@@ -141,7 +145,7 @@ async def create_job(
         raise
     job = await run_in_threadpool(
         svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
-        limits=Limits(s.max_frame_pixels, s.max_frames, s.max_duration_s), quota=s.max_active_jobs,
+        limits=Limits.from_settings(s), quota=s.max_active_jobs,
         fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
     response.headers["Location"] = f"/v1/jobs/{job['id']}"
     return _view(job)
@@ -167,32 +171,37 @@ def _finished(svc: Services, owner: str, job_id: str) -> dict[str, Any]:
     return job
 
 
+_MOTS_RANGES = ranged_responses("text/plain", "")
+
+
 @router.get("/{job_id}/result", responses={
     200: {"description": "Tracks (JSON), DAVIS PNGs (zip) or KITTI-MOTS text",
           "content": {"application/json": {"schema": {"type": "object"}},
                       "application/zip": {"schema": {"type": "string", "format": "binary"}},
                       "text/plain": {"schema": {"type": "string"}}}},
+    206: {**_MOTS_RANGES[206], "description": "format=mots with a Range header: that byte range"},
+    400: _MOTS_RANGES[400], 416: _MOTS_RANGES[416],
     **responses(401, 404, 409, 422, 503)})
 def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                format: Annotated[str, Query(pattern="^(json|davis|mots)$")] = "json") -> Response:
     job = _finished(svc, owner, job_id)
-    out = svc.storage.path(job_id, "out")
+    out = svc.storage.path(job_id, files.OUT)
     if format == "davis":
-        if not (out / "davis").is_dir():
+        if not (out / NAMES["davis"]).is_dir():
             raise Problem(409, "this job was not asked for the davis format")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-            for png in sorted((out / "davis").glob("*.png")):
+            for png in sorted((out / NAMES["davis"]).glob("*.png")):
                 z.write(png, f"davis/{png.name}")
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-davis.zip"'})
     if format == "mots":
-        if not (out / "mots.txt").is_file():
+        if not (out / NAMES["mots"]).is_file():
             raise Problem(409, "this job was not asked for the mots format")
-        return FileResponse(out / "mots.txt", media_type="text/plain")
-    if not (out / "results.json").is_file():
+        return RangedFile(out / NAMES["mots"], media_type="text/plain")
+    if not (out / NAMES["ytvis"]).is_file():
         raise Problem(409, "this job was not asked for the ytvis format, which the JSON result is made from")
-    entries = json.loads((out / "results.json").read_text())
+    entries = json.loads((out / NAMES["ytvis"]).read_text())
     tracks = []
     for e in entries:
         boxes = [None if rle is None else mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()}
@@ -204,16 +213,14 @@ def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                                 "height": job["height"], "tracks": tracks}), media_type="application/json")
 
 
-@router.get("/{job_id}/overlay.mp4", response_class=FileResponse, responses={
-    200: {"description": "The video with masks drawn", "content": {"video/mp4": {"schema": {"type": "string",
-                                                                                             "format": "binary"}}}},
-    **responses(401, 404, 409, 422, 503)})
+@router.get("/{job_id}/overlay.mp4", response_class=RangedFile, responses={
+    **ranged_responses("video/mp4", "The video with masks drawn"), **responses(401, 404, 409, 422, 503)})
 def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     _finished(svc, owner, job_id)
-    path = svc.storage.path(job_id, "out") / "overlay.mp4"
+    path = svc.storage.path(job_id, files.OUT) / NAMES["overlay"]
     if not path.is_file():
         raise Problem(409, "this job was not asked for the overlay format")
-    return FileResponse(path, media_type="video/mp4")
+    return RangedFile(path, media_type="video/mp4")
 
 
 # One server-sent event (OpenAPI 3.2's itemSchema); `data` is JSON text; lines starting with
@@ -231,21 +238,22 @@ def _sse(entry_id: str | None, kind: str, data: str) -> str:
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "Server-sent events: status, frame, track, then end",
           "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}}},
-    **responses(401, 404, 422, 503)})
+    **responses(400, 401, 404, 422, 503)})
 async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owner: OwnerDep) -> StreamingResponse:
     """Waits on Redis with redis.asyncio (no thread per client); at most `max_event_streams`
     per process; a keep-alive comment every `sse_keepalive_s`; ends after `sse_max_s` (resume
     with Last-Event-ID)."""
     s, keys, ar = svc.settings, svc.jobs.keys, svc.aredis
+    after = request.headers.get("last-event-id") or "0-0"
+    if not _valid_stream_id(after):
+        raise Problem(400, "Last-Event-ID must be an id this stream sent (MS-SEQ, decimal digits, at most "
+                           f"{_MAX_STREAM_ID} characters)")
     if svc.open_streams >= s.max_event_streams:
         raise Problem(503, f"{s.max_event_streams} event streams are open, the most allowed; poll the job instead",
                       headers={"Retry-After": str(s.retry_after_s)})
     raw = await ar.hget(keys.job(job_id), "owner")
     if raw is None or json.loads(raw) != owner:
         raise Problem(404, f"no job {job_id}")
-    after = request.headers.get("last-event-id") or "0-0"
-    if not _valid_stream_id(after):
-        after = "0-0"
 
     async def stream():
         nonlocal after
@@ -272,6 +280,8 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
                 if loop.time() - idle_since >= s.sse_keepalive_s:
                     idle_since = loop.time()
                     yield ": keep-alive\n\n"
+        except redis.exceptions.MaxConnectionsError:
+            yield _sse(None, "error", json.dumps({"detail": "the API's Redis connections are all in use; reconnect"}))
         except redis.RedisError:
             yield _sse(None, "error", json.dumps({"detail": "the job store (Redis) is unreachable; reconnect"}))
         finally:
@@ -281,10 +291,16 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_MAX_STREAM_ID = 41
+
+
 def _valid_stream_id(entry_id: str) -> bool:
-    head, _, tail = entry_id.partition("-")
-    # ASCII digits within Redis's 64-bit parts: isdigit() alone also takes "²", which XREAD refuses.
-    return all(p.isascii() and p.isdigit() and int(p) < 2**64 for p in (head, tail))
+    # ASCII digits (\d would also take "²"), bounded before int() sees them (its 4,300-digit
+    # limit raises), each part within Redis's 64 bits.
+    if len(entry_id) > _MAX_STREAM_ID or not _STREAM_ID.fullmatch(entry_id):
+        return False
+    return all(int(p) < 2**64 for p in entry_id.split("-"))
 
 
 @router.delete("/{job_id}", status_code=204, responses=responses(401, 404, 422, 503))

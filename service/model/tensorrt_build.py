@@ -16,10 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_export.onnx_export import LEVELS
+from service.model.graph import GRAPHS, LEVELS, STRIDES, graph_path
 from service.model.presets import ModelConfig
-
-STRIDES = (4, 8, 16, 32)
 
 
 def _pad32(x: float) -> int:
@@ -71,7 +69,7 @@ def _shapes(graph: str, cfg: ModelConfig, bucket: Bucket) -> dict[str, tuple[tup
                    (1, 256, cfg.clip_len, top // s, top // s)) for name, s in zip(LEVELS, STRIDES)}
 
 
-def build_engine(onnx_path: Path, graph: str, cfg: ModelConfig, buckets: list[Bucket], *, fp16: bool = True,
+def serialize_engine(onnx_path: Path, graph: str, cfg: ModelConfig, buckets: list[Bucket], *, fp16: bool = True,
                  workspace_gib: float = 8.0) -> bytes:
     """Parse an exported graph and build a serialized engine with one profile per bucket."""
     import tensorrt as trt
@@ -114,12 +112,12 @@ def build_or_load(onnx_dir: Path, cfg: ModelConfig, *, buckets: list[Bucket] | N
     cache_dir = Path(cache_dir or Path(onnx_dir) / "trt-engines")
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = {}
-    for graph in ("backbone", "heads"):
-        onnx_path = Path(onnx_dir) / f"{graph}.onnx"
+    for graph in GRAPHS:
+        onnx_path = graph_path(onnx_dir, graph)
         key = cache_key(onnx_path, gpu=gpu_identity(), trt_version=trt.__version__, fp16=fp16, buckets=buckets)
         path = cache_dir / f"{graph}-{key}.engine"
         if not path.is_file():
-            data = build_engine(onnx_path, graph, cfg, buckets, fp16=fp16)
+            data = serialize_engine(onnx_path, graph, cfg, buckets, fp16=fp16)
             fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")  # concurrent builders never see half a file
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -146,11 +144,11 @@ def cached_buckets(onnx_dir: Path, *, gpu: str, trt_version: str, fp16: bool = T
             continue
         if info.get("fp16") != fp16:
             continue
-        keys = {g: cache_key(Path(onnx_dir) / f"{g}.onnx", gpu=gpu, trt_version=trt_version, fp16=fp16,
-                             buckets=buckets) for g in ("backbone", "heads")}
+        keys = {g: cache_key(graph_path(onnx_dir, g), gpu=gpu, trt_version=trt_version, fp16=fp16,
+                             buckets=buckets) for g in GRAPHS}
         if all((cache_dir / f"{g}-{k}.engine").is_file() for g, k in keys.items()):
             return buckets
     return None
 
 
-__all__ = ["Bucket", "build_engine", "build_or_load", "cache_key", "cached_buckets", "default_buckets"]
+__all__ = ["Bucket", "build_or_load", "cache_key", "cached_buckets", "default_buckets", "serialize_engine"]

@@ -26,6 +26,7 @@ repeats its work and the job ends with the same files.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -116,10 +117,14 @@ class JobCoordinator:
                              tracks=list(st.tracks.values()))
         labels = Labels.decide(result)
         self.storage.write(job_id, files.LABELS, labels.to_json().encode())
-        spans = ranges(job["num_frames"], self.render_frames)
+        # At most render_frames per task, and at least four tasks per live worker where the video
+        # allows (16 frames or more each), so the last round of tasks leaves no worker idle for long.
+        workers = max(self.jobs.live_workers(), 1)
+        size = min(self.render_frames, max(16, math.ceil(job["num_frames"] / (4 * workers))))
+        spans = ranges(job["num_frames"], size)
         if not lease.held:
             raise LeaseLost(f"the lease of job {job_id} lapsed before its outputs were handed out")
-        self.jobs.enqueue_outputs(job_id, spans, self.render_frames)
+        self.jobs.enqueue_outputs(job_id, spans, size)
         self.record(job_id, {"kind": "stitched", "end": time.time(), "ranges": len(spans)})
 
     # -- outputs -----------------------------------------------------------------------------

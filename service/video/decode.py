@@ -689,8 +689,17 @@ def _read_seeking(path: str | Path, index: _Index, wanted: list[int], threads: b
             except av.FFmpegError:
                 raise _SeekFailed from None
         landed = False
+        # Frames shown before the first wanted one are decoded only as references: a
+        # non-reference frame among them (most B-frames) is skipped, which changes no other
+        # frame's pixels. With long GOPs (250 frames is x264's default) that is much of the work
+        # of a read in the middle of the video.
+        codec = stream.codec_context
+        skipping = False
         try:
             for packet in container.demux(stream):
+                if packet.pts is not None and (packet.pts < target_pts) != skipping:
+                    skipping = not skipping
+                    codec.skip_frame = "NONREF" if skipping else "DEFAULT"
                 if packet.size and not landed:
                     if packet.pts is None:
                         raise _SeekFailed

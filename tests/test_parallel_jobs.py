@@ -16,18 +16,12 @@ import numpy as np
 import pytest
 import redis
 from PIL import Image
-from service_env import REDIS_URL, ServiceEnv, service_weights
+from service_env import REDIS_URL, ServiceEnv
 from videos import make_video
 
 from service.jobs.lease import Lease
 from service.outputs.names import NAMES, davis_frame
 
-pytestmark = pytest.mark.timeout(900) if hasattr(pytest.mark, "timeout") else []
-
-
-@pytest.fixture(scope="module")
-def weights(official_weights, tmp_path_factory) -> Path:
-    return service_weights(official_weights("kitti_mots"), tmp_path_factory.mktemp("w") / "kitti-small.safetensors")
 
 
 def _frames(path: Path) -> list[np.ndarray]:
@@ -48,7 +42,8 @@ def _held_output_task(r: redis.Redis, prefix: str) -> tuple[str, tuple[int, int]
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_render_loses_nothing_and_outputs_equal_segment(tmp_path: Path, weights: Path) -> None:
+def test_worker_killed_mid_render_loses_nothing_and_outputs_equal_segment(tmp_path: Path, small_weights: Path) -> None:
+    weights = small_weights
     n, per_task = 40, 10
     video = tmp_path / "v.mp4"
     make_video(video, n, 320, 240)

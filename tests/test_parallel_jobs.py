@@ -23,7 +23,6 @@ from service.jobs.lease import Lease
 from service.outputs.names import NAMES, davis_frame
 
 
-
 def _frames(path: Path) -> list[np.ndarray]:
     with av.open(str(path)) as c:
         return [f.to_ndarray(format="rgb24").astype(np.int16) for f in c.decode(video=0)]

@@ -110,59 +110,71 @@ def render_range(labels: Labels, formats: Sequence[str], masks: RangeMasks, fram
                     rows.append((f, t.mots_id, t.mots_class, int(rle["size"][0]), int(rle["size"][1]), counts))
         rows.sort(key=lambda r: (r[0], r[1]))
         _write_text(parts / part_name("mots", start), "".join(" ".join(map(str, r)) + "\n" for r in rows))
-    if "davis" in formats:
-        _render_davis(labels, masks, start, stop, parts / NAMES["davis"])
-    if "overlay" in formats:
-        if frames is None:
-            raise ValueError("the overlay format needs the video's frames")
-        _render_overlay(labels, masks, frames, start, stop, parts / part_name("overlay", start))
+    if "overlay" in formats and frames is None:
+        raise ValueError("the overlay format needs the video's frames")
+    if "davis" in formats or "overlay" in formats:
+        _render_pictures(labels, formats, masks, frames, start, stop, parts)
     _write_text(parts / part_name("done", start), "")
 
 
-def _render_davis(labels: Labels, masks: RangeMasks, start: int, stop: int, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    palette = davis_palette()
+def _render_pictures(labels: Labels, formats: Sequence[str], masks: RangeMasks, frames: Iterable[np.ndarray] | None,
+                     start: int, stop: int, parts: Path) -> None:
+    """DAVIS PNGs and the overlay segment in one pass over the frames, each mask decoded once."""
+    h, w = labels.height, labels.width
+    davis = "davis" in formats
+    overlay = "overlay" in formats
     painted = labels.davis_tracks
-    for f in range(start, stop):
-        canvas = np.zeros((labels.height, labels.width), dtype=np.uint8)
-        for k, t in enumerate(painted, start=1):
-            if t.id in masks[f]:
-                canvas[mask_utils.decode(masks[f][t.id]).astype(bool)] = k
-        img = Image.fromarray(canvas, mode="P")
-        img.putpalette(palette)
-        target = out_dir / davis_frame(f)
-        tmp = _atomic(target)
-        try:
-            img.save(tmp, format="PNG")
-            tmp.replace(target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def _render_overlay(labels: Labels, masks: RangeMasks, frames: Iterable[np.ndarray], start: int, stop: int,
-                    target: Path) -> None:
     # DAVIS colours, so the overlay matches the PNGs; index 0 is black background, hence cycling over 1..255.
     palette = np.array(davis_palette(), dtype=np.float32).reshape(256, 3)
     drawn = [labels.tracks[k] for k in labels.drawn]
     colours = [palette[k % 255 + 1] for k in labels.drawn]
     texts = [labels.overlay_text(k) for k in labels.drawn]
-    h, w = labels.height, labels.width
     empty = np.zeros((h, w), bool)
+    needed = {t.id for t in painted} if davis else set()
+    needed |= {t.id for t in drawn} if overlay else set()
+    davis_dir = parts / NAMES["davis"]
+    if davis:
+        davis_dir.mkdir(parents=True, exist_ok=True)
+    target = parts / part_name("overlay", start)
     tmp = _atomic(target)
+    segment = OverlaySegment(tmp, h, w, labels.rate) if overlay else None
     try:
-        segment = OverlaySegment(tmp, h, w, labels.rate)
         try:
             # Exactly this range's frames, whether `frames` holds only them or the rest of the video.
-            for f, bgr in zip(range(start, stop), frames):
-                if bgr.shape != (h, w, 3):
-                    raise ValueError(f"overlay frame {f} is {bgr.shape}, expected {(h, w, 3)}")
-                frame_masks = [mask_utils.decode(masks[f][t.id]).astype(bool) if t.id in masks[f] else empty
-                               for t in drawn]
-                segment.write(draw_frame(bgr[:, :, ::-1], frame_masks, texts, colours))
+            source = zip(range(start, stop), frames) if overlay else ((f, None) for f in range(start, stop))
+            for f, bgr in source:
+                decoded = {tid: mask_utils.decode(rle).astype(bool) for tid, rle in masks[f].items() if tid in needed}
+                if davis:
+                    _write_davis(davis_dir / davis_frame(f), decoded, painted, h, w)
+                if overlay:
+                    if bgr.shape != (h, w, 3):
+                        raise ValueError(f"overlay frame {f} is {bgr.shape}, expected {(h, w, 3)}")
+                    segment.write(draw_frame(bgr[:, :, ::-1], [decoded.get(t.id, empty) for t in drawn], texts,
+                                             colours))
         finally:
-            segment.close()
-        if segment.frames != stop - start:
-            raise RuntimeError(f"overlay got {segment.frames} frames for frames {start}-{stop - 1}")
+            if segment is not None:
+                segment.close()
+        if overlay:
+            if segment.frames != stop - start:
+                raise RuntimeError(f"overlay got {segment.frames} frames for frames {start}-{stop - 1}")
+            tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_PALETTE = davis_palette()
+
+
+def _write_davis(target: Path, decoded: dict[int, np.ndarray], painted: list, h: int, w: int) -> None:
+    canvas = np.zeros((h, w), dtype=np.uint8)
+    for k, t in enumerate(painted, start=1):
+        if t.id in decoded:
+            canvas[decoded[t.id]] = k
+    img = Image.fromarray(canvas, mode="P")
+    img.putpalette(_PALETTE)
+    tmp = _atomic(target)
+    try:
+        img.save(tmp, format="PNG")
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import resource
 import sys
@@ -94,6 +95,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _check_video(path: Path) -> None:
+    """A mistyped name is one line at once, before torch is imported (the decoder's own words)."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{path}: not a file")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
     _add_model_options(p)
@@ -144,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--min-score", type=_float_in(0, 1), default=0.0,
                      help="overlay: draw only tracks scoring at least this (results.json keeps every track)")
     seg.add_argument("--no-progress", action="store_true")
+
+    sbm = sub.add_parser("submit", help="segment a video on a running service (stemseg serve) into segment's folder")
+    sbm.add_argument("video", type=Path, help="video file to upload")
+    sbm.add_argument("--server", default=os.environ.get("STEMSEG_SERVER"),
+                     help="the service's URL, e.g. http://127.0.0.1:8000 (env STEMSEG_SERVER)")
+    sbm.add_argument("--api-key", default=os.environ.get("STEMSEG_API_KEY"),
+                     help="one of the service's STEMSEG_API_KEYS (env STEMSEG_API_KEY)")
+    sbm.add_argument("--out", type=Path, help="output directory, as segment's (default: <video name>_stemseg)")
+    sbm.add_argument("--force", action="store_true", help="replace a previous stemseg output at --out")
+    sbm.add_argument("--format", nargs="+", default=None, choices=OUTPUT_FORMATS,
+                     help="outputs to make (default: the service's STEMSEG_FORMATS)")
+    sbm.add_argument("--no-wait", action="store_true", help="print the job id once uploaded and exit")
+    sbm.add_argument("--no-progress", action="store_true")
 
     bench = sub.add_parser("bench", help="seconds per stage and frames/s as JSON")
     _add_run_options(bench)
@@ -283,18 +305,22 @@ def _pipeline(args: argparse.Namespace):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import os
-
-    from tqdm import tqdm
-
     from service.config import get_settings
-    from service.outputs import check_output_dir, write_outputs
-    from service.pipeline.session import open_video
 
     formats = args.format or get_settings().format_list
+    _check_video(args.video)
+    _check_weights(args)
+    from service.outputs import check_output_dir, write_outputs
+
     out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))
     check_output_dir(out_dir, replace=args.force)  # before minutes of work, not after
+    # Only now torch: every mistake above is reported in a fraction of a second.
+    from tqdm import tqdm
+
+    from service.pipeline.session import open_video
+
     engine, settings = _load(args)
+    _warn_synthetic(engine.cfg.name)
     start = time.perf_counter()
     video = open_video(args.video, engine, options=_options(args), max_pixels=settings.max_frame_pixels)
     with tqdm(total=video.info.num_frames, unit="frame", disable=args.no_progress, file=sys.stderr) as bar:
@@ -307,7 +333,78 @@ def cmd_segment(args: argparse.Namespace) -> int:
                   processes=_output_processes(settings), max_pixels=settings.max_frame_pixels)
     seconds = time.perf_counter() - start
     n = video.info.num_frames
-    print(f"{n} frames, {len(result.kept())} tracks, {seconds:.1f} s, {n / seconds:.2f} frames/s -> {out_dir}")
+    print(f"{n} frames, {_track_count(result)}, {seconds:.1f} s, {n / seconds:.2f} frames/s -> {out_dir}")
+    return 0
+
+
+def _check_weights(args: argparse.Namespace) -> None:
+    """Weights that name no file are one line at once, not after seconds of importing torch."""
+    from service.config import get_settings, resolve_weights
+
+    if args.engine == "torch":
+        settings = get_settings()
+        resolve_weights(args.weights if args.weights is not None else settings.weights, settings.weights_dir)
+
+
+def _track_count(result) -> str:
+    """"N tracks", saying so when the preset's cap cut some."""
+    kept, found = len(result.kept()), len(result.tracks)
+    if kept == found:
+        return f"{kept} tracks"
+    return (f"{kept} tracks (the {found - kept} shortest-lived of {found} cut by the preset's "
+            f"max_tracks={result.max_tracks})")
+
+
+def _warn_synthetic(preset: str) -> None:
+    from service.model.presets import model_warning
+
+    if warning := model_warning(preset):
+        print(f"stemseg: warning: {warning}", file=sys.stderr)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    if not args.server:
+        raise UsageError("submit needs the service's URL: --server URL (or env STEMSEG_SERVER)")
+    if not re.match(r"https?://", args.server):
+        raise UsageError(f"--server must be an http:// or https:// URL, not {args.server!r}")
+    _check_video(args.video)
+    try:
+        import httpx
+
+        from service.client import Client, JobFailed, ServiceError
+    except ImportError as e:
+        raise UsageError(f"submit needs the server extra ({e.name} is missing): "
+                         "pip install 'stemseg-serve[server]'") from None
+    from service.outputs.write import OutputExists, check_output_dir
+
+    out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))
+    start = time.perf_counter()
+    try:
+        if not args.no_wait:
+            check_output_dir(out_dir, replace=args.force)  # before the upload, not after the job
+        with Client(args.server, api_key=args.api_key) as client:
+            job = client.submit(args.video, formats=args.format, progress=not args.no_progress)
+            if warning := job.data.get("warning"):
+                print(f"stemseg: warning: {warning}", file=sys.stderr)
+            if args.no_wait:
+                print(job.id)
+                return 0
+            job.wait(progress=not args.no_progress)
+            job.download(out_dir, replace=args.force)
+    except OutputExists as e:
+        raise UsageError(str(e)) from None
+    except JobFailed as e:
+        print(f"stemseg: error: {e}", file=sys.stderr)
+        return 1
+    except ServiceError as e:  # the service's problem+json, in its words
+        if e.status < 500:
+            raise UsageError(f"{args.server}: {e}") from None
+        print(f"stemseg: error: {args.server}: {e}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        raise UsageError(f"cannot reach the service at {args.server} ({type(e).__name__}: {e})") from None
+    n, tracks = job.data["progress"]["frames_total"], job.data.get("tracks")
+    print(f"{n} frames, {tracks} tracks, {time.perf_counter() - start:.1f} s (job {job.id}) -> {out_dir}")
     return 0
 
 
@@ -318,6 +415,8 @@ def _output_processes(settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    _check_video(args.video)
+    _check_weights(args)
     import torch
 
     from service.pipeline.session import open_video
@@ -333,6 +432,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     outputs = _bench_outputs(args, video, settings)
     stages = {k: round(v, 4) for k, v in timer.seconds.items()}
+    result = video.result()
     network_clustering = sum(timer.seconds.get(s, 0.0) for s in ("preprocess", "backbone", "heads", "clustering",
                                                                   "stitching"))
     report = {
@@ -344,7 +444,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "seconds": stages, "total_seconds": round(total, 4),
         "frames_per_second": round(n / total, 4),
         "network_clustering_frames_per_second": round(n / network_clustering, 4) if network_clustering else None,
-        "tracks": len(video.result().tracks),
+        # As segment reports them: the tracks kept under the preset's cap, and how many were found.
+        "tracks": len(result.kept()), "tracks_found": len(result.tracks), "max_tracks": result.max_tracks,
         "outputs": outputs,
         "end_to_end_seconds": round(total + (outputs["seconds"] if outputs else 0.0), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -592,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"segment": cmd_segment, "bench": cmd_bench, "export": cmd_export, "eval": cmd_eval,
                 "serve": cmd_serve, "worker": cmd_worker, "weights": cmd_weights, "synth": cmd_synth,
-                "train": cmd_train, "synth-weights": cmd_synth_weights}
+                "train": cmd_train, "synth-weights": cmd_synth_weights, "submit": cmd_submit}
     try:
         return handlers[args.command](args)
     except UserError as e:

@@ -149,6 +149,16 @@ def test_out_refuses_then_force_replaces_only_a_previous_output(video: Path, tmp
     assert (out / "mine.txt").read_text() == "added by the user"
 
 
+def test_out_creates_only_the_final_directory(video: Path, tmp_path: Path, capsys) -> None:
+    deep = tmp_path / "missing" / "parent" / "out"
+    assert run(["segment", str(video), "--out", str(deep), "--no-progress", "--format", "mots"]) == 2
+    err = capsys.readouterr().err
+    assert "parent" in err and str(deep.parent) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists()  # nothing made, not even the first missing level
+    assert run(["segment", str(video), "--out", str(tmp_path / "made"), "--no-progress", "--format", "mots"]) == 0
+    assert (tmp_path / "made" / "mots.txt").is_file()
+
+
 def test_default_formats_and_out_directory(video: Path, tmp_path: Path, monkeypatch) -> None:
     local = tmp_path / "clip.mp4"
     local.write_bytes(video.read_bytes())
@@ -227,3 +237,41 @@ def test_settings_out_of_range_are_one_line_exit_2(tmp_path: Path) -> None:
                            timeout=120, check=False, cwd=tmp_path, env={**os.environ, name: value})
         assert p.returncode == 2 and "Traceback" not in p.stderr, (name, p.stderr)
         assert p.stderr.strip().splitlines() == [p.stderr.strip()] and name in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["segment", "/no/such/video.mp4"],
+    ["segment", "{video}", "--weights", "/no/such.pth"],
+    ["segment", "{video}", "--out", "/no/such/dir/out"],
+    ["bench", "{video}", "--weights", "/no/such.pth"],
+    ["submit", "{video}"],
+])
+def test_mistakes_are_reported_before_torch_is_imported(video: Path, argv: list[str]) -> None:
+    """What makes an error take seconds is importing torch first (`python bench/cli_errors.py` times them)."""
+    argv = [a.format(video=video) for a in argv]
+    code = ("import sys\nfrom service.cli import main\nrc = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nsys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEMSEG_")}
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, env=env,
+                       check=False)
+    assert p.returncode == 2, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+
+def test_the_shipped_model_warns_and_the_track_cap_is_said(tmp_path: Path, capsys, official_weights) -> None:
+    """The sample has 21 tracks for lite's cap of 10: segment says both numbers, and that lite sees
+    only synthetic shapes; bench counts tracks as segment does."""
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample.mp4"
+    assert run(["segment", str(sample), "--out", str(tmp_path / "o"), "--format", "ytvis", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("stemseg: warning:")]
+    assert len(warning) == 1 and "synthetic shapes" in warning[0] and "stemseg weights fetch" in warning[0]
+    assert "10 tracks (the 11 shortest-lived of 21 cut by the preset's max_tracks=10)" in captured.out
+    assert len(json.loads((tmp_path / "o" / "results.json").read_text())) == 10
+    assert run(["bench", str(sample), "--min-dim", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tracks"] <= report["max_tracks"] == 10 and report["tracks_found"] >= report["tracks"]
+    # An official-format model is not synthetic-only: no warning.
+    assert run(["segment", str(sample), "--weights", str(official_weights("kitti_mots")), "--min-dim", "64",
+                "--out", str(tmp_path / "k"), "--format", "ytvis", "--no-progress"]) == 0
+    assert "stemseg: warning" not in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from service_env import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_dry_run_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
-           "STEMSEG_TEST_REDIS_URL": os.environ.get("STEMSEG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")}
+           "STEMSEG_TEST_REDIS_URL": REDIS_URL}
     p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], env=env, capture_output=True,
                        text=True, timeout=540, check=False)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -148,3 +148,20 @@ def test_an_existing_file_of_that_name_is_never_replaced(official_weights, tmp_p
         fetch("kitti_mots", to, url=f"{base}/k.pth", progress=False)
         server.files.clear()  # a second fetch finds the checkpoint in place and downloads nothing
         assert fetch("kitti_mots", to, url=f"{base}/k.pth", progress=False) == mine
+
+
+@pytest.mark.parametrize("url, cause", [
+    ("http://stemseg-no-such-host.invalid/davis.pth", "could not be resolved"),
+    (None, "refused the connection"),
+])
+def test_an_unreachable_server_names_the_url_the_cause_and_the_way_out(tmp_path: Path, url, cause, capsys) -> None:
+    if url is None:  # a port nothing listens on
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{s.getsockname()[1]}/davis.pth"
+    to = tmp_path / "to"
+    assert main(["weights", "fetch", "davis", "--to", str(to), "--url", url, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Errno" not in err
+    assert url in err and cause in err and "--url MIRROR" in err and str(to / "davis.pth") in err

@@ -39,6 +39,11 @@ weights = get_settings().weights_path
 assert Path(service.__file__).is_relative_to(Path(r'{env_dir}')), service.__file__
 assert weights.is_file() and weights.is_relative_to(Path(r'{env_dir}')), weights
 assert hashlib.sha256(weights.read_bytes()).hexdigest() in SHIPPED_CARD.read_text()
+# The upload page and the offline API docs' assets are package data too.
+from service.api.routes.web import STATIC
+for name in ("index.html", "app.js", "app.css", "vendor/swagger-ui/swagger-ui-bundle.js",
+             "vendor/swagger-ui/LICENSE", "vendor/redoc/redoc.standalone.js", "vendor/redoc/LICENSE"):
+    assert (STATIC / name).is_file() and STATIC.is_relative_to(Path(r'{env_dir}')), name
 print(load(device="cpu").cfg.name)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEMSEG_", "PYTHON"))}

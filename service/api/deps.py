@@ -9,7 +9,8 @@ from typing import Annotated
 
 import redis
 import redis.asyncio as aredis
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -60,7 +61,15 @@ def services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(services)]
 
 
-def caller(request: Request, svc: ServicesDep) -> str:
+# Declared for OpenAPI (the security schemes /docs offers); the key itself is read below from the
+# raw headers, byte for byte.
+_API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="APIKey",
+                        description="One of STEMSEG_API_KEYS (needed only when the service sets keys)")
+_BEARER = HTTPBearer(auto_error=False, scheme_name="Bearer", description="The same key as a bearer token")
+
+
+def caller(request: Request, svc: ServicesDep, _key: Annotated[str | None, Security(_API_KEY)] = None,
+           _bearer: Annotated[object, Security(_BEARER)] = None) -> str:
     """The owner id of the caller: a hash of its API key, or "" when keys are off."""
     keys = svc.settings.api_key_list
     if not keys:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service.api import problems
 from service.api.deps import Services
-from service.api.routes import health, jobs
+from service.api.routes import files, health, jobs, web
 from service.config import Settings, get_settings
 from service.jobs.model_info import served_model
 from service.model.presets import ModelConfig
@@ -34,13 +34,20 @@ def create_app(settings: Settings | None = None, model_cfg: ModelConfig | None =
         await services.aredis.aclose()
         services.redis.close()
 
-    app = FastAPI(title="stemseg-serve", version="0.1.0", lifespan=lifespan,
+    # /docs and /redoc are web.py's, from vendored assets: FastAPI's own load them from a CDN.
+    app = FastAPI(title="stemseg-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None,
                   description="STEm-Seg video instance segmentation: upload a video, poll the job, fetch tracks. "
-                              "Every error is application/problem+json (RFC 9457).")
+                              "Every error is application/problem+json (RFC 9457). When the service has API "
+                              "keys (STEMSEG_API_KEYS), send one as `X-API-Key: KEY` or "
+                              "`Authorization: Bearer KEY`. The upload page is at `/`.")
     app.state.settings = settings
     app.state.model_cfg = model_cfg
     app.state.services = services
     problems.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(web.router)
+    app.mount(web.STATIC_URL, web.static_files(), name="static")
     return app

@@ -27,11 +27,20 @@ PROBLEM = "application/problem+json"
 log = logging.getLogger("stemseg.api")
 
 
+# RFC 9110's names where Python's HTTPStatus still has the older ones (3.11: "Unprocessable
+# Entity", "Request Entity Too Large"), so one status always carries one title.
+_TITLES = {413: "Content Too Large", 422: "Unprocessable Content"}
+
+
+def title_of(status: int) -> str:
+    return _TITLES.get(status) or HTTPStatus(status).phrase
+
+
 class Problem(Exception):
     def __init__(self, status: int, detail: str, title: str | None = None, headers: dict[str, str] | None = None,
                  **extra: object) -> None:
         self.status, self.detail, self.extra, self.headers = status, detail, extra, headers or {}
-        self.title = title or HTTPStatus(status).phrase
+        self.title = title or title_of(status)
 
 
 class ProblemDetails(BaseModel):
@@ -46,6 +55,7 @@ _DESCRIPTIONS = {
     400: "Not a usable video, or a malformed request", 401: "A valid API key is required",
     404: "No such job (or it belongs to another API key)", 405: "Method not allowed",
     408: "The upload stalled", 409: "The job has not succeeded, or was not asked for that output",
+    410: "The job's output files are gone from the server",
     413: "The upload, its frame count or its duration is over a limit", 415: "Unsupported media type",
     422: "Invalid parameters", 429: "Rate limit or job quota reached; see Retry-After",
     416: "The range starts past the end of the file",
@@ -56,12 +66,13 @@ _DESCRIPTIONS = {
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the problem statuses a route can return."""
+def responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the problem statuses a route can return; a route whose
+    status means something narrower says so (`responses(503, s503="...")`)."""
     schema = ProblemDetails.model_json_schema()
     out: dict[int | str, dict[str, Any]] = {}
     for s in statuses:
-        out[s] = {"description": _DESCRIPTIONS[s], "content": {PROBLEM: {"schema": schema}}}
+        out[s] = {"description": descriptions.get(f"s{s}", _DESCRIPTIONS[s]), "content": {PROBLEM: {"schema": schema}}}
         if s in (429, 503):
             out[s]["headers"] = _RETRY_AFTER
     return out
@@ -94,6 +105,19 @@ def _allowed(request: Request) -> list[str]:
     return allowed
 
 
+def _validation_detail(errors: list[dict[str, Any]]) -> str:
+    """The first problem in words, e.g. "query parameter limit: Input should be less than or
+    equal to 100" (the errors list keeps them all)."""
+    if not errors:
+        return "the request is not valid"
+    first = errors[0]
+    where = [str(p) for p in first.get("loc", ())]
+    place = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "body"}
+    name = f"{place.get(where[0], where[0])} {'.'.join(where[1:])}".strip() if where else "request"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{name}: {first.get('msg', 'invalid')}{more}"
+
+
 def install(app: FastAPI) -> None:
     retry_after = str(app.state.settings.retry_after_s)
 
@@ -103,7 +127,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Refused)
     async def _refused(request: Request, exc: Refused) -> JSONResponse:
-        title = "Not a usable video" if exc.status == 400 else HTTPStatus(exc.status).phrase
+        title = "Not a usable video" if exc.status == 400 else title_of(exc.status)
         return problem_response(request, exc.status, title, exc.detail)
 
     @app.exception_handler(UserError)
@@ -146,13 +170,13 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # Starlette names only the first route of the path; list them all
             headers["Allow"] = ", ".join(_allowed(request))
-        return problem_response(request, exc.status_code, HTTPStatus(exc.status_code).phrase, str(exc.detail),
+        return problem_response(request, exc.status_code, title_of(exc.status_code), str(exc.detail),
                                 headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
-        return problem_response(request, 422, "Unprocessable Content", "the request is not valid", errors=errors)
+        return problem_response(request, 422, title_of(422), _validation_detail(exc.errors()), errors=errors)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

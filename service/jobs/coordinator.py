@@ -48,7 +48,7 @@ from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.outputs.labels import Labels
 from service.outputs.render import RangeMasks, assemble, range_done, ranges, render_range
-from service.outputs.write import commit_output, staging_dir
+from service.outputs.write import publish_output
 from service.pipeline.clips import clip_plan
 from service.pipeline.runner import first_clip
 from service.pipeline.stitcher import Stitcher
@@ -176,15 +176,13 @@ class JobCoordinator:
         labels = Labels.from_json(self.storage.read(job_id, files.LABELS).decode())
         parts = self.storage.path(job_id, files.RENDER)
         out = self.storage.path(job_id, files.OUT)
-        tmp = staging_dir(out)
-        try:
-            assemble(labels, job["formats"], parts, self._spans(job), tmp)
+
+        def fill(tmp, formats: list[str]) -> None:
+            assemble(labels, formats, parts, self._spans(job), tmp)
             if not lease.held:  # checked right before the only step that replaces what others see
                 raise LeaseLost(f"the lease of job {job_id} lapsed while finishing")
-            commit_output(tmp, out, job["formats"], replace=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        publish_output(out, job["formats"], fill, replace=True)
         stitched = (stitcher_from_bytes(self.storage.read(job_id, files.STITCH_STATE)).tracks)
         tracks = [{"id": t.id, "category_id": t.category, "score": t.score,
                    "first_frame": stitched[t.id].first_frame, "last_frame": stitched[t.id].last_frame}

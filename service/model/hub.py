@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -30,7 +32,29 @@ class FetchError(UserError, RuntimeError):
 target_path = fetched_weights_path
 
 
-def _open(url: str, offset: int, timeout: float):
+def _cause(e: BaseException) -> str:
+    """Why a download failed, in words (urllib's own text is often a bare errno)."""
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, socket.gaierror):
+        return "the server's name could not be resolved (no network, or no DNS)"
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return "the server did not answer in time"
+    if isinstance(reason, ConnectionRefusedError):
+        return "the server refused the connection"
+    if isinstance(reason, (ConnectionResetError, ConnectionAbortedError)):
+        return "the connection was dropped"
+    if isinstance(reason, ssl.SSLError):
+        return f"the TLS handshake failed ({getattr(reason, 'reason', None) or reason})"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason)
+
+
+def _way_out(target: Path) -> str:
+    return f"pass --url MIRROR, or download the file yourself and put it at {target}"
+
+
+def _open(url: str, offset: int, timeout: float, target: Path):
     request = urllib.request.Request(url, headers={"User-Agent": "stemseg-serve"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
@@ -39,9 +63,10 @@ def _open(url: str, offset: int, timeout: float):
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # the partial file is already whole
             return None
-        raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
+        raise FetchError(f"cannot download {url}: the server answered HTTP {e.code} {e.reason}; "
+                         f"{_way_out(target)}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise FetchError(f"{url}: {getattr(e, 'reason', e)}") from None
+        raise FetchError(f"cannot download {url}: {_cause(e)}; {_way_out(target)}") from None
 
 
 def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = True,
@@ -70,7 +95,7 @@ def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = T
         return target  # already fetched
     part = to_dir / f".{target.name}.part"
     offset = part.stat().st_size if part.is_file() else 0
-    response = _open(url, offset, timeout)
+    response = _open(url, offset, timeout, target)
     if response is not None:
         with response:
             if offset and response.status != 206:  # the server ignored Range: start again
@@ -85,7 +110,8 @@ def fetch(name: str, to_dir: Path, *, url: str | None = None, progress: bool = T
                         f.write(chunk)
                         bar.update(len(chunk))
                 except (OSError, http.client.HTTPException) as e:  # the partial file stays for the next run
-                    raise FetchError(f"{url}: download interrupted ({e}); run the command again to resume") from None
+                    raise FetchError(f"{url}: download interrupted ({_cause(e)}); run the command again to resume, "
+                                     f"or {_way_out(target)}") from None
                 f.flush()
                 os.fsync(f.fileno())
             if total is not None and part.stat().st_size != total:

@@ -146,6 +146,21 @@ PRESETS["lite"] = ModelConfig(
 )
 
 
+# Presets whose networks were only ever trained on `stemseg synth` shapes: their tracks on real
+# footage mean nothing, which a user must be told when they run (the CLI on stderr, the API in
+# the job's JSON), not only in the model card.
+SYNTHETIC_ONLY = ("lite",)
+
+
+def model_warning(preset: str | None) -> str | None:
+    """The one-line warning for a run of a model that sees only synthetic shapes, else None."""
+    if preset not in SYNTHETIC_ONLY:
+        return None
+    return (f"the {preset} model sees only synthetic shapes (discs, squares, stars...), its tracks on real videos "
+            "mean nothing: for real videos fetch an official checkpoint (`stemseg weights fetch youtube_vis`, "
+            "then --weights youtube_vis or STEMSEG_WEIGHTS=youtube_vis)")
+
+
 def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]

@@ -167,7 +167,11 @@ class OverlaySegment:
 
     def write(self, rgb: np.ndarray) -> None:
         self.canvas[:self.h, :self.w] = rgb
-        frame = av.VideoFrame.from_ndarray(self.canvas, format="rgb24")
+        # Converted here, not by encode(): its implicit conversion made the same frames encode to
+        # different bytes from run to run. Not the whole story: libx264 still reads uninitialised
+        # heap memory (MALLOC_PERTURB_ makes its output repeatable), so a process that wrote
+        # other outputs first may still encode slightly different bytes.
+        frame = av.VideoFrame.from_ndarray(self.canvas, format="rgb24").reformat(format="yuv420p")
         frame.pts = self.frames
         frame.time_base = self.stream.codec_context.time_base
         for packet in self.stream.encode(frame):

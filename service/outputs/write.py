@@ -55,12 +55,13 @@ def check_output_dir(out_dir: Path, *, replace: bool) -> None:
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputExists(f"{out_dir} exists and is not a directory: choose another --out")
     if not out_dir.exists():
-        # Its parents are made at the end, after minutes of work: see now that they can be.
-        ancestor = out_dir.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise OutputExists(f"cannot create {out_dir}: {ancestor} is not a writable directory")
+        # Only the final directory is made, and at the end, after minutes of work: a mistyped
+        # parent is refused rather than created (a whole chain of directories, say at the root).
+        parent = out_dir.parent
+        if not parent.is_dir():
+            raise OutputExists(f"cannot create {out_dir}: its parent {parent} does not exist (create it first)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputExists(f"cannot create {out_dir}: {parent} is not a writable directory")
         return
     if not any(out_dir.iterdir()):
         return
@@ -123,65 +124,65 @@ def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
                   max_pixels: int | None = None) -> dict[str, Path]:
     """Write formats (from FORMATS) into out_dir; returns format -> path.
 
-    out_dir may be absent, an empty directory, or (when replace) a previous output, which the new
-    one replaces whole; anything else raises OutputExists before any work. The overlay's frames
-    come from `video` (decoded again, a range at a time) or from frames_for_overlay, called once,
-    which must yield the video's BGR frames; the overlay draws only tracks scoring at least
-    overlay_min_score (the other formats keep every track). `processes` > 1 renders ranges of
-    frames in that many processes at once (see render_in_ranges); the files are the same.
+    out_dir may be absent (its parent must exist), an empty directory, or (when replace) a
+    previous output, which the new one replaces whole; anything else raises OutputExists before
+    any work. The overlay's frames come from `video` (decoded again, a range at a time) or from
+    frames_for_overlay, called once, which must yield the video's BGR frames; the overlay draws
+    only tracks scoring at least overlay_min_score (the other formats keep every track).
+    `processes` > 1 renders ranges of frames in that many processes at once (see
+    render_in_ranges); the files are the same.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     if "overlay" in formats and frames_for_overlay is None and video is None:
         raise ValueError("the overlay format needs the video's frames (frames_for_overlay or video)")
-    formats = list(dict.fromkeys(formats))
-    # Absolute, so `--out .` names the directory rather than an empty basename.
-    out_dir = Path(os.path.abspath(out_dir))
-    check_output_dir(out_dir, replace=replace)
-    tmp = staging_dir(out_dir)
-    try:
+
+    def fill(tmp: Path, formats: list[str]) -> None:
         parts = tmp / ".parts"
         labels = Labels.decide(result, overlay_min_score)
         spans = render_in_ranges(result, parts, formats, labels, frames_for_overlay, video=video,
                                  processes=processes, range_frames=range_frames, max_pixels=max_pixels)
         assemble(labels, formats, parts, spans, tmp)
         shutil.rmtree(parts)
-        commit_output(tmp, out_dir, formats, replace=replace)
+
+    return publish_output(out_dir, formats, fill, replace=replace)
+
+
+def publish_output(out_dir: Path, formats: Sequence[str], fill: Callable[[Path, list[str]], None], *,
+                   replace: bool = True) -> dict[str, Path]:
+    """The one way an output folder comes to be (`stemseg segment`, the workers, `stemseg submit`'s
+    download): fill(tmp, formats) writes the formats' files into a hidden sibling directory, which
+    gets the manifest and is renamed over out_dir under check_output_dir's rules."""
+    formats = list(dict.fromkeys(formats))
+    # Absolute, so `--out .` names the directory rather than an empty basename.
+    out_dir = Path(os.path.abspath(out_dir))
+    check_output_dir(out_dir, replace=replace)
+    # A sibling, so the final renames stay on one filesystem (atomic); hidden, so a leftover
+    # from a killed process is never mistaken for a result.
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    tmp.mkdir()
+    old = None
+    try:
+        fill(tmp, formats)
+        (tmp / MANIFEST).write_text(json.dumps({"stemseg_output": 1, "formats": formats,
+                                                "files": sorted(_files_under(tmp))}, indent=1) + "\n")
+        # Checked again: the directory may have changed while the model ran.
+        check_output_dir(out_dir, replace=replace)
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            # A previous output: directories cannot be renamed over non-empty ones, so move it aside.
+            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+            out_dir.rename(old)
+        try:
+            tmp.rename(out_dir)  # rename(2) replaces an empty directory atomically
+        except BaseException:
+            if old is not None:
+                old.rename(out_dir)  # put the previous result back rather than leave none
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {fmt: out_dir / NAMES[fmt] for fmt in formats}
-
-
-def staging_dir(out_dir: Path) -> Path:
-    """A new, empty temporary sibling of out_dir to assemble an output in: a sibling, so the final
-    rename stays on one filesystem (atomic); hidden, so a leftover from a killed process is never
-    mistaken for a result."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output(tmp: Path, out_dir: Path, formats: Sequence[str], *, replace: bool = True) -> None:
-    """Write the manifest into the finished staging directory `tmp` and rename it to out_dir,
-    replacing a previous output (only where check_output_dir allows). On failure tmp is left
-    for the caller to delete, and a previous output is put back."""
-    (tmp / MANIFEST).write_text(json.dumps({"stemseg_output": 1, "formats": list(formats),
-                                            "files": sorted(_files_under(tmp))}, indent=1) + "\n")
-    # Checked again: the directory may have changed while the model ran.
-    check_output_dir(out_dir, replace=replace)
-    old = None
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        # A previous output: directories cannot be renamed over non-empty ones, so move it aside.
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)  # rename(2) replaces an empty directory atomically
-    except BaseException:
-        if old is not None:
-            old.rename(out_dir)  # put the previous result back rather than leave none
-        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return {fmt: out_dir / NAMES[fmt] for fmt in formats}

@@ -18,7 +18,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=responses(503))
+@router.get("/readyz", responses=responses(503, s503="No live worker (start one with `stemseg worker`), or Redis "
+                                                       "is unreachable; see Retry-After"))
 def readyz(svc: ServicesDep) -> dict[str, object]:
     workers = svc.jobs.live_workers()  # Redis down: 503 from the handler
     if workers == 0:

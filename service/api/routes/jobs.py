@@ -26,11 +26,10 @@ from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
 from service.jobs.lifecycle import JobStatus, Limits
 from service.jobs.webhooks import check_callback_url
+from service.model.presets import model_warning
 from service.outputs.names import NAMES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_NAMES = "|".join(OUTPUT_FORMATS)
-_FORMATS_PATTERN = rf"^\s*({_NAMES})\s*(,\s*({_NAMES})\s*)*$"
 _MAX_OFFSET = 1_000_000
 
 _UPLOAD_BODY = {"required": True, "content": {
@@ -74,6 +73,7 @@ class Job(BaseModel):
     timings: dict[str, float]
     error: str | None = None
     tracks: int | None = None
+    warning: str | None = Field(None, description="e.g. that the model served sees only synthetic shapes")
     webhook: Webhook | None = None
     links: dict[str, str]
 
@@ -100,6 +100,7 @@ def _view(job: dict[str, Any]) -> Job:
                            num_frames=job["num_frames"], fps=job.get("fps")),
         options={"formats": job["formats"], "min_dim": job.get("min_dim"), "preset": job.get("preset")},
         plan=job["plan"], timings=timings, error=job.get("error"), tracks=job.get("tracks"), webhook=webhook,
+        warning=model_warning(job.get("preset")),
         links={"self": f"/v1/jobs/{jid}", "result": f"/v1/jobs/{jid}/result", "events": f"/v1/jobs/{jid}/events",
                "overlay": f"/v1/jobs/{jid}/overlay.mp4"},
     )
@@ -119,15 +120,18 @@ async def create_job(
     response: Response,
     svc: ServicesDep,
     owner: OwnerDep,
-    formats: Annotated[str | None, Query(pattern=_FORMATS_PATTERN, max_length=200,
-                                         description="comma-separated: ytvis, davis, mots, overlay "
+    formats: Annotated[str | None, Query(max_length=200, examples=["ytvis,overlay"],
+                                         description=f"comma-separated subset of {', '.join(OUTPUT_FORMATS)} "
                                                      "(default: STEMSEG_FORMATS, as the CLI)")] = None,
     preset: Annotated[str | None, Query(max_length=64, description="must match the served model when given")] = None,
     min_dim: Annotated[int | None, Query(ge=32, le=4096)] = None,
     callback_url: Annotated[str | None, Query(max_length=2048, description="POSTed to when the job ends")] = None,
 ) -> Job:
     s = svc.settings
-    wanted = list(parse_formats(formats) if formats else s.format_list)
+    try:
+        wanted = list(parse_formats(formats) if formats is not None else s.format_list)
+    except ValueError as e:  # the CLI's sentence: what is allowed, not a regular expression
+        raise Problem(422, str(e)) from None
     if preset and preset != svc.model.name:
         raise Problem(422, f"this service runs the {svc.model.name!r} model, not {preset!r}")
     if callback_url:

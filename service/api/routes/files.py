@@ -1,0 +1,63 @@
+"""A finished job's output folder, file by file: the same folder `stemseg segment` writes
+(`service.outputs.write`), listed by its manifest, so a client can rebuild it exactly."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from service.api.deps import JobIdPath, OwnerDep, ServicesDep
+from service.api.problems import Problem, responses
+from service.api.routes.jobs import _finished
+from service.outputs.write import MANIFEST
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+class OutputFile(BaseModel):
+    path: str
+    size: int
+    url: str
+
+
+class OutputFolder(BaseModel):
+    formats: list[str]
+    files: list[OutputFile]
+
+
+def _manifest(svc, job_id: str) -> tuple[list[str], list[str]]:
+    out = svc.storage.path(job_id, "out")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError) as e:  # a succeeded job always has one: its files were lost
+        raise Problem(410, "this job's output files are gone from the server") from e
+    return list(manifest["formats"]), [*manifest["files"], MANIFEST]
+
+
+@router.get("/{job_id}/files", response_model=OutputFolder, responses=responses(401, 404, 409, 410, 422, 503))
+def list_files(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> OutputFolder:
+    """Every file of the output folder, its manifest (`stemseg-output.json`) included."""
+    _finished(svc, owner, job_id)
+    formats, names = _manifest(svc, job_id)
+    out = svc.storage.path(job_id, "out")
+    return OutputFolder(formats=formats, files=[
+        OutputFile(path=n, size=(out / n).stat().st_size, url=f"/v1/jobs/{job_id}/files/{n}") for n in names])
+
+
+@router.get("/{job_id}/files/{name:path}", response_class=FileResponse, responses={
+    200: {"description": "One file of the output folder", "content": {
+        media: {"schema": {"type": "string", "format": "binary"}}
+        for media in ("application/json", "image/png", "text/plain; charset=utf-8", "video/mp4")}},
+    **responses(401, 404, 409, 410, 422, 503)})
+def get_file(job_id: JobIdPath, name: Annotated[str, PathParam(max_length=300)], svc: ServicesDep,
+             owner: OwnerDep) -> FileResponse:
+    _finished(svc, owner, job_id)
+    _, names = _manifest(svc, job_id)
+    if name not in names:  # only what the manifest lists: no path of the caller's choosing is opened
+        raise Problem(404, f"the job's output has no file {name!r}")
+    return FileResponse(svc.storage.path(job_id, "out") / name, filename=name.rsplit("/", 1)[-1])

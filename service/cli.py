@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no decode or post-processing threads, one clip per forward (the old pipeline)")
     bench.add_argument("--clips-per-forward", type=_int_at_least(1), default=1,
                        help="consecutive clips per heads forward")
+    bench.add_argument("--format", nargs="+", default=None, choices=[*OUTPUT_FORMATS, "none"],
+                       help="outputs whose writing is timed separately, as segment writes them (default: segment's "
+                            "defaults; none: the network alone)")
 
     exp = sub.add_parser("export", help="export the network for other engines")
     exp_sub = exp.add_subparsers(dest="target", required=True)
@@ -324,8 +327,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
         for _ in video.propagate():
             bar.update(1)
     result = video.result()
-    write_outputs(result, out_dir, formats, frames_for_overlay=video.frames, replace=args.force,
-                  overlay_min_score=args.min_score)
+    # The outputs' per-frame work (decoding again, drawing, encoding) in ranges, on every core:
+    # what they show of each track is known only now (service.outputs.render).
+    write_outputs(result, out_dir, formats, video=args.video, replace=args.force, overlay_min_score=args.min_score,
+                  processes=_output_processes(settings), max_pixels=settings.max_frame_pixels)
     seconds = time.perf_counter() - start
     n = video.info.num_frames
     print(f"{n} frames, {_track_count(result)}, {seconds:.1f} s, {n / seconds:.2f} frames/s -> {out_dir}")
@@ -403,6 +408,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_processes(settings) -> int:
+    import os
+
+    return settings.output_processes or len(os.sched_getaffinity(0))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     _check_video(args.video)
     _check_weights(args)
@@ -419,6 +430,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     n = sum(1 for _ in video.propagate(preload=args.preload))
     total = time.perf_counter() - start
+    outputs = _bench_outputs(args, video, settings)
     stages = {k: round(v, 4) for k, v in timer.seconds.items()}
     result = video.result()
     network_clustering = sum(timer.seconds.get(s, 0.0) for s in ("preprocess", "backbone", "heads", "clustering",
@@ -434,10 +446,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "network_clustering_frames_per_second": round(n / network_clustering, 4) if network_clustering else None,
         # As segment reports them: the tracks kept under the preset's cap, and how many were found.
         "tracks": len(result.kept()), "tracks_found": len(result.tracks), "max_tracks": result.max_tracks,
+        "outputs": outputs,
+        "end_to_end_seconds": round(total + (outputs["seconds"] if outputs else 0.0), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     _print_json(report, args.json)
     return 0
+
+
+def _bench_outputs(args: argparse.Namespace, video, settings) -> dict | None:
+    """The output stage alone, as `segment` runs it after the last clip (into a directory deleted after)."""
+    import shutil
+    import tempfile
+
+    from service.outputs import write_outputs
+
+    formats = args.format or settings.format_list
+    if "none" in formats:
+        return None
+    processes = _output_processes(settings)
+    with tempfile.TemporaryDirectory(prefix="stemseg-bench-") as tmp:
+        out = Path(tmp) / "out"
+        start = time.perf_counter()
+        write_outputs(video.result(), out, formats, video=args.video, processes=processes,
+                      max_pixels=settings.max_frame_pixels)
+        seconds = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        shutil.rmtree(out)
+    return {"formats": list(formats), "processes": processes, "seconds": round(seconds, 4),
+            "frames_per_second": round(video.info.num_frames / seconds, 4) if seconds else None,
+            "bytes": size}
 
 
 def cmd_export(args: argparse.Namespace) -> int:

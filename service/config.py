@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     api_keys: str = Field("", description="Comma-separated API keys; empty disables authentication")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Uploads above this are refused (413)")
     clips_per_task: int = Field(8, ge=1, description="Consecutive clips one worker task processes")
+    render_frames_per_task: int = Field(
+        120, ge=1, description="Frames one output task renders (DAVIS PNGs, overlay segment, text parts); "
+                               "a job's output tasks run on every worker at once")
+    output_processes: int = Field(0, ge=0, description="`stemseg segment`: processes writing the outputs at once "
+                                                       "(0: one per CPU core)")
+    lock_ttl_s: float = Field(20.0, gt=0, description="A job's stitch/finish lock lapses this long after its "
+                                                      "holder stops renewing it (it renews every third of it)")
     visibility_timeout_s: float = Field(60.0, gt=0,
                                         description="A task held this long without a heartbeat is redelivered")
     max_deliveries: int = Field(3, ge=1, description="Deliveries of one task before its job fails")

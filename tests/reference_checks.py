@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
-from service.pipeline.stitching import TrackChainer
+from service.pipeline.track_matching import TrackChainer
 
 
 def run_chain_vector(path: Path, secondary: str = "reference") -> tuple[np.ndarray, np.ndarray]:

@@ -198,8 +198,25 @@ def test_read_frames_seeks_instead_of_decoding_from_the_start(tmp_path: Path, na
     make_video(path, 60, 64, 48, codec=codec)
     index, _ = decode._index(path, decode.DEFAULT_MAX_PIXELS)
     assert index.seekable
-    got = decode._read_seeking(path, index, [50, 51], True)
-    assert got is not None and sorted(got) == [50, 51]  # landed in time, no fallback
+    got = [f.index for f in decode._read_seeking(path, index, [50, 51], True)]  # _SeekFailed: a fallback
+    assert got == [50, 51]
+    assert [f.index for f in decode.iter_frame_range(path, 50, 53)] == [50, 51, 52]
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_reads_in_a_long_gop_skip_nothing_they_show(tmp_path: Path, threads: bool) -> None:
+    # One keyframe, B-frames: a read in the middle decodes from frame 0, skipping the
+    # non-reference frames before the range, and every frame it returns is iter_frames' own.
+    path = tmp_path / "long-gop.mp4"
+    make_video(path, 90, 96, 64, options={"g": "250", "bf": "3", "crf": "18"})
+    frames = list(iter_frames(path))
+    for indices in ([61, 62, 63], [40, 89], [7]):
+        got = read_frames(path, indices, threads=threads)
+        assert [f.index for f in got] == indices
+        assert all(np.array_equal(f.image, frames[f.index].image) for f in got)
+    ranged = list(decode.iter_frame_range(path, 33, 71, threads=threads))
+    assert [f.index for f in ranged] == list(range(33, 71))
+    assert all(np.array_equal(f.image, frames[f.index].image) for f in ranged)
 
 
 def test_read_frames_outside_the_video(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ sweeper, and the worker's one outcome per task (in-process worker, real model an
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 import uuid
@@ -76,10 +77,20 @@ def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     assert jobs.get(a)["status"] == JobStatus.QUEUED and jobs.get(a)["plan"] == asdict(_plan())
     assert jobs.counts() == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
     assert jobs.queue.depth() == 4  # 3 clips in runs of 2, per job
-    assert not jobs.finish(a, tracks=1)  # queued cannot succeed without running
+    assert not jobs.finish(a, tracks=[{"id": 1}])  # queued cannot succeed without running
     assert jobs.start(a) and not jobs.start(a)
     r.expire(jobs.keys.job(a), 5)  # as if most of the TTL had passed while it ran
-    assert jobs.finish(a, tracks=3)
+    lock = jobs.keys.lock(a)
+    r.set(lock, "someone else", px=5000)
+    assert not jobs.finish(a, tracks=[{"id": 1}], fence=(lock, "mine"))  # fenced: only the lock's holder
+    r.set(lock, "mine", px=5000)
+    assert jobs.finish(a, tracks=[{"id": 1}, {"id": 2}, {"id": 3}], fence=(lock, "mine"))
+    assert not jobs.finish(a, tracks=[{"id": 1}], fence=(lock, "mine"))  # and only once
+    assert jobs.get(a)["tracks"] == 3
+    events = [(e[1][b"type"], json.loads(e[1][b"data"])) for e in r.xrange(jobs.keys.events(a))]
+    # The tracks are announced with the end, after it: never before, never without it.
+    assert [k for k, _ in events] == [b"status", b"status", b"status", b"track", b"track", b"track"]
+    assert events[2][1]["status"] == "succeeded" and [d["id"] for _, d in events[3:]] == [1, 2, 3]
     assert r.ttl(jobs.keys.job(a)) > 900 and r.ttl(jobs.keys.events(a)) > 900  # restarted at the end
     assert not jobs.fail(a, "late") and not jobs.start(a)  # final states are never left
     assert jobs.fail(b, "bad video")
@@ -290,7 +301,7 @@ def test_worker_concurrency_two_slots_share_one_engine(small_weights: Path, tmp_
     runner = threading.Thread(target=w.run, kwargs={"install_signals": False})
     try:
         runner.start()
-        while not hasattr(w, "stitcher"):
+        while not hasattr(w, "coordinator"):
             time.sleep(0.05)
         ids = [_admit(w, video) for _ in range(2)]
         deadline = time.monotonic() + 240

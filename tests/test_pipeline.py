@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from frames import moving_frames
 
+from service.jobs.encoding import stitcher_from_bytes, stitcher_to_bytes
 from service.model.checkpoint import load_model
 from service.pipeline.clips import clip_plan, context_range
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
 from service.pipeline.preprocess import geometry, masks_to_frame, preprocess
-from service.pipeline.runner import ClipProcessor, Segmenter, Stitcher
-from service.pipeline.stitching import TrackChainer
+from service.pipeline.runner import ClipProcessor, Segmenter
+from service.pipeline.stitcher import Stitcher
+from service.pipeline.track_matching import TrackChainer
 
 
 class _Frame:
@@ -88,21 +90,21 @@ def test_chunked_processing_with_saved_stitcher_state_equals_one_pass(small_mode
     one = Segmenter(model)
     expected = {f.index: f for f in one.propagate(_windows(images, plan), plan, 48, 64)}
 
-    state = Stitcher(keep_masks=False).to_bytes()
+    state = stitcher_to_bytes(Stitcher(keep_masks=False))
     got = {}
     for a, b in [(0, 2), (2, 5), (5, len(plan))]:
         windows = ((k, [_Frame(i, images[i]) for i in plan[k]]) for k in context_range(plan, a, b))
         clips = list(ClipProcessor(model).run(windows, plan, 48, 64, cluster=range(a, b)))
         assert [c.index for c in clips] == list(range(a, b))
         for clip in clips:
-            st = Stitcher.from_bytes(state)
+            st = stitcher_from_bytes(state)
             got.update({f.index: f for f in st.add(clip)})
-            state = st.to_bytes()
+            state = stitcher_to_bytes(st)
     assert sorted(got) == list(range(n))
     for f in range(n):
         assert torch.equal(got[f].track_map, expected[f].track_map)
         assert got[f].track_ids == expected[f].track_ids and got[f].rles == expected[f].rles
-    final = Stitcher.from_bytes(state)
+    final = stitcher_from_bytes(state)
     assert {t.id: (t.pixels, t.first_frame, t.last_frame) for t in final.tracks.values()} == {
         t.id: (t.pixels, t.first_frame, t.last_frame) for t in one.result().tracks}
 

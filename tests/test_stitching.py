@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference_checks import assert_same_up_to_renaming, run_chain_vector, track_stats
 
-from service.pipeline.stitching import TrackChainer, label_order, match_labels
+from service.pipeline.track_matching import TrackChainer, label_order, match_labels
 
 REFERENCE_DIR = Path(os.environ.get("STEMSEG_REFERENCE_DIR", Path(__file__).parent / "fixtures" / "reference"))
 CHAINS = sorted(REFERENCE_DIR.glob("chain_*.npz"))

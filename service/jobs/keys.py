@@ -8,7 +8,8 @@ Lifetimes (the reason where a key has no TTL):
 | key | TTL |
 | --- | --- |
 | `job:{id}` (hash), `job:{id}:events` (capped stream) | `job_ttl_s`, restarted when the job ends |
-| `job:{id}:lock` (stitch lock) | the lock's own PX |
+| `job:{id}:lock` (the stitch/finish lease, service.jobs.lease) | the lease's own PX, renewed by its holder |
+| `job:{id}:timeline` (list of per-task timings, JSON) | `job_ttl_s` from its last entry |
 | `jobs:{owner}` (sorted set, the owner's listing) | `job_ttl_s` from the owner's last job change |
 | `active:{owner}` (set of unfinished jobs, the quota) | `job_ttl_s` from the owner's last new job |
 | `state:{status}` (set of job ids per state, the gauges) | none: one per state, pruned of expired ids by the sweeper |
@@ -43,6 +44,9 @@ class Keys:
 
     def lock(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:lock"
+
+    def timeline(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:timeline"
 
     def owner_jobs(self, owner: str) -> str:
         return f"{self.prefix}:jobs:{owner or '-'}"

@@ -31,7 +31,7 @@ import redis
 
 from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
-from service.jobs.queue import GROUP, TaskQueue
+from service.jobs.queue import GROUP, OUTPUTS, TaskQueue
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
@@ -127,28 +127,36 @@ class RateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
-# KEYS: job hash, events stream. ARGV: new status, prefix, job id, TTL to restart (0: the job
-# has not ended), now, allowed-from count, allowed-from states..., then field/value pairs
-# (JSON-encoded values) to write with the status. Key names built from the prefix here: fine on
-# one Redis, not on Redis Cluster.
+# KEYS: job hash, events stream, and optionally a lock whose holder alone may make the change
+# (a fencing token). ARGV: new status, prefix, job id, TTL to restart (0: the job has not ended),
+# now, events to append when the change is made (a JSON list of [type, data]; the status event
+# first), events TTL, events max length, the lock's token ('' without a lock), allowed-from
+# count, allowed-from states..., then field/value pairs (JSON-encoded values) to write with the
+# status. The events go in with the change or not at all, so a reader that sees the job ended
+# has every event it announced (a finished job's tracks). Key names built from the prefix here:
+# fine on one Redis, not on Redis Cluster.
 _TRANSITION = """
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return 0 end
+if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[9] then return 0 end
 local cur = cjson.decode(raw)
-local n = tonumber(ARGV[6])
+local n = tonumber(ARGV[10])
 local ok = false
-for i = 7, 6 + n do if ARGV[i] == cur then ok = true end end
+for i = 11, 10 + n do if ARGV[i] == cur then ok = true end end
 if not ok then return 0 end
 redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'updated_at', ARGV[5])
-for i = 7 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 11 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('SREM', ARGV[2] .. ':state:' .. cur, ARGV[3])
 redis.call('SADD', ARGV[2] .. ':state:' .. ARGV[1], ARGV[3])
+for _, ev in ipairs(cjson.decode(ARGV[6])) do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'type', ev[1], 'data', ev[2])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[7])
 if tonumber(ARGV[4]) > 0 then
   local owner = cjson.decode(redis.call('HGET', KEYS[1], 'owner'))
   if owner == '' then owner = '-' end
   redis.call('SREM', ARGV[2] .. ':active:' .. owner, ARGV[3])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', ARGV[2] .. ':jobs:' .. owner, ARGV[4])
 end
 return 1
@@ -340,27 +348,35 @@ class Jobs:
                                     "by timestamp even after remuxing)") from None
 
     # -- state changes -----------------------------------------------------------------------
-    def transition(self, job_id: str, status: JobStatus, **fields: Any) -> bool:
+    def transition(self, job_id: str, status: JobStatus, *, events: list[tuple[str, dict]] = (),
+                   fence: tuple[str, str] | None = None, **fields: Any) -> bool:
         """Move the job to `status` if the table allows it from its current state; False if
-        the job is gone or in a state that cannot move there."""
+        the job is gone or in a state that cannot move there, or if `fence` (lock key, token)
+        is given and that lock is no longer held with that token. The status event, then
+        `events`, are appended in the same step."""
         allowed = [s.value for s in TRANSITIONS[status]]
         ttl = self.ttl if status.final else 0
+        announced = [["status", json.dumps({"status": status.value, **fields})]]
+        announced += [[kind, json.dumps(data)] for kind, data in events]
         args: list[Any] = [status.value, self.keys.prefix, job_id, ttl, json.dumps(time.time()),
+                           json.dumps(announced), self.ttl, _EVENTS_MAXLEN, fence[1] if fence else "",
                            len(allowed), *allowed]
         for f, v in fields.items():
             args += [f, json.dumps(v)]
-        moved = bool(self._transition(keys=[self.keys.job(job_id), self.keys.events(job_id)], args=args))
-        if moved:
-            self.event(job_id, "status", {"status": status.value, **fields})
-            if self.on_end is not None and status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-                self.on_end(job_id)
+        keys = [self.keys.job(job_id), self.keys.events(job_id)] + ([fence[0]] if fence else [])
+        moved = bool(self._transition(keys=keys, args=args))
+        if moved and self.on_end is not None and status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            self.on_end(job_id)
         return moved
 
     def start(self, job_id: str) -> bool:
         return self.transition(job_id, JobStatus.RUNNING, started_at=time.time())
 
-    def finish(self, job_id: str, tracks: int) -> bool:
-        return self.transition(job_id, JobStatus.SUCCEEDED, finished_at=time.time(), tracks=tracks)
+    def finish(self, job_id: str, tracks: list[dict], fence: tuple[str, str] | None = None) -> bool:
+        """Succeed, announcing the kept tracks (one `track` event each) in the same step; with
+        `fence`, only while that lock is held with that token (no second worker can finish)."""
+        return self.transition(job_id, JobStatus.SUCCEEDED, events=[("track", t) for t in tracks], fence=fence,
+                               finished_at=time.time(), tracks=len(tracks))
 
     def fail(self, job_id: str, reason: str) -> bool:
         return self.transition(job_id, JobStatus.FAILED, finished_at=time.time(), error=reason)
@@ -382,7 +398,7 @@ class Jobs:
         pipe.srem(k.active(job["owner"]), job_id)
         for s in JobStatus:
             pipe.srem(k.state(s), job_id)
-        pipe.delete(k.job(job_id), k.events(job_id), k.lock(job_id))
+        pipe.delete(k.job(job_id), k.events(job_id), k.lock(job_id), k.timeline(job_id))
         pipe.execute()
 
     # -- progress (no state change) ----------------------------------------------------------
@@ -398,11 +414,39 @@ class Jobs:
         self._write(keys=[self.keys.job(job_id)], args=["incr", field, by])
 
     def event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        self.events(job_id, [(kind, data)])
+
+    def events(self, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Append events in one round trip (a clip's frames)."""
+        if not events:
+            return
         key = self.keys.events(job_id)
-        pipe = self.r.pipeline()
-        pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=_EVENTS_MAXLEN, approximate=True)
+        pipe = self.r.pipeline(transaction=False)
+        for kind, data in events:
+            pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=_EVENTS_MAXLEN, approximate=True)
         pipe.expire(key, self.ttl)
         pipe.execute()
+
+    def enqueue_outputs(self, job_id: str, spans: list[tuple[int, int]], render_frames: int) -> None:
+        """Queue one output task per range of frames and record how the frames were cut, in one
+        transaction: a job either has all its output tasks queued or none."""
+        pipe = self.r.pipeline()
+        for start, stop in spans:
+            self.queue.put(job_id, start, stop, pipe=pipe, kind=OUTPUTS)
+        self._write(keys=[self.keys.job(job_id)], args=["set", "render_tasks", json.dumps(len(spans)),
+                                                        "render_frames", json.dumps(render_frames)], client=pipe)
+        pipe.execute()
+
+    def record(self, job_id: str, entry: dict[str, Any]) -> None:
+        """Append one entry to the job's timeline (how long its tasks waited and took)."""
+        key = self.keys.timeline(job_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(key, json.dumps(entry))
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def timeline(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.r.lrange(self.keys.timeline(job_id), 0, -1)]
 
     # -- expiry ------------------------------------------------------------------------------
     def sweep(self, grace_s: float, consumer_idle_s: float) -> dict[str, int]:

@@ -9,6 +9,7 @@ Acknowledged entries are deleted, so the stream holds only live work.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import redis
@@ -18,13 +19,26 @@ from service.jobs.keys import Keys
 GROUP = "workers"
 
 
+CLIPS, OUTPUTS = "clips", "outputs"
+
+
 @dataclass
 class Task:
+    """`clips`: clips start..stop-1 through the network and clustering; `outputs`: frames
+    start..stop-1 of the job's output formats (queued once every clip is stitched)."""
+
     id: str
     job_id: str
-    start: int  # first clip
-    stop: int  # one past the last clip
+    start: int
+    stop: int
     deliveries: int
+    kind: str = CLIPS
+    taken_at: float = 0.0
+
+    @property
+    def queued_at(self) -> float:
+        """When it was first queued: a stream entry id starts with its Redis time in ms."""
+        return int(self.id.split("-")[0]) / 1000
 
 
 class TaskQueue:
@@ -46,15 +60,17 @@ class TaskQueue:
                 raise
         self._group = True
 
-    def put(self, job_id: str, start: int, stop: int, pipe: redis.client.Pipeline | None = None) -> None:
+    def put(self, job_id: str, start: int, stop: int, pipe: redis.client.Pipeline | None = None,
+            kind: str = CLIPS) -> None:
         self.ensure_group()
-        (pipe or self.r).xadd(self.stream, {"job": job_id, "start": start, "stop": stop})
+        (pipe or self.r).xadd(self.stream, {"job": job_id, "start": start, "stop": stop, "kind": kind})
 
     def _task(self, entry_id: bytes, fields: dict) -> Task:
         tid = entry_id.decode()
         pending = self.r.xpending_range(self.stream, GROUP, min=tid, max=tid, count=1)
         return Task(tid, fields[b"job"].decode(), int(fields[b"start"]), int(fields[b"stop"]),
-                    pending[0]["times_delivered"] if pending else 1)
+                    pending[0]["times_delivered"] if pending else 1, fields.get(b"kind", CLIPS.encode()).decode(),
+                    time.time())
 
     def _group_call(self, fn, *args, **kwargs):
         try:

@@ -1,4 +1,6 @@
-"""`stemseg worker`: takes clip tasks from the queue, runs network and clustering, stitches.
+"""`stemseg worker`: takes tasks from the queue: clip tasks (network, clustering, stitching) and
+output tasks (one range of frames of a job's outputs; service.jobs.coordinator says how a job
+moves from one to the other and finishes).
 
 The lifecycle has three verbs, as a Triton Python backend does: `initialize` (load the model
 once, connect), `execute` (one task, one explicit `Outcome`: done, retry or fail with a
@@ -15,6 +17,9 @@ A task is a run of consecutive clips (`clips_per_task`), not a single clip: a cl
 foreground depends on its neighbours' heads, so a lone clip would recompute the backbone and
 heads of both neighbours; grouped, that overhead is paid once per group (with 8 clips of 8
 frames at overlap 4, about 1 extra clip's work per 8).
+
+Every task leaves an entry in its job's timeline (`Jobs.timeline`): when it was queued, taken and
+done, and its seconds per stage, which is how `bench/workers.py` shows where a job's time goes.
 """
 
 from __future__ import annotations
@@ -31,17 +36,19 @@ from typing import Literal
 import redis
 
 from service.config import Settings, get_settings
+from service.jobs import files
+from service.jobs.coordinator import JobCoordinator
+from service.jobs.encoding import clip_to_bytes
 from service.jobs.lifecycle import Jobs, JobStatus
-from service.jobs.queue import Task
-from service.jobs.results import clip_to_bytes
-from service.jobs.stitch import JobStitcher, clip_name
+from service.jobs.queue import OUTPUTS, Task
 from service.jobs.storage import LocalStorage, NoSpace, is_no_space
 from service.jobs.webhooks import Notifier, payload
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, build_engine
 from service.pipeline.clips import clip_plan, context_range
 from service.pipeline.runner import ClipProcessor, PipelineOptions, SegmenterOptions
-from service.video import VideoError, iter_frames, read_frames
+from service.pipeline.timing import StageTimer
+from service.video import VideoError, read_frames
 from service.video.decode import configure_cache as configure_video_cache
 from service.video.decode import forget as forget_video
 
@@ -99,8 +106,9 @@ class Worker:
         self.queue = self.jobs.queue
         self.notifier = Notifier(s.webhook_secret, s.webhook_attempts, s.webhook_backoff_s, s.webhook_timeout_s,
                                  s.webhook_host_list)
-        self.stitcher = JobStitcher(self.r, self.jobs, self.storage, self.engine.cfg,
-                                    overlay_frames=lambda path: (f.image for f in iter_frames(path)))
+        self.coordinator = JobCoordinator(self.r, self.jobs, self.storage, self.engine.cfg,
+                                          render_frames=s.render_frames_per_task, lock_ttl_s=s.lock_ttl_s,
+                                          max_pixels=s.max_frame_pixels, record=self.jobs.record)
         self._beat_key = self.jobs.keys.worker(self.name)
         self._heart = threading.Thread(target=self._heartbeat, daemon=True)
         self._heart.start()
@@ -111,7 +119,8 @@ class Worker:
         if job is None or JobStatus(job["status"]).final:
             return Outcome("done", "the job was deleted or has ended")
         if task.deliveries > self.settings.max_deliveries:
-            return Outcome("fail", f"clips {task.start}-{task.stop - 1} failed {task.deliveries - 1} times "
+            what = "output frames" if task.kind == OUTPUTS else "clips"
+            return Outcome("fail", f"{what} {task.start}-{task.stop - 1} failed {task.deliveries - 1} times "
                                    f"(worker crashes or timeouts)")
         plan = self.jobs.plan(job)
         if plan.preset != self.engine.cfg.name:
@@ -119,6 +128,8 @@ class Worker:
                                    f"{self.engine.cfg.name!r}")
         self.jobs.start(task.job_id)
         try:
+            if task.kind == OUTPUTS:
+                return self._run_outputs(task, job)
             return self._run_clips(task, job, plan)
         except VideoError as e:  # the user knows the file as "the video", not by our path
             return Outcome("fail", f"video: {e.about('the video')}")
@@ -143,20 +154,23 @@ class Worker:
         if plan.min_dim is not None:
             cfg = cfg.with_min_dim(plan.min_dim)
         clips = clip_plan(job["num_frames"], plan.clip_len, plan.overlap)
-        todo = [k for k in range(task.start, task.stop) if not self.storage.exists(job_id, clip_name(k))]
+        todo = [k for k in range(task.start, task.stop) if not self.storage.exists(job_id, files.clip_file(k))]
+        timer = StageTimer()
         if todo:
             context = context_range(clips, todo[0], todo[-1] + 1)
             wanted = sorted({f for k in context for f in clips[k]})
-            frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, "video")), wanted)}
+            with timer("decode"):
+                frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, files.VIDEO)), wanted)}
             windows = ((k, [frames[i] for i in clips[k]]) for k in context)
             processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.get("min_iou")), cfg=cfg,
-                                      pipeline=PipelineOptions.for_worker(self.settings))
+                                      pipeline=PipelineOptions.for_worker(self.settings), timer=timer)
             started = time.perf_counter()
             for clip in processor.run(windows, clips, job["height"], job["width"],
                                       cluster=range(todo[0], todo[-1] + 1)):
                 if jobs.get(job_id) is None:
                     return Outcome("done", "the job was deleted while running")
-                self.storage.write(job_id, clip_name(clip.index), clip_to_bytes(clip))
+                with timer("write"):
+                    self.storage.write(job_id, files.clip_file(clip.index), clip_to_bytes(clip))
                 jobs.incr(job_id, "clips_done")
                 pipe = self.r.pipeline()
                 pipe.hincrbyfloat(jobs.keys.clip_stats, "seconds", time.perf_counter() - started)
@@ -164,8 +178,25 @@ class Worker:
                 pipe.hincrby(jobs.keys.clip_stats, "frames", len(clip.owned))
                 pipe.execute()
                 started = time.perf_counter()
-        self.stitcher.advance(job_id, wait_for_clip=task.stop - 1)
+        with timer("stitch"):
+            self.coordinator.clips_written(job_id)
+        self._record(task, timer)
         return Outcome("done")
+
+    def _run_outputs(self, task: Task, job: dict) -> Outcome:
+        timer = StageTimer()
+        with timer("render"):
+            self.coordinator.render(task.job_id, job, task.start, task.stop)
+        with timer("finish"):
+            self.coordinator.range_rendered(task.job_id)
+        self._record(task, timer)
+        return Outcome("done")
+
+    def _record(self, task: Task, timer: StageTimer) -> None:
+        self.jobs.record(task.job_id, {
+            "kind": task.kind, "worker": self.name, "start": task.start, "stop": task.stop,
+            "queued": task.queued_at, "taken": task.taken_at, "end": time.time(), "deliveries": task.deliveries,
+            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()}})
 
     def settle(self, task: Task, outcome: Outcome) -> None:
         """Act on a task's outcome; then, if its job is gone, delete what this task wrote."""
@@ -181,7 +212,7 @@ class Worker:
             self.queue.done(task.id)
         if self.jobs.get(task.job_id) is None:
             self.storage.delete_job(task.job_id)
-            forget_video(self.storage.path(task.job_id, "video"))
+            forget_video(self.storage.path(task.job_id, files.VIDEO))
 
     def finalize(self) -> None:
         self.stopping.set()

@@ -8,6 +8,7 @@ to its mask. Text scales with the frame (a 128-pixel frame and a 1080p one both 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from fractions import Fraction
 from itertools import chain
 from pathlib import Path
@@ -18,9 +19,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from service.outputs.davis import davis_palette
+from service.outputs.labels import Labels
 from service.pipeline.tracks import VideoResult
 
-DEFAULT_FPS = 25
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1, inclusive-exclusive
 
 
@@ -87,36 +88,58 @@ def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
+def _box(m: np.ndarray) -> Box | None:
+    rows = np.flatnonzero(m.any(axis=1))
+    if not rows.size:
+        return None
+    cols = np.flatnonzero(m.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
 def draw_frame(rgb: np.ndarray, masks: list[np.ndarray], texts: list[str], colours: list[np.ndarray]) -> np.ndarray:
     """One overlay frame (RGB uint8): masks tinted and outlined, then their labels; masks and texts
     in label priority order."""
     h, w = rgb.shape[:2]
-    canvas = rgb.astype(np.float32)
     thick = max(1, round(min(h, w) / 300))
-    anchors = []
-    for m, colour in zip(masks, colours):
-        ys, xs = np.nonzero(m)
-        if not len(xs):
-            continue
-        canvas[m] = 0.5 * canvas[m] + 0.5 * colour
-        canvas[_outline(m, thick)] = colour
-        anchors.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
-    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    boxes = [_box(m) for m in masks]
+    anchors = [b for b in boxes if b is not None]
+    out = rgb.copy()
+    if anchors:
+        # Tinting works in float32 over the masks' joint extent only: a frame's masks usually
+        # cover a small part of it, and the pixels outside are left exactly as they were.
+        # Each mask's outline is taken on its box grown by thick + 1 (clipped to the frame), which
+        # erodes exactly as the whole frame would.
+        ux0, uy0 = min(b[0] for b in anchors), min(b[1] for b in anchors)
+        ux1, uy1 = max(b[2] for b in anchors), max(b[3] for b in anchors)
+        grow = thick + 1
+        ux0, uy0, ux1, uy1 = max(ux0 - grow, 0), max(uy0 - grow, 0), min(ux1 + grow, w), min(uy1 + grow, h)
+        canvas = rgb[uy0:uy1, ux0:ux1].astype(np.float32)
+        for m, colour, box in zip(masks, colours, boxes):
+            if box is None:
+                continue
+            x0, y0 = max(box[0] - grow, ux0), max(box[1] - grow, uy0)
+            x1, y1 = min(box[2] + grow, ux1), min(box[3] + grow, uy1)
+            mc = m[y0:y1, x0:x1]
+            region = canvas[y0 - uy0:y1 - uy0, x0 - ux0:x1 - ux0]
+            region[mc] = 0.5 * region[mc] + 0.5 * colour
+            region[_outline(mc, thick)] = colour
+        out[uy0:uy1, ux0:ux1] = np.clip(canvas, 0, 255).astype(np.uint8)
+    img = Image.fromarray(out)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=_font_size(h, w))
     pad = max(1, _font_size(h, w) // 6)
-    kept = [k for k, m in enumerate(masks) if m.any()]
+    kept = [k for k, box in enumerate(boxes) if box is not None]
     sizes = []
     for k in kept:
         left, top, right, bottom = draw.textbbox((0, 0), texts[k], font=font)
         sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
-    boxes = place_labels(sizes, anchors, h, w)
-    for k, anchor, box in zip(kept, anchors, boxes):
+    placed = place_labels(sizes, anchors, h, w)
+    for k, anchor, box in zip(kept, anchors, placed):
         if box is not None and not _overlaps(box, (anchor[0], anchor[1] - 1, anchor[2], anchor[3] + 1)):
             # Displaced from its mask: a leader line (under every label) says whose label it is.
             draw.line([((box[0] + box[2]) // 2, (box[1] + box[3]) // 2), (anchor[0], anchor[1])],
                       fill=tuple(int(c) for c in colours[k]), width=thick)
-    for k, box in zip(kept, boxes):
+    for k, box in zip(kept, placed):
         if box is None:
             continue
         fill = tuple(int(c) for c in colours[k])
@@ -126,47 +149,64 @@ def draw_frame(rgb: np.ndarray, masks: list[np.ndarray], texts: list[str], colou
     return np.asarray(img)
 
 
+class OverlaySegment:
+    """An H.264 MP4 of consecutive overlay frames, time stamps from 0 in frames (the settings
+    every overlay has: libx264's defaults, yuv420p, sizes padded to even)."""
+
+    def __init__(self, path: Path, height: int, width: int, rate: Fraction) -> None:
+        self.out = av.open(str(path), mode="w", format="mp4")
+        self.stream = self.out.add_stream("libx264", rate=rate)
+        # yuv420p subsamples chroma 2x2, so libx264 needs even sizes: pad by a pixel where needed.
+        self.stream.width, self.stream.height = width + width % 2, height + height % 2
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.time_base = 1 / rate
+        self.stream.codec_context.time_base = 1 / rate
+        self.canvas = np.zeros((self.stream.height, self.stream.width, 3), dtype=np.uint8)
+        self.h, self.w = height, width
+        self.frames = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        self.canvas[:self.h, :self.w] = rgb
+        # Converted here, not by encode(): its implicit conversion made the same frames encode to
+        # different bytes from run to run. Not the whole story: libx264 still reads uninitialised
+        # heap memory (MALLOC_PERTURB_ makes its output repeatable), so a process that wrote
+        # other outputs first may still encode slightly different bytes.
+        frame = av.VideoFrame.from_ndarray(self.canvas, format="rgb24").reformat(format="yuv420p")
+        frame.pts = self.frames
+        frame.time_base = self.stream.codec_context.time_base
+        for packet in self.stream.encode(frame):
+            self.out.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        try:
+            for packet in self.stream.encode(None):
+                self.out.mux(packet)
+        finally:
+            self.out.close()
+
+
 def write_overlay(result: VideoResult, frames: Iterable[np.ndarray], path: Path, fps: float | None,
                   min_score: float = 0.0) -> int:
     """Encode frames (BGR uint8, HxWx3, at the result's size) with the kept tracks scoring at least
-    min_score drawn on; returns frames written."""
-    kept = result.kept()
-    scores = result.scores(kept)
-    # DAVIS colours, so the overlay matches the PNGs; index 0 is black background, hence cycling over 1..255.
+    min_score drawn on, as one segment; returns frames written. (service.outputs.render writes the
+    same frames in ranges, in parallel.)"""
+    labels = Labels.decide(result, min_score)
+    labels = replace(labels, fps=fps)
     palette = np.array(davis_palette(), dtype=np.float32).reshape(256, 3)
-    drawn = sorted((k for k in range(len(kept)) if scores[k] >= min_score), key=lambda k: -scores[k])
-    colours = [palette[k % 255 + 1] for k in drawn]
-    texts = [f"{kept[k].id} {result.classes.get(kept[k].category(), '')} {scores[k]:.2f}".replace("  ", " ")
-             for k in drawn]
-    # Exact rates (30000/1001) survive as fractions; the time base follows the rate so pts = frame index.
-    rate = Fraction(fps).limit_denominator(1001) if fps and fps > 0 else Fraction(DEFAULT_FPS)
+    colours = [palette[k % 255 + 1] for k in labels.drawn]
+    texts = [labels.overlay_text(k) for k in labels.drawn]
+    kept = result.kept()
+    drawn = [kept[k] for k in labels.drawn]
     h, w = result.height, result.width
-    written = 0
     empty = np.zeros((h, w), bool)
-    with av.open(str(path), mode="w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=rate)
-        # yuv420p subsamples chroma 2x2, so libx264 needs even sizes: pad by a pixel where needed.
-        stream.width, stream.height = w + w % 2, h + h % 2
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = 1 / rate
-        stream.codec_context.time_base = 1 / rate
-        canvas = np.zeros((stream.height, stream.width, 3), dtype=np.uint8)
+    segment = OverlaySegment(path, h, w, labels.rate)
+    try:
         for f, bgr in enumerate(frames):
             if bgr.shape != (h, w, 3):
                 raise ValueError(f"overlay frame {f} is {bgr.shape}, expected {(h, w, 3)}")
-            masks = [mask_utils.decode(kept[k].masks[f]).astype(bool) if f in kept[k].masks else empty
-                     for k in drawn]
-            canvas[:h, :w] = draw_frame(bgr[:, :, ::-1], masks, texts, colours)
-            # Converted here, not by encode(): its implicit conversion made the same frames encode to
-            # different bytes from run to run. Not the whole story: libx264 still reads uninitialised
-            # heap memory (MALLOC_PERTURB_ makes its output repeatable), so a process that wrote
-            # other outputs first may still encode slightly different bytes.
-            frame = av.VideoFrame.from_ndarray(canvas, format="rgb24").reformat(format="yuv420p")
-            frame.pts = f
-            frame.time_base = stream.codec_context.time_base
-            for packet in stream.encode(frame):
-                out.mux(packet)
-            written += 1
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return written
+            masks = [mask_utils.decode(t.masks[f]).astype(bool) if f in t.masks else empty for t in drawn]
+            segment.write(draw_frame(bgr[:, :, ::-1], masks, texts, colours))
+    finally:
+        segment.close()
+    return segment.frames

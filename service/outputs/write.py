@@ -11,24 +11,23 @@ added files to is refused with OutputExists.
 from __future__ import annotations
 
 import json
+import math
+import multiprocessing
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from service.config import OUTPUT_FORMATS as FORMATS
 from service.errors import UserError
-from service.outputs.davis import write_davis
-from service.outputs.mots import write_mots
-from service.outputs.overlay import write_overlay
-from service.outputs.ytvis import write_ytvis
+from service.outputs.labels import Labels
+from service.outputs.names import MANIFEST, NAMES
+from service.outputs.render import assemble, range_masks, ranges, render_range
 from service.pipeline.tracks import VideoResult
-
-NAMES = {"ytvis": "results.json", "davis": "davis", "mots": "mots.txt", "overlay": "overlay.mp4"}
-MANIFEST = "stemseg-output.json"
 
 
 class OutputExists(UserError, ValueError):
@@ -73,36 +72,79 @@ def check_output_dir(out_dir: Path, *, replace: bool) -> None:
         raise OutputExists(f"{out_dir} holds a previous stemseg output: pass --force to replace it")
 
 
+def render_in_ranges(result: VideoResult, parts: Path, formats: Sequence[str], labels: Labels,
+                     frames_for_overlay: Callable[[], Iterable[np.ndarray]] | None = None, *,
+                     video: Path | None = None, processes: int = 1, range_frames: int | None = None,
+                     max_pixels: int | None = None) -> list[tuple[int, int]]:
+    """Render every range of frames (service.outputs.render) under `parts`; returns the ranges.
+
+    With `processes` > 1 the ranges are rendered by that many processes at once, each decoding its
+    own frames from `video` (needed then for the overlay); otherwise here, in order, the overlay's
+    frames coming from `video` or from one pass of `frames_for_overlay()`."""
+    n = result.num_frames
+    parallel = processes > 1 and ("overlay" not in formats or video is not None)
+    # Two ranges per process: balanced enough, and few segment starts (each one a keyframe).
+    size = range_frames or (max(64, math.ceil(n / (2 * processes))) if parallel else n)
+    spans = ranges(n, size)
+    if parallel and len(spans) > 1:  # one range: starting processes would only cost
+        ctx = multiprocessing.get_context("spawn")  # the parent may hold torch's threads: never fork it
+        with ProcessPoolExecutor(min(processes, len(spans)), mp_context=ctx) as pool:
+            futures = [pool.submit(_render_one, labels, formats, range_masks(result, a, b), video, a, b, parts,
+                                   max_pixels) for a, b in spans]
+            for fut in futures:
+                fut.result()
+        return spans
+    frames = None
+    if "overlay" in formats:
+        frames = iter(frames_for_overlay()) if video is None else None
+    for a, b in spans:
+        source = frames if video is None else _video_frames(video, a, b, max_pixels)
+        render_range(labels, formats, range_masks(result, a, b), source if "overlay" in formats else None, a, b, parts)
+    if frames is not None and next(frames, None) is not None:
+        raise RuntimeError(f"overlay got more frames than the video's {n}")
+    return spans
+
+
+def _video_frames(video: Path, start: int, stop: int, max_pixels: int | None) -> Iterator[np.ndarray]:
+    from service.video import DEFAULT_MAX_PIXELS, iter_frame_range
+
+    return (f.image for f in iter_frame_range(video, start, stop, max_pixels=max_pixels or DEFAULT_MAX_PIXELS))
+
+
+def _render_one(labels: Labels, formats: Sequence[str], masks: dict, video: Path | None, start: int, stop: int,
+                parts: Path, max_pixels: int | None) -> None:
+    frames = _video_frames(video, start, stop, max_pixels) if "overlay" in formats else None
+    render_range(labels, formats, masks, frames, start, stop, parts)
+
+
 def write_outputs(result: VideoResult, out_dir: Path, formats: Sequence[str],
                   frames_for_overlay: Callable[[], Iterable[np.ndarray]] | None = None, *,
-                  replace: bool = True, overlay_min_score: float = 0.0) -> dict[str, Path]:
+                  replace: bool = True, overlay_min_score: float = 0.0, video: Path | None = None,
+                  processes: int = 1, range_frames: int | None = None,
+                  max_pixels: int | None = None) -> dict[str, Path]:
     """Write formats (from FORMATS) into out_dir; returns format -> path.
 
     out_dir may be absent (its parent must exist), an empty directory, or (when replace) a
     previous output, which the new one replaces whole; anything else raises OutputExists before
-    any work. frames_for_overlay is called once, only for "overlay", and must yield the video's
-    BGR frames; the overlay draws only tracks scoring at least overlay_min_score (the other
-    formats keep every track).
+    any work. The overlay's frames come from `video` (decoded again, a range at a time) or from
+    frames_for_overlay, called once, which must yield the video's BGR frames; the overlay draws
+    only tracks scoring at least overlay_min_score (the other formats keep every track).
+    `processes` > 1 renders ranges of frames in that many processes at once (see
+    render_in_ranges); the files are the same.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown output format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
-    if "overlay" in formats and frames_for_overlay is None:
-        raise ValueError("the overlay format needs the video's frames (frames_for_overlay)")
+    if "overlay" in formats and frames_for_overlay is None and video is None:
+        raise ValueError("the overlay format needs the video's frames (frames_for_overlay or video)")
 
     def fill(tmp: Path, formats: list[str]) -> None:
-        for fmt in formats:
-            target = tmp / NAMES[fmt]
-            if fmt == "ytvis":
-                write_ytvis(result, target)
-            elif fmt == "davis":
-                write_davis(result, target)
-            elif fmt == "mots":
-                write_mots(result, target)
-            else:
-                n = write_overlay(result, frames_for_overlay(), target, result.fps, min_score=overlay_min_score)
-                if n != result.num_frames:
-                    raise RuntimeError(f"overlay got {n} frames, the video has {result.num_frames}")
+        parts = tmp / ".parts"
+        labels = Labels.decide(result, overlay_min_score)
+        spans = render_in_ranges(result, parts, formats, labels, frames_for_overlay, video=video,
+                                 processes=processes, range_frames=range_frames, max_pixels=max_pixels)
+        assemble(labels, formats, parts, spans, tmp)
+        shutil.rmtree(parts)
 
     return publish_output(out_dir, formats, fill, replace=replace)
 

@@ -13,14 +13,15 @@ Two stages, so the service can run the first on many workers and the second in o
   its frames has run. It yields each clip's labels plus, for the frames the clip is the first
   to contain, per-label statistics and full-size RLE masks. Dense state is dropped as soon as
   no later clip needs it: memory does not grow with the video.
-* `Stitcher` (chaining and accumulation): links each clip to the previous one and folds the
-  renamed statistics into compact per-track accumulators.
+* `Stitcher` (service.pipeline.stitcher; chaining and accumulation): links each clip to the
+  previous one and folds the renamed statistics into compact per-track accumulators.
+
+What one stage hands the next lives in service.pipeline.handover; how those records are stored
+as bytes between workers, in service.jobs.encoding.
 """
 
 from __future__ import annotations
 
-import io
-import json
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,11 +39,12 @@ from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs
 from service.pipeline.clips import last_use
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
+from service.pipeline.handover import ClusteredClip, FrameStats, FrameTracks
 from service.pipeline.prefetch import prefetch
 from service.pipeline.preprocess import Geometry, geometry, masks_to_frame, preprocess, soft_masks_to_frame
-from service.pipeline.stitching import TrackChainer
+from service.pipeline.stitcher import Stitcher
 from service.pipeline.timing import StageTimer
-from service.pipeline.tracks import Track, VideoResult
+from service.pipeline.tracks import VideoResult
 
 
 @dataclass
@@ -84,44 +86,6 @@ class PipelineOptions:
         """A worker's task reads its frames into memory before the network runs (read_frames), so
         there is no decoding left to overlap: no prefetch thread."""
         return cls(prefetch=0, clips_per_forward=settings.clips_per_forward)
-
-
-@dataclass
-class FrameStats:
-    """One frame's instances under some labelling: what the outputs need, nothing dense."""
-
-    index: int
-    labels: list[int]
-    pixels: list[int]  # at the clustering resolution
-    rles: list[dict]  # COCO RLE at the original frame size
-    logit_sums: np.ndarray | None = None  # [K, classes] summed class logits (no background)
-    votes: np.ndarray | None = None  # [K, classes] per-pixel argmax counts
-
-    def renamed(self, mapping: dict[int, int]) -> FrameStats:
-        return FrameStats(self.index, [mapping.get(label, label) for label in self.labels], self.pixels,
-                          self.rles, self.logit_sums, self.votes)
-
-
-@dataclass
-class ClusteredClip:
-    index: int
-    frames: list[int]
-    labels: Tensor  # [T, h, w] int64 on the CPU, instances numbered from 1
-    owned: list[FrameStats]  # the frames this clip is the first to contain, in frame order
-
-
-@dataclass
-class FrameTracks:
-    index: int
-    track_ids: list[int]
-    rles: list[dict]
-    track_map: Tensor  # [h, w] at the clustering resolution: 0 bg, -1 unassigned, >0 track id
-
-    def masks(self) -> np.ndarray:
-        """[K, H, W] bool at the original frame size."""
-        if not self.rles:
-            return np.zeros((0, 0, 0), dtype=bool)
-        return mask_utils.decode(self.rles).transpose(2, 0, 1).astype(bool)
 
 
 @dataclass
@@ -358,82 +322,6 @@ class ClipProcessor:
             masks = masks_to_frame(onehot, geom, cfg.cluster_stride).cpu()
         stats.rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
         return stats
-
-
-class Stitcher:
-    """Chains clustered clips in order and folds them into per-track accumulators.
-
-    Its state (`to_bytes` / `from_bytes`) is small: the last clip's label maps, the next ids and
-    the accumulators, so that whichever worker finishes a clip can advance the job. With
-    `keep_masks=False` the per-frame RLEs are only returned, for the caller to store.
-    """
-
-    def __init__(self, min_iou: float | None = None, keep_masks: bool = True) -> None:
-        self.chainer = TrackChainer(min_iou=min_iou)
-        self.min_iou = min_iou
-        self.keep_masks = keep_masks
-        self.tracks: dict[int, Track] = {}
-        self.next_clip = 0
-
-    def add(self, clip: ClusteredClip) -> list[FrameTracks]:
-        if clip.index != self.next_clip:
-            raise ValueError(f"clip {clip.index} stitched out of order (expected {self.next_clip})")
-        # Number this clip's instances from the next free track id, as the original numbers them.
-        offset = self.chainer.next_track_id - 1
-        labels = torch.where(clip.labels > 0, clip.labels + offset, clip.labels)
-        finished = self.chainer.add_clip(clip.frames, labels)
-        self.next_clip += 1
-        owned = {s.index: s for s in clip.owned}
-        out = []
-        for f, track_map in finished:
-            mapping = {lab: self.chainer.last_mapping.get(lab + offset, lab + offset) for lab in owned[f].labels}
-            stats = owned[f].renamed(mapping)
-            self._accumulate(stats)
-            out.append(FrameTracks(f, stats.labels, stats.rles, track_map))
-        return out
-
-    def _accumulate(self, stats: FrameStats) -> None:
-        for j, tid in enumerate(stats.labels):
-            track = self.tracks.get(tid)
-            if track is None:
-                track = self.tracks[tid] = Track(tid, first_frame=stats.index, last_frame=stats.index)
-            track.last_frame = stats.index
-            track.pixels += stats.pixels[j]
-            if stats.logit_sums is not None:
-                s, v = stats.logit_sums[j], stats.votes[j]
-                track.class_logit_sum = s.copy() if track.class_logit_sum is None else track.class_logit_sum + s
-                track.class_votes = v.copy() if track.class_votes is None else track.class_votes + v
-            if self.keep_masks:
-                track.masks[stats.index] = stats.rles[j]
-
-    def to_bytes(self) -> bytes:
-        next_id, previous = self.chainer.state()
-        meta = {
-            "next_clip": self.next_clip, "next_track_id": next_id, "min_iou": self.min_iou,
-            "tracks": [{"id": t.id, "first": t.first_frame, "last": t.last_frame, "pixels": t.pixels,
-                        "logits": None if t.class_logit_sum is None else t.class_logit_sum.tolist(),
-                        "votes": None if t.class_votes is None else t.class_votes.tolist()}
-                       for t in self.tracks.values()],
-        }
-        buf = io.BytesIO()
-        np.savez_compressed(buf, meta=np.array(json.dumps(meta)),
-                            **{f"frame_{f}": m.numpy().astype(np.int32) for f, m in previous.items()})
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, keep_masks: bool = False) -> Stitcher:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            meta = json.loads(z["meta"].item())
-            previous = {int(k[6:]): torch.from_numpy(z[k].astype(np.int64)) for k in z.files if k.startswith("frame_")}
-        st = cls(meta["min_iou"], keep_masks=keep_masks)
-        st.next_clip = meta["next_clip"]
-        st.chainer.load_state(meta["next_track_id"], previous)
-        for t in meta["tracks"]:
-            st.tracks[t["id"]] = Track(
-                t["id"], t["first"], t["last"], t["pixels"],
-                None if t["logits"] is None else np.array(t["logits"]),
-                None if t["votes"] is None else np.array(t["votes"], dtype=np.int64))
-        return st
 
 
 class Segmenter:

@@ -25,7 +25,8 @@ from service.config import get_settings
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, build_engine
 from service.pipeline.clips import clip_plan
-from service.pipeline.runner import FrameTracks, PipelineOptions, Segmenter, SegmenterOptions
+from service.pipeline.handover import FrameTracks
+from service.pipeline.runner import PipelineOptions, Segmenter, SegmenterOptions
 from service.pipeline.timing import StageTimer
 from service.pipeline.tracks import VideoResult
 from service.video import VideoInfo, iter_clip_windows, iter_frames, probe

@@ -6,10 +6,11 @@ from service.video.decode import (
     VideoError,
     VideoInfo,
     iter_clip_windows,
+    iter_frame_range,
     iter_frames,
     probe,
     read_frames,
 )
 
-__all__ = ["DEFAULT_MAX_PIXELS", "Frame", "VideoError", "VideoInfo", "iter_clip_windows", "iter_frames",
-           "probe", "read_frames"]
+__all__ = ["DEFAULT_MAX_PIXELS", "Frame", "VideoError", "VideoInfo", "iter_clip_windows", "iter_frame_range",
+           "iter_frames", "probe", "read_frames"]

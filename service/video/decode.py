@@ -600,41 +600,82 @@ def read_frames(path: str | Path, indices: Sequence[int], *, threads: bool = Tru
     asked, by seeking to a keyframe before the earliest one and decoding forward."""
     if not len(indices):
         return []
-    index, info = _index(path, max_pixels)
     wanted = sorted({int(i) for i in indices})
-    if wanted[0] < 0:
-        raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
-    if wanted[-1] >= info.num_frames:
-        raise VideoError(path, f"frame {wanted[-1]} asked for, the video has {info.num_frames}")
-    got = None
-    if index.seekable:
-        got = _read_seeking(path, index, wanted, threads)
-    if got is None:  # no reliable pts-to-index map, or the seek landed too late: count from the start
-        keep, got = set(wanted), {}
-        frames = iter_frames(path, threads=threads, max_pixels=max_pixels)
-        try:
-            for frame in frames:
-                if frame.index in keep:
-                    got[frame.index] = frame
-                    if len(got) == len(keep):
-                        break
-        finally:
-            frames.close()
+    got: dict[int, Frame] = {}
+    frames = _wanted_frames(path, wanted, threads, max_pixels)
+    try:
+        for frame in frames:
+            got[frame.index] = frame
+            if len(got) == len(wanted):
+                break
+    finally:
+        frames.close()
     missing = [i for i in wanted if i not in got]
     if missing:
         raise VideoError(path, f"could not decode frames {missing[:5]} (damaged file)")
     return [got[i] for i in indices]
 
 
-def _read_seeking(path: str | Path, index: _Index, wanted: list[int],
-                  threads: bool) -> dict[int, Frame] | None:
+def iter_frame_range(path: str | Path, start: int, stop: int, *, threads: bool = True,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Frame]:
+    """Frames start..stop-1 in order, one at a time: read_frames' single seek without holding
+    the range in memory (writers of one range of a long video)."""
+    held: dict[int, Frame] = {}
+    nxt = start
+    frames = _wanted_frames(path, list(range(start, stop)), threads, max_pixels)
+    try:
+        for frame in frames:
+            held[frame.index] = frame
+            while nxt in held:
+                yield held.pop(nxt)
+                nxt += 1
+            if nxt == stop:
+                return
+    finally:
+        frames.close()
+    if nxt < stop:
+        raise VideoError(path, f"could not decode frames {list(range(nxt, min(stop, nxt + 5)))} (damaged file)")
+
+
+class _SeekFailed(Exception):
+    """The seek cannot be trusted (no pts-to-index map, or it landed late): count from the start."""
+
+
+def _wanted_frames(path: str | Path, wanted: list[int], threads: bool, max_pixels: int) -> Iterator[Frame]:
+    """The wanted frames (sorted, distinct) as the decoder gives them: after one seek where it
+    can be trusted, else counting from the start."""
+    if not wanted:
+        return
+    index, info = _index(path, max_pixels)
+    if wanted[0] < 0:
+        raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
+    if wanted[-1] >= info.num_frames:
+        raise VideoError(path, f"frame {wanted[-1]} asked for, the video has {info.num_frames}")
+    if index.seekable:
+        seeking = _read_seeking(path, index, wanted, threads)
+        try:
+            first = next(seeking, None)
+        except _SeekFailed:
+            seeking.close()
+        else:
+            if first is not None:
+                yield first
+            yield from seeking
+            return
+    keep = set(wanted)
+    yield from (f for f in iter_frames(path, threads=threads, max_pixels=max_pixels) if f.index in keep)
+
+
+def _read_seeking(path: str | Path, index: _Index, wanted: list[int], threads: bool) -> Iterator[Frame]:
+    """The wanted frames as decoded after one seek; raises _SeekFailed before the first frame
+    if the seek cannot be trusted."""
     # Start at the last keyframe that is decoded before every wanted frame and shown no later
     # than the first one: then no wanted frame is a leading picture of it (open GOPs).
     target_pts = index.pts[wanted[0]]
     min_pos = index.pos[wanted].min()
     ok = np.flatnonzero((index.key_pos <= min_pos) & (index.key_pts <= target_pts))
     start = int(ok[-1]) if ok.size else None
-    keep, got = set(wanted), {}
+    keep, got = set(wanted), set()
     with _open(path) as container:
         stream = _video_stream(container, path)
         if threads:
@@ -650,16 +691,25 @@ def _read_seeking(path: str | Path, index: _Index, wanted: list[int],
             try:
                 container.seek(ts, stream=stream, backward=True, any_frame=False)
             except av.FFmpegError:
-                return None
+                raise _SeekFailed from None
         landed = False
+        # Frames shown before the first wanted one are decoded only as references: a
+        # non-reference frame among them (most B-frames) is skipped, which changes no other
+        # frame's pixels. With long GOPs (250 frames is x264's default) that is much of the work
+        # of a read in the middle of the video.
+        codec = stream.codec_context
+        skipping = False
         try:
             for packet in container.demux(stream):
+                if packet.pts is not None and (packet.pts < target_pts) != skipping:
+                    skipping = not skipping
+                    codec.skip_frame = "NONREF" if skipping else "DEFAULT"
                 if packet.size and not landed:
                     if packet.pts is None:
-                        return None
+                        raise _SeekFailed
                     at = np.flatnonzero(index.all_pts == packet.pts)
                     if not at.size or at.max() > start_pos:
-                        return None  # landed after the keyframe we need
+                        raise _SeekFailed  # landed after the keyframe we need
                     landed = True
                 for frame in packet.decode():
                     i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
@@ -667,9 +717,9 @@ def _read_seeking(path: str | Path, index: _Index, wanted: list[int],
                         if (frame.width, frame.height) != (index.width, index.height):
                             raise VideoError(path, f"the frame size changes at frame {i}, "
                                                    "which is not supported")
-                        got[i] = Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
+                        got.add(i)
+                        yield Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
                 if len(got) == len(keep):
                     break
         except av.FFmpegError as e:
             raise VideoError(path, f"decoding failed (damaged or truncated: {_reason(e)})") from None
-    return got

@@ -24,9 +24,11 @@ from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
 from service.api.uploads import receive
 from service.config import OUTPUT_FORMATS, parse_formats
+from service.jobs import files
 from service.jobs.lifecycle import JobStatus, Limits
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
+from service.outputs.names import NAMES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _MAX_OFFSET = 1_000_000
@@ -189,23 +191,23 @@ _MOTS_RANGES = ranged_responses("text/plain", "")
 def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                format: Annotated[str, Query(pattern="^(json|davis|mots)$")] = "json") -> Response:
     job = _finished(svc, owner, job_id)
-    out = svc.storage.path(job_id, "out")
+    out = svc.storage.path(job_id, files.OUT)
     if format == "davis":
-        if not (out / "davis").is_dir():
+        if not (out / NAMES["davis"]).is_dir():
             raise Problem(409, "this job was not asked for the davis format")
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-            for png in sorted((out / "davis").glob("*.png")):
+            for png in sorted((out / NAMES["davis"]).glob("*.png")):
                 z.write(png, f"davis/{png.name}")
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-davis.zip"'})
     if format == "mots":
-        if not (out / "mots.txt").is_file():
+        if not (out / NAMES["mots"]).is_file():
             raise Problem(409, "this job was not asked for the mots format")
-        return RangedFile(out / "mots.txt", media_type="text/plain")
-    if not (out / "results.json").is_file():
+        return RangedFile(out / NAMES["mots"], media_type="text/plain")
+    if not (out / NAMES["ytvis"]).is_file():
         raise Problem(409, "this job was not asked for the ytvis format, which the JSON result is made from")
-    entries = json.loads((out / "results.json").read_text())
+    entries = json.loads((out / NAMES["ytvis"]).read_text())
     tracks = []
     for e in entries:
         boxes = [None if rle is None else mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()}
@@ -221,7 +223,7 @@ def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
     **ranged_responses("video/mp4", "The video with masks drawn"), **responses(401, 404, 409, 422, 503)})
 def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     _finished(svc, owner, job_id)
-    path = svc.storage.path(job_id, "out") / "overlay.mp4"
+    path = svc.storage.path(job_id, files.OUT) / NAMES["overlay"]
     if not path.is_file():
         raise Problem(409, "this job was not asked for the overlay format")
     return RangedFile(path, media_type="video/mp4")

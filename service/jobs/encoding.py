@@ -1,5 +1,6 @@
-"""Compact, idempotent encodings of what workers hand over: a clustered clip (label maps as
-packed int16, per-label statistics and RLEs) and a stitched clip's frame tracks."""
+"""Every byte encoding of what workers hand over, in one place: a clustered clip (label maps as
+packed int16, per-label statistics and RLEs), a stitched clip's frame tracks, and the stitcher's
+state between clips. Compact and idempotent: a redelivered task rewrites the same bytes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import json
 import numpy as np
 import torch
 
-from service.pipeline.runner import ClusteredClip, FrameStats, FrameTracks
+from service.pipeline.handover import ClusteredClip, FrameStats, FrameTracks
+from service.pipeline.stitcher import Stitcher
+from service.pipeline.tracks import Track
 
 
 def _rle_json(rle: dict) -> dict:
@@ -56,3 +59,33 @@ def frames_from_bytes(data: bytes) -> list[dict]:
     for f in frames:
         f["rles"] = [_rle_native(r) for r in f["rles"]]
     return frames
+
+
+def stitcher_to_bytes(st: Stitcher) -> bytes:
+    next_id, previous = st.chainer.state()
+    meta = {
+        "next_clip": st.next_clip, "next_track_id": next_id, "min_iou": st.min_iou,
+        "tracks": [{"id": t.id, "first": t.first_frame, "last": t.last_frame, "pixels": t.pixels,
+                    "logits": None if t.class_logit_sum is None else t.class_logit_sum.tolist(),
+                    "votes": None if t.class_votes is None else t.class_votes.tolist()}
+                   for t in st.tracks.values()],
+    }
+    buf = io.BytesIO()
+    np.savez_compressed(buf, meta=np.array(json.dumps(meta)),
+                        **{f"frame_{f}": m.numpy().astype(np.int32) for f, m in previous.items()})
+    return buf.getvalue()
+
+
+def stitcher_from_bytes(data: bytes, keep_masks: bool = False) -> Stitcher:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        meta = json.loads(z["meta"].item())
+        previous = {int(k[6:]): torch.from_numpy(z[k].astype(np.int64)) for k in z.files if k.startswith("frame_")}
+    st = Stitcher(meta["min_iou"], keep_masks=keep_masks)
+    st.next_clip = meta["next_clip"]
+    st.chainer.load_state(meta["next_track_id"], previous)
+    for t in meta["tracks"]:
+        st.tracks[t["id"]] = Track(
+            t["id"], t["first"], t["last"], t["pixels"],
+            None if t["logits"] is None else np.array(t["logits"]),
+            None if t["votes"] is None else np.array(t["votes"], dtype=np.int64))
+    return st

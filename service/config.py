@@ -133,6 +133,8 @@ class Settings(BaseSettings):
                                                    "probing); each may hold one Redis connection")
     max_concurrent_probes: int = Field(4, ge=1, description="Uploads an API process probes at once, on threads of "
                                        "their own (503 with Retry-After above)")
+    probe_wait_s: float = Field(30.0, ge=0, description="How long an upload waits for a free probe slot before "
+                                "503 (a burst of small uploads is queued, not refused)")
     max_probes_per_key: int = Field(2, ge=1, description="Of those, how many one API key may hold (503 above; "
                                     "ignored when API keys are off)")
     redis_pool_margin: int = Field(16, ge=1, description="Redis connections per pool beyond the API threads or "

@@ -54,37 +54,65 @@ def _slow_to_probe(boxes: int = 4_000_000) -> bytes:
 
 
 def test_probes_do_not_starve_healthz(make_env) -> None:
-    env = make_env(STEMSEG_API_THREADS="2", STEMSEG_PROBE_BUDGET_S="4", STEMSEG_RATE_LIMIT_JOBS="0",
-                   STEMSEG_MAX_CONCURRENT_PROBES="2", STEMSEG_MAX_PROBES_PER_KEY="1", STEMSEG_API_KEYS="ka,kb,kc")
+    # One API thread and one probe slot: were probes run on the shared pool, the slow probe below
+    # would hold its only thread and every sync route would wait for it.
+    env = make_env(STEMSEG_API_THREADS="1", STEMSEG_PROBE_BUDGET_S="8", STEMSEG_RATE_LIMIT_JOBS="0",
+                   STEMSEG_MAX_CONCURRENT_PROBES="1", STEMSEG_MAX_PROBES_PER_KEY="1", STEMSEG_API_KEYS="ka,kb",
+                   STEMSEG_PROBE_WAIT_S="0")
     env.start_api()
-    body = _slow_to_probe()
     answers: dict[str, httpx.Response] = {}
+    answered: dict[str, float] = {}
 
-    def upload(name: str, key: str) -> None:
+    def upload(name: str, key: str, body: bytes) -> None:
         answers[name] = httpx.post(f"{env.base}/v1/jobs", content=body, timeout=60,
                                    headers={"content-type": "application/octet-stream", "x-api-key": key})
+        answered[name] = time.monotonic()
 
-    probes = [threading.Thread(target=upload, args=(n, k)) for n, k in (("a1", "ka"), ("b1", "kb"))]
-    for t in probes:
-        t.start()
-    time.sleep(1.5)  # both uploads are in (32 MB on loopback), both probing
-    assert all(t.is_alive() for t in probes)
-    for path in ("/healthz", "/readyz", "/v1/jobs"):
+    slow = threading.Thread(target=upload, args=("a1", "ka", _slow_to_probe(12_000_000)))
+    slow.start()
+    time.sleep(1.5)  # the upload is in (96 MB on loopback) and probing, for the 8 s budget
+    # Refused before their bodies are read (small bodies: were they admitted, they would be probed
+    # in a moment and answered 400, not 503).
+    for name, key in (("a2", "ka"), ("b1", "kb")):  # the same key again; another key
         t0 = time.monotonic()
-        r = httpx.get(f"{env.base}{path}", headers={"x-api-key": "kc"}, timeout=30)
+        upload(name, key, _slow_to_probe(10))
+        assert time.monotonic() - t0 < 1, (name, time.monotonic() - t0)  # 1.2-6.7 s with the probe on a thread
+    started: dict[str, float] = {}
+    for path in ("/healthz", "/readyz", "/v1/jobs"):
+        t0 = started[path] = time.monotonic()
+        r = httpx.get(f"{env.base}{path}", headers={"x-api-key": "kb"}, timeout=30)
+        # A starved pool took 15 s; a probe on a thread of the API (sharing its GIL) 2.5 s.
         assert time.monotonic() - t0 < 1, (path, time.monotonic() - t0)
         assert r.status_code in (200, 503) if path == "/readyz" else r.status_code == 200
-    upload("a2", "ka")  # the same key again: its one probe is in use
-    upload("c1", "kc")  # another key: every probe slot is in use
-    for t in probes:
-        t.join(60)
-    for name, why in (("a2", "STEMSEG_MAX_PROBES_PER_KEY"), ("c1", "STEMSEG_MAX_CONCURRENT_PROBES")):
+    slow.join(60)
+    assert started["/readyz"] < answered["a1"]  # those asked while the probe ran (the 503s below too)
+    for name, why in (("a2", "STEMSEG_MAX_PROBES_PER_KEY"), ("b1", "STEMSEG_MAX_CONCURRENT_PROBES")):
         r = answers[name]
         assert r.status_code == 503 and r.headers["content-type"] == PROBLEM and r.headers["retry-after"], r.text
         assert why in r.json()["detail"]
-    for name in ("a1", "b1"):
-        assert answers[name].status_code == 413 and "STEMSEG_PROBE_BUDGET_S" in answers[name].json()["detail"]
+    assert answers["a1"].status_code == 413 and "STEMSEG_PROBE_BUDGET_S" in answers["a1"].json()["detail"]
     assert list((env.data / "jobs").iterdir()) == []  # the refused uploads left nothing
+    _clean_logs(env)
+
+
+def test_a_burst_waits_for_probe_slots_instead_of_503(make_env, tmp_path: Path) -> None:
+    env = make_env(STEMSEG_RATE_LIMIT_JOBS="0", STEMSEG_MAX_CONCURRENT_PROBES="1", STEMSEG_PROBE_WAIT_S="30")
+    env.start_api()
+    video = tmp_path / "v.mp4"
+    make_video(video, 9, 64, 48)
+    body = video.read_bytes()
+    codes: list[int] = []
+
+    def upload() -> None:
+        codes.append(httpx.post(f"{env.base}/v1/jobs", content=body, timeout=60,
+                                headers={"content-type": "application/octet-stream"}).status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert codes == [202] * 8  # one slot, eight at once: each waited its turn
     _clean_logs(env)
 
 

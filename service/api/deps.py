@@ -53,7 +53,8 @@ class Services:
                                    max_connections=async_size)
         storage = LocalStorage(settings.data_dir)
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
-        probes = ProbeSlots(settings.max_concurrent_probes, settings.max_probes_per_key, settings.retry_after_s)
+        probes = ProbeSlots(settings.max_concurrent_probes, settings.max_probes_per_key, settings.retry_after_s,
+                            settings.probe_wait_s)
         return cls(settings, model, r, ar, jobs, storage, probes)
 
 

@@ -31,13 +31,13 @@ import redis
 
 from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
+from service.jobs.probing import probe_upload
 from service.jobs.queue import GROUP, OUTPUTS, TaskQueue
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
 from service.video import VideoError, VideoInfo
-from service.video.decode import OverLimit, Unindexed, check_indexable
-from service.video.normalise import normalise
+from service.video.decode import OverLimit
 
 log = logging.getLogger("stemseg.jobs")
 
@@ -323,29 +323,9 @@ class Jobs:
             raise
 
     def _readable(self, staging: str, limits: Limits) -> VideoInfo:
-        """Probe an upload within the limits; one whose frames cannot be placed without decoding
-        from the start is remuxed once into a seekable file (service.video.normalise), so a task's
-        decode cost does not depend on where its clips are."""
-        video = self.storage.path(staging, "video")
-        started = time.monotonic()
-
-        def check(budget: float):
-            return check_indexable(video, max_pixels=limits.max_pixels, max_frames=limits.max_frames,
-                                   budget_s=budget, max_samples=limits.max_samples)
-
-        try:
-            return check(limits.probe_budget_s)
-        except Unindexed:
-            pass
-        left = max(limits.probe_budget_s - (time.monotonic() - started), 0.001)
-        with self.storage.writer(staging, "video") as out:
-            normalise(video, out, max_pixels=limits.max_pixels, max_frames=limits.max_frames, budget_s=left,
-                      max_bytes=limits.max_bytes)
-        try:
-            return check(max(limits.probe_budget_s - (time.monotonic() - started), 0.001))
-        except Unindexed:
-            raise VideoError(video, "the video cannot be made seekable (its frames cannot be placed "
-                                    "by timestamp even after remuxing)") from None
+        return probe_upload(self.storage, staging, max_pixels=limits.max_pixels, max_frames=limits.max_frames,
+                            budget_s=limits.probe_budget_s, max_samples=limits.max_samples,
+                            max_bytes=limits.max_bytes)
 
     # -- state changes -----------------------------------------------------------------------
     def transition(self, job_id: str, status: JobStatus, *, events: list[tuple[str, dict]] = (),

@@ -142,7 +142,7 @@ async def create_job(
     # Redis first: with Redis down, or the caller over its limits, no byte is read or stored.
     await run_in_threadpool(svc.jobs.check_rate, owner, s.rate_limit_jobs, s.rate_window_s)
     await run_in_threadpool(svc.jobs.check_quota, owner, s.max_active_jobs)
-    svc.probes.check(owner)  # all probe slots busy: 503 before a byte is read
+    svc.probes.check(owner)  # this key's probe slots busy: 503 before a byte is read
     staging = f"upload-{svc.jobs.new_id()}"
     try:
         filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)

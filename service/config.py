@@ -184,6 +184,23 @@ class Settings(BaseSettings):
     batch_max_delay_ms: float = Field(5.0, ge=0, description="Dynamic batching: longest a request waits for others")
     clips_per_forward: int = Field(1, ge=1, description="Consecutive clips whose heads run as one batch")
 
+    # --- Live sources (service/video/live.py): streams and cameras read at their own pace ---
+    live_rtsp_transport: Literal["tcp", "udp"] = Field("tcp", description="RTSP over TCP (interleaved) or UDP")
+    live_open_timeout_s: float = Field(10.0, gt=0, description="A live source that does not open within this is "
+                                                               "an error (or a failed reconnect attempt)")
+    live_read_timeout_s: float = Field(10.0, gt=0, description="A live source that sends nothing for this long "
+                                                               "has dropped: it is reconnected")
+    live_reconnect_attempts: int = Field(3, ge=0, description="Reconnects tried after a live source drops or "
+                                                              "ends before it counts as ended (0: end at once)")
+    live_reconnect_backoff_s: float = Field(1.0, ge=0, description="Wait before the first reconnect; doubles per "
+                                                                   "failed attempt")
+    live_reconnect_backoff_max_s: float = Field(10.0, ge=0, description="Longest wait between reconnects")
+    live_backlog: Literal["drop", "buffer"] = Field(
+        "drop", description="When the model falls behind a live source: drop whole clips of arriving frames "
+                            "(counted; tracks restart after the gap), or stop reading until the queue has room")
+    live_queue_bytes: int = Field(256 * 1024**2, ge=1, description="Decoded frames of a live source waiting for "
+                                  "the model, in bytes (one frame always fits); the backlog policy applies above")
+
     @property
     def webhook_host_list(self) -> list[str]:
         return [h.strip().lower() for h in self.webhook_hosts.split(",") if h.strip()]

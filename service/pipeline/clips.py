@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 def clip_plan(num_frames: int, clip_len: int, overlap: int) -> list[list[int]]:
     """Frame indices of every clip, in order, exactly as the original inference plans them.
@@ -38,3 +40,87 @@ def context_range(plan: list[list[int]], start: int, stop: int) -> range:
     frames = {f for clip in plan[start:stop] for f in clip}
     touching = [k for k, clip in enumerate(plan) if frames.intersection(clip)]
     return range(min(touching), max(touching) + 1)
+
+
+class StreamPlan:
+    """clip_plan for a video whose length is known only when it ends (a live stream).
+
+    Regular clips are planned as their last frame arrives; `end()` plans what clip_plan adds for
+    the final length (the clip anchored at the end, or the one padded clip of a short video), so
+    an ended StreamPlan holds exactly clip_plan(n)'s clips. A frame's last clip is known once no
+    clip still to come can contain it: when the stream has ended, or `clip_len` frames after it
+    (the end-anchored clip reaches back at most that far). Written by one thread, read by another.
+    """
+
+    def __init__(self, clip_len: int, overlap: int) -> None:
+        if not 0 <= overlap < clip_len:
+            raise ValueError(f"overlap must be in [0, clip_len), got {overlap} for clip_len {clip_len}")
+        self.clip_len, self.step = clip_len, clip_len - overlap
+        self.clips: list[list[int]] = []
+        self.frames = 0
+        self.ended = False
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, plan: list[list[int]], clip_len: int | None = None, overlap: int | None = None) -> StreamPlan:
+        """A finished plan (clip_plan's, or any list of clips) behind the same questions."""
+        length = clip_len or len(plan[0])
+        sp = cls(length, overlap if overlap is not None else 0)
+        for clip in plan:
+            sp._add(list(clip))
+        sp.frames = max(f for clip in plan for f in clip) + 1
+        sp.ended = True
+        return sp
+
+    def _add(self, clip: list[int]) -> int:
+        k = len(self.clips)
+        self.clips.append(clip)
+        for f in clip:
+            self._first.setdefault(f, k)
+            self._last[f] = k
+        return k
+
+    def add_frame(self) -> list[int]:
+        """One more frame has arrived; the indices of the clips this plans (zero or one)."""
+        with self._lock:
+            if self.ended:
+                raise ValueError("the stream has ended")
+            self.frames += 1
+            start = self.frames - self.clip_len
+            if start >= 0 and start % self.step == 0:
+                return [self._add(list(range(start, self.frames)))]
+            return []
+
+    def end(self) -> list[int]:
+        """The stream ends here: the indices of the clips clip_plan adds for this length."""
+        with self._lock:
+            if self.ended:
+                return []
+            self.ended = True
+            n = self.frames
+            if n == 0:
+                return []
+            if n < self.clip_len:
+                return [self._add([0] * (self.clip_len - n) + list(range(n)))]
+            if self.clips[-1][-1] != n - 1:
+                return [self._add(list(range(n - self.clip_len, n)))]
+            return []
+
+    def last_use(self, frame: int) -> int | None:
+        """The last clip containing `frame`, or None while a clip to come may still contain it."""
+        with self._lock:
+            if self.ended or self.frames > frame + self.clip_len:
+                return self._last.get(frame)
+            return None
+
+    def first_clip(self, frame: int) -> int:
+        """The first clip containing `frame` (planned already)."""
+        return self._first[frame]
+
+    def __getitem__(self, k: int) -> list[int]:
+        return self.clips[k]
+
+    def __len__(self) -> int:
+        return len(self.clips)

@@ -37,7 +37,7 @@ from torch import Tensor
 from service.model.engines import Engine
 from service.model.presets import ModelConfig
 from service.model.stemseg import ClipOutputs
-from service.pipeline.clips import last_use
+from service.pipeline.clips import StreamPlan
 from service.pipeline.clustering import ClusteringConfig, cluster_clip
 from service.pipeline.handover import ClusteredClip, FrameStats, FrameTracks
 from service.pipeline.prefetch import prefetch
@@ -153,10 +153,15 @@ class ClipProcessor:
         )
         self.geom: Geometry | None = None
 
-    def run(self, clips: Iterable[tuple[int, list]], plan: list[list[int]], height: int, width: int,
+    def run(self, clips: Iterable[tuple[int, list]], plan: list[list[int]] | StreamPlan, height: int, width: int,
             cluster: range | None = None) -> Iterator[ClusteredClip]:
         """Consume clip windows `(clip index, frames with .index and BGR .image)` in order and yield
-        the clips in `cluster` (default all) clustered. Clips outside it only lend evidence."""
+        the clips in `cluster` (default all) clustered. Clips outside it only lend evidence.
+
+        `plan` is a video's clip_plan, or a StreamPlan that grows while the windows arrive (a live
+        stream; its windows' producer plans each clip before handing it over and ends the plan
+        before the windows run out): a clip is clustered once the plan knows every clip touching
+        its frames, so a stream gives the clips a file of the same frames gives."""
         pipe = self.pipeline
         post = ThreadPoolExecutor(1, thread_name_prefix="stemseg-post") if pipe.post_workers > 0 else None
         source = prefetch(clips, pipe.prefetch, self.timer)
@@ -171,8 +176,11 @@ class ClipProcessor:
              cluster: range | None, post: ThreadPoolExecutor | None) -> Iterator[ClusteredClip]:
         cfg, timer = self.cfg, self.timer
         self.geom = geom = geometry(height, width, cfg.min_dim, cfg.max_dim)
-        cluster = cluster if cluster is not None else range(len(plan))
-        last, owner = last_use(plan), first_clip(plan)
+        plan = plan if isinstance(plan, StreamPlan) else StreamPlan.of(plan)
+
+        def used_up(f: int, k: int | None) -> bool:
+            last = plan.last_use(f)
+            return last is not None and k is not None and last <= k
         features: dict[int, list[Tensor]] = {}
         evidence: dict[int, _Evidence] = {}
         pending: deque[_Pending] = deque()
@@ -203,24 +211,36 @@ class ClipProcessor:
                             evidence.setdefault(f, _Evidence()).add(self._fg_evidence(out, pos))
                 for (k, _), out in zip(group, outs):
                     indices = plan[k]
-                    for f in set(indices):
-                        if last[f] == k:
-                            del features[f]
-                    if k in cluster:
+                    for f in [f for f in features if used_up(f, k)]:
+                        del features[f]
+                    if cluster is None or k in cluster:
                         pending.append(_Pending(k, indices, ClipOutputs(out.embeddings, out.bandwidths, out.seediness,
                                                                         None)))
                     seen = k
-                    while pending and max(last[f] for f in pending[0].frames) <= seen:
-                        finishing.append(self._finish(pending.popleft(), evidence, owner, post))
-                        still_needed = {f for p in pending for f in p.frames}
-                        for f in [f for f in evidence if last[f] <= seen and f not in still_needed]:
-                            del evidence[f]
+                    self._finish_ready(pending, finishing, evidence, plan, seen, post)
             while finishing and (len(finishing) > max_finishing or _ready(finishing[0])):
                 yield _result(finishing.popleft())
+        # A stream's plan may have learnt its last clips' extent only as its windows ran out.
+        with torch.inference_mode():
+            self._finish_ready(pending, finishing, evidence, plan, seen, post)
         while finishing:
             yield _result(finishing.popleft())
         if pending:
             raise ValueError(f"clips {[p.index for p in pending]} lack the later clips their frames need")
+
+    def _finish_ready(self, pending: deque[_Pending], finishing: deque[Future | ClusteredClip],
+                      evidence: dict[int, _Evidence], plan: StreamPlan, seen: int | None,
+                      post: ThreadPoolExecutor | None) -> None:
+        """Cluster, in order, the pending clips whose frames no clip still to come can contain."""
+        def used_up(f: int) -> bool:
+            last = plan.last_use(f)
+            return last is not None and seen is not None and last <= seen
+
+        while pending and all(used_up(f) for f in pending[0].frames):
+            finishing.append(self._finish(pending.popleft(), evidence, plan, post))
+            still_needed = {f for p in pending for f in p.frames}
+            for f in [f for f in evidence if used_up(f) and f not in still_needed]:
+                del evidence[f]
 
     def _heads(self, clips: list[list[int]], features: dict[int, list[Tensor]]) -> list[ClipOutputs]:
         """Head outputs of consecutive clips, run as one batch."""
@@ -235,7 +255,7 @@ class ClipProcessor:
         return [ClipOutputs(*(None if t is None else t[j:j + 1] for t in fields)) for j in range(len(clips))]
 
     # ----------------------------------------------------------------------------------------
-    def _finish(self, clip: _Pending, evidence: dict[int, _Evidence], owner: dict[int, int],
+    def _finish(self, clip: _Pending, evidence: dict[int, _Evidence], plan: StreamPlan,
                 post: ThreadPoolExecutor | None) -> Future | ClusteredClip:
         """Cluster a clip here (device work, queued without host reads on CUDA); its per-frame
         statistics and full-size RLE masks (host work) go to the post-processing thread."""
@@ -248,7 +268,7 @@ class ClipProcessor:
                 self._upsample(out.seediness[0]), fg, self.clustering, next_label=1,
             )
         # The frames' evidence is final: no later clip contains them (see run's loop).
-        owned = {f: evidence[f] for f in set(clip.frames) if owner[f] == clip.index}
+        owned = {f: evidence[f] for f in set(clip.frames) if plan.first_clip(f) == clip.index}
         if post is None:
             return self._clip_stats(clip, labels, owned)
         return post.submit(self._clip_stats, clip, labels, owned)
@@ -337,15 +357,19 @@ class Segmenter:
         self._stitcher = Stitcher(self.options.min_iou)
         self._num_frames = 0
 
-    def propagate(self, clips: Iterable[tuple[int, list]], plan: list[list[int]], height: int,
+    def propagate(self, clips: Iterable[tuple[int, list]], plan: list[list[int]] | StreamPlan, height: int,
                   width: int) -> Iterator[FrameTracks]:
-        """Every frame's tracks once, in frame order, as soon as its clip is chained."""
+        """Every frame's tracks once, in frame order, as soon as its clip is chained (a StreamPlan:
+        see ClipProcessor.run)."""
         self._stitcher = Stitcher(self.options.min_iou)
-        self._num_frames = max(f for clip in plan for f in clip) + 1
+        streaming = isinstance(plan, StreamPlan)
+        self._num_frames = 0 if streaming else max(f for clip in plan for f in clip) + 1
         for clip in self.processor.run(clips, plan, height, width):
             with self.timer("stitching"):
                 frames = self._stitcher.add(clip)
             yield from frames
+        if streaming:
+            self._num_frames = plan.frames
 
     def result(self, fps: float | None = None) -> VideoResult:
         geom = self.processor.geom

@@ -95,8 +95,9 @@ def _port(text: str) -> int:
     return value
 
 
-def _check_video(path: Path) -> None:
+def _check_video(path: Path | str) -> None:
     """A mistyped name is one line at once, before torch is imported (the decoder's own words)."""
+    path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if not path.is_file():
@@ -104,8 +105,29 @@ def _check_video(path: Path) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("video", type=Path, help="video file (any container/codec FFmpeg reads)")
+    # A string, not a Path: Path would fold the "//" of a URL.
+    p.add_argument("video", metavar="SOURCE",
+                   help="video file (any container/codec FFmpeg reads), or a live source: rtsp://, rtsps://, "
+                        "rtmp://, http(s):// (HLS .m3u8, MPEG-TS), udp://, srt:// URL or a /dev/videoN camera")
     _add_model_options(p)
+    live = p.add_argument_group("live sources (a URL or a camera; defaults: the STEMSEG_LIVE_* settings)")
+    live.add_argument("--duration", type=_float_in(0, 1e9, low_open=True), metavar="S",
+                      help="stop after S seconds of frames (default: until the stream ends, Ctrl-C or SIGTERM)")
+    live.add_argument("--jsonl", metavar="PATH",
+                      help="one JSON line per frame as soon as its tracks are final ('-': stdout)")
+    live.add_argument("--backlog", choices=["drop", "buffer"], default=None,
+                      help="when the model falls behind: drop whole clips (counted) or stop reading until the "
+                           "queue has room (env STEMSEG_LIVE_BACKLOG, default drop)")
+    live.add_argument("--reconnect", type=_int_at_least(0), default=None, metavar="N",
+                      help="reconnect attempts after the source drops or ends (env STEMSEG_LIVE_RECONNECT_ATTEMPTS, "
+                           "default 3; 0: stop at the first end of stream)")
+    live.add_argument("--open-timeout", type=_float_in(0, 3600, low_open=True), default=None, metavar="S",
+                      help="seconds to open the source (env STEMSEG_LIVE_OPEN_TIMEOUT_S, default 10)")
+    live.add_argument("--read-timeout", type=_float_in(0, 3600, low_open=True), default=None, metavar="S",
+                      help="seconds without data before the source counts as dropped "
+                           "(env STEMSEG_LIVE_READ_TIMEOUT_S, default 10)")
+    live.add_argument("--rtsp-transport", choices=["tcp", "udp"], default=None,
+                      help="RTSP over TCP or UDP (env STEMSEG_LIVE_RTSP_TRANSPORT, default tcp)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -304,10 +326,29 @@ def _pipeline(args: argparse.Namespace):
     return PipelineOptions(clips_per_forward=getattr(args, "clips_per_forward", 1))
 
 
+def _is_live(args: argparse.Namespace) -> bool:
+    from service.video.live import is_live_source
+
+    live = is_live_source(args.video)
+    if not live:
+        given = [flag for flag, value in (("--duration", args.duration), ("--jsonl", args.jsonl),
+                                          ("--backlog", args.backlog), ("--reconnect", args.reconnect),
+                                          ("--open-timeout", args.open_timeout), ("--read-timeout", args.read_timeout),
+                                          ("--rtsp-transport", args.rtsp_transport)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is for live sources (a URL or /dev/videoN), not the file {args.video}")
+        args.video = Path(args.video)
+    return live
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from service.config import get_settings
 
     formats = args.format or get_settings().format_list
+    if _is_live(args):
+        from service.cli_live import segment_live
+
+        return segment_live(args, formats)
     _check_video(args.video)
     _check_weights(args)
     from service.outputs import check_output_dir, write_outputs
@@ -415,6 +456,10 @@ def _output_processes(settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if _is_live(args):
+        from service.cli_live import bench_live
+
+        return bench_live(args)
     _check_video(args.video)
     _check_weights(args)
     import torch

@@ -44,18 +44,26 @@ class LiveFrameTracks:
     emitted: float  # time.monotonic() when its tracks were final
     track_ids: list[int]
     rles: list[dict]
+    # So far: the class the track's evidence up to this frame gives, and its pixels relative to
+    # the largest track's so far. The outputs' are decided at the end, over the whole stream.
+    categories: list[int]
+    scores: list[float]
 
     @property
     def latency_s(self) -> float:
         return self.emitted - self.arrival
 
-    def to_json(self, scores: dict[int, float] | None = None) -> dict:
+    def to_json(self, class_names: dict[int, str] | None = None) -> dict:
         """One JSON line's worth: RLE counts as text, as results.json has them."""
         tracks = []
-        for tid, rle in zip(self.track_ids, self.rles):
+        for tid, cat, score, rle in zip(self.track_ids, self.categories, self.scores, self.rles):
             counts = rle["counts"]
-            tracks.append({"id": tid, "rle": {"size": list(rle["size"]),
-                                              "counts": counts.decode() if isinstance(counts, bytes) else counts}})
+            entry = {"id": tid, "category_id": cat}
+            if class_names is not None:
+                entry["category"] = class_names.get(cat)
+            text = counts.decode() if isinstance(counts, bytes) else counts
+            entry.update(score=round(score, 4), rle={"size": list(rle["size"]), "counts": text})
+            tracks.append(entry)
         return {"frame": self.index, "run": self.run, "source_frame": self.sequence, "pts": self.pts_seconds,
                 "time": round(self.wall, 6), "latency_s": round(self.latency_s, 4), "tracks": tracks}
 
@@ -129,8 +137,13 @@ class LiveSession:
         plan = StreamPlan(self.engine.cfg.clip_len, self.engine.cfg.overlap)
         for ft in seg.propagate(stream_windows(frames(), plan), plan, height, width):
             lf = meta.pop(ft.index)
+            tracks = seg.tracks
+            top = max((t.pixels for t in tracks.values()), default=0)
+            cats = [tracks[t].category() for t in ft.track_ids]
+            scores = [tracks[t].pixels / top if top else 0.0 for t in ft.track_ids]
             out = LiveFrameTracks(offset_frames + ft.index, lf.run, lf.sequence, lf.frame.pts_seconds, lf.wall,
-                                  lf.arrival, time.monotonic(), [t + offset_ids for t in ft.track_ids], ft.rles)
+                                  lf.arrival, time.monotonic(), [t + offset_ids for t in ft.track_ids], ft.rles,
+                                  cats, scores)
             self.latencies.append(out.latency_s)
             yield out
         self._absorb(seg.result(), offset_frames, offset_ids)

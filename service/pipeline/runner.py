@@ -44,7 +44,7 @@ from service.pipeline.prefetch import prefetch
 from service.pipeline.preprocess import Geometry, geometry, masks_to_frame, preprocess, soft_masks_to_frame
 from service.pipeline.stitcher import Stitcher
 from service.pipeline.timing import StageTimer
-from service.pipeline.tracks import VideoResult
+from service.pipeline.tracks import Track, VideoResult
 
 
 @dataclass
@@ -370,6 +370,11 @@ class Segmenter:
             yield from frames
         if streaming:
             self._num_frames = plan.frames
+
+    @property
+    def tracks(self) -> dict[int, Track]:
+        """The tracks chained so far, by id (accumulated up to the last frame propagate() yielded)."""
+        return self._stitcher.tracks
 
     def result(self, fps: float | None = None) -> VideoResult:
         geom = self.processor.geom

@@ -127,6 +127,12 @@ def _ffmpeg_options(source: str, opts: LiveOptions) -> tuple[str | None, dict[st
     return None, options
 
 
+def check_source(source: str) -> None:
+    """Refuse at once what cannot be a live source here (an unknown scheme, a camera without
+    video4linux2), before minutes of loading; whether it answers is known only when opened."""
+    _ffmpeg_options(source, LiveOptions())
+
+
 def _error_reason(e: BaseException, opts: LiveOptions, opening: bool) -> str:
     if isinstance(e, av.error.ProtocolNotFoundError):
         return "this FFmpeg (PyAV's) does not support the protocol"
@@ -217,10 +223,14 @@ class _ByteQueue:
             self.items.append(item)
             self.cond.notify_all()
 
-    def get(self):
+    def get(self, stop: threading.Event):
+        """The next item; _DONE once `stop` is set and nothing is left (the reader may be blocked
+        in a read until its timeout: its last items are not waited for)."""
         with self.cond:
             while not self.items:
-                self.cond.wait()
+                if stop.is_set():
+                    return _DONE
+                self.cond.wait(0.1)
             item = self.items.popleft()
             self.bytes -= self._size(item)
             self.cond.notify_all()
@@ -272,7 +282,7 @@ class LiveReader:
 
     def __iter__(self) -> Iterator[LiveFrame | _RunEnd]:
         while True:
-            item = self._queue.get()
+            item = self._queue.get(self.stopping)
             if item is _DONE:
                 return
             if isinstance(item, _Failure):
@@ -358,8 +368,17 @@ class LiveReader:
                     if self.stopping.is_set():
                         return "stopped"
             except av.FFmpegError as e:
-                return f"read failed: {_error_reason(e, self.options, False)}"
-            return "end of stream"
+                why = f"read failed: {_error_reason(e, self.options, False)}"
+            else:
+                return "end of stream"  # the demuxer's last, empty packet has flushed the decoder
+            # Frames the decoder still holds (reordering delay) are as real as the others.
+            try:
+                for av_frame in stream.codec_context.decode(None):
+                    self._take(av_frame, stream, tb, ordinal, handed)
+                    ordinal += 1
+            except av.FFmpegError:
+                pass
+            return why
         finally:
             if recorder is not None:
                 recorder.close()
@@ -444,5 +463,6 @@ def recorded_frames(recordings: list[tuple[Path | None, list[int]]],
             raise LiveSourceError(f"the recording {path.name} holds fewer frames than were read from the stream")
 
 
-__all__ = ["RUN_END", "LiveFrame", "LiveOptions", "LiveReader", "LiveSourceError", "LiveStats", "is_live_source",
+__all__ = ["RUN_END", "LiveFrame", "LiveOptions", "LiveReader", "LiveSourceError", "LiveStats", "check_source",
+           "is_live_source",
            "open_source", "recorded_frames", "redact"]

@@ -26,7 +26,7 @@ def paced(data: bytes, seconds: float):
         yield data[pos:pos + CHUNK]
 
 
-def serve_http(data: bytes, seconds: float, once: bool, stall: float | None) -> None:
+def serve_http(data: bytes, seconds: float, once: bool, stall: float | None, port: int) -> None:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200)
@@ -44,7 +44,8 @@ def serve_http(data: bytes, seconds: float, once: bool, stall: float | None) -> 
         def log_message(self, *args) -> None:
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+    HTTPServer.allow_reuse_address = True  # restarted on its port by a test
+    server = HTTPServer(("127.0.0.1", port), Handler)
     print(f"port {server.server_address[1]}", flush=True)
     if once:
         server.handle_request()
@@ -76,7 +77,7 @@ def main() -> int:
     with open(args.video, "rb") as f:
         data = f.read()
     if args.protocol == "http":
-        serve_http(data, args.seconds, args.once, args.stall)
+        serve_http(data, args.seconds, args.once, args.stall, args.port)
     else:
         serve_udp(data, args.seconds, args.port, args.delay, args.garbage)
     return 0

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import av
 import pytest
 import torch
 from frames import moving_frames
+from videos import make_video
 
 from service.model.checkpoint import load_model
 from service.pipeline.clips import StreamPlan, clip_plan
@@ -50,3 +63,190 @@ def test_stream_windows_give_the_file_plans_tracks(small_weights) -> None:
             assert torch.equal(got[i][2], expected[i][2])
         assert live_seg.result().num_frames == n
         assert [t.masks for t in live_seg.result().tracks] == [t.masks for t in file_seg.result().tracks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real protocols on loopback. The video is an MPEG-TS file; `segment` on the file is the truth.
+
+ROOT = Path(__file__).resolve().parent
+FPS, FRAMES = 25, 40
+SYSTEM_PYTHON = "/usr/bin/python3"  # where Debian's python3-gi lives (the RTSP server's PyGObject)
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _server(*argv: str, ready: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        if not line.startswith(ready):
+            proc.kill()
+            pytest.skip(f"the server did not start: {line or proc.stderr.read().strip()[-300:]}")
+        yield proc, line
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _http_server(video: Path, seconds: float, *extra: str):
+    return _server(sys.executable, str(ROOT / "live_server.py"), "http", str(video), "--seconds", str(seconds),
+                   *extra, ready="port")
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT.parent), **(env or {})},
+                          cwd=ROOT.parent)
+
+
+@pytest.fixture(scope="module")
+def ts_video(tmp_path_factory) -> tuple[Path, Path]:
+    """An MPEG-TS video (H.264 with B-frames) and `stemseg segment`'s output on it."""
+    root = tmp_path_factory.mktemp("live")
+    video = root / "v.ts"
+    make_video(video, FRAMES, 96, 64, container="mpegts", fps=FPS)
+    out = root / "file_out"
+    r = _cli("segment", str(video), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return video, out
+
+
+def _same_outputs(live: Path, file: Path) -> None:
+    assert (live / "results.json").read_bytes() == (file / "results.json").read_bytes()
+    assert (live / "mots.txt").read_bytes() == (file / "mots.txt").read_bytes()
+    assert sorted(p.name for p in (live / "davis").iterdir()) == sorted(p.name for p in (file / "davis").iterdir())
+    with av.open(str(live / "overlay.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == FRAMES
+    assert json.loads((live / "stemseg-output.json").read_text())["files"]
+
+
+def test_http_ts_stream_gives_the_files_tracks_and_lines_as_it_goes(ts_video, tmp_path: Path) -> None:
+    video, file_out = ts_video
+    out = tmp_path / "live_out"
+    with _http_server(video, FRAMES / FPS, "--once") as (_, line):
+        url = f"http://127.0.0.1:{line.split()[1]}/v.ts"
+        r = _cli("segment", url, "--out", str(out), "--reconnect", "0", "--jsonl", "-", "--backlog", "buffer")
+    assert r.returncode == 0, r.stderr
+    _same_outputs(out, file_out)
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["frame"] for x in lines] == list(range(FRAMES))
+    assert all(x["latency_s"] >= 0 and x["run"] == 0 for x in lines)
+    # Every kept track's mask in results.json was on its frame's line, under one id throughout.
+    for entry in json.loads((out / "results.json").read_text()):
+        ids = set()
+        for f, seg in enumerate(entry["segmentations"]):
+            if seg is not None:
+                ids |= {t["id"] for t in lines[f]["tracks"] if t["rle"]["counts"] == seg["counts"]}
+        assert len(ids) == 1
+    assert "0 frames dropped" in r.stderr and "latency p50" in r.stderr
+
+
+def test_udp_ts_stream_gives_the_files_tracks(ts_video, tmp_path: Path) -> None:
+    video, file_out = ts_video
+    port = _free_port(socket.SOCK_DGRAM)
+    out = tmp_path / "live_out"
+    with _server(sys.executable, str(ROOT / "live_server.py"), "udp", str(video), "--seconds", str(FRAMES / FPS),
+                 "--port", str(port), "--delay", "4", ready="ready"):
+        # UDP has no end: the stream ends when nothing arrives for the read timeout.
+        r = _cli("segment", f"udp://127.0.0.1:{port}", "--out", str(out), "--reconnect", "0", "--read-timeout", "2",
+                 "--open-timeout", "20", "--backlog", "buffer")
+    assert r.returncode == 0, r.stderr
+    _same_outputs(out, file_out)
+
+
+def test_rtsp_stream_over_tcp_gives_the_files_tracks(ts_video, tmp_path: Path) -> None:
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import gi; gi.require_version('GstRtspServer', '1.0')"],
+                           capture_output=True, check=False) if os.path.exists(SYSTEM_PYTHON) else None
+    if probe is None or probe.returncode:
+        pytest.skip("no GStreamer RTSP server (apt-get install python3-gi gir1.2-gst-rtsp-server-1.0 "
+                    "gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)")
+    video, file_out = ts_video
+    port = _free_port()
+    out = tmp_path / "live_out"
+    with _server(SYSTEM_PYTHON, str(ROOT / "rtsp_server.py"), str(video), str(port), ready="ready"):
+        r = _cli("segment", f"rtsp://127.0.0.1:{port}/live", "--out", str(out), "--reconnect", "0",
+                 "--backlog", "buffer")
+    assert r.returncode == 0, r.stderr
+    assert "ended by end of stream" in r.stdout
+    _same_outputs(out, file_out)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("stemseg: error:") and all(w in last for w in words), last
+
+
+def test_bad_sources_are_one_line_exit_2(tmp_path: Path) -> None:
+    _one_line_error(_cli("segment", "foo://127.0.0.1/x", "--out", str(tmp_path / "a")), "unknown protocol 'foo'")
+    port = _free_port()  # nothing listens there
+    for url in (f"http://127.0.0.1:{port}/x.ts", f"rtsp://127.0.0.1:{port}/live", f"rtmp://127.0.0.1:{port}/a/b"):
+        _one_line_error(_cli("segment", url, "--out", str(tmp_path / "b")), "cannot open", url.split(":")[0])
+    # A password in the URL is never printed.
+    r = _cli("segment", f"rtsp://admin:s3cret@127.0.0.1:{port}/live", "--out", str(tmp_path / "c"))
+    _one_line_error(r, "admin:***@")
+    assert "s3cret" not in r.stderr
+    # A server that accepts and never answers: the open timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        start = time.monotonic()
+        r = _cli("segment", f"http://127.0.0.1:{silent.getsockname()[1]}/x.ts", "--open-timeout", "1",
+                 "--out", str(tmp_path / "d"))
+    _one_line_error(r, "timed out")
+    assert time.monotonic() - start < 60
+    _one_line_error(_cli("segment", "/dev/video9", "--out", str(tmp_path / "e")), "/dev/video9")
+    video = tmp_path / "v.mp4"
+    make_video(video, 3, 32, 32)
+    _one_line_error(_cli("segment", str(video), "--duration", "3"), "--duration is for live sources")
+    assert not any(p.name.startswith((".a", ".b", ".c", ".d", ".e")) for p in tmp_path.iterdir())
+
+
+def test_sigterm_stops_cleanly_and_writes_what_was_seen(ts_video, tmp_path: Path) -> None:
+    long_video = tmp_path / "long.ts"
+    make_video(long_video, 250, 96, 64, container="mpegts", fps=FPS)
+    out = tmp_path / "live_out"
+    with _http_server(long_video, 250 / FPS, "--once") as (_, line):
+        url = f"http://127.0.0.1:{line.split()[1]}/long.ts"
+        with open(tmp_path / "stderr", "w+") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "service.cli", "segment", url, "--out", str(out),
+                                     "--jsonl", "-", "--reconnect", "0", "--backlog", "buffer"],
+                                    stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT.parent)}, cwd=ROOT.parent)
+            first = proc.stdout.readline()  # tracks are coming out while the stream plays
+            assert json.loads(first)["frame"] == 0
+            proc.send_signal(signal.SIGTERM)
+            rest = proc.stdout.read()
+            proc.wait(timeout=120)
+            stderr.seek(0)
+            err = stderr.read()
+    assert proc.returncode == 0, err
+    lines = [json.loads(x) for x in [first, *rest.splitlines()]]
+    n = len(lines)
+    assert 0 < n < 250 and [x["frame"] for x in lines] == list(range(n))
+    assert "ended by SIGTERM" in err
+    assert len(list((out / "davis").iterdir())) == n
+    with av.open(str(out / "overlay.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == n
+    entries = json.loads((out / "results.json").read_text())
+    assert all(len(e["segmentations"]) == n for e in entries)
+
+
+def test_duration_stops_after_that_many_seconds_of_frames(ts_video, tmp_path: Path) -> None:
+    long_video = tmp_path / "long.ts"
+    make_video(long_video, 250, 96, 64, container="mpegts", fps=FPS)
+    with _http_server(long_video, 250 / FPS, "--once") as (_, line):
+        url = f"http://127.0.0.1:{line.split()[1]}/long.ts"
+        r = _cli("bench", url, "--duration", "1.5", "--reconnect", "0")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ended_by"] == "duration"
+    # Frames arrive at the source's pace: 1.5 s of a 25 fps stream (give or take the start's burst).
+    assert 25 <= report["frames"] <= 60
+    assert report["frames_dropped"] == 0 and report["latency_s"]["p95"] > 0

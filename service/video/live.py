@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -90,6 +91,7 @@ class LiveOptions:
     reconnect_backoff_max_s: float = 10.0
     backlog: BacklogPolicy = "drop"
     queue_bytes: int = 256 * 1024**2
+    queue_frames: int = 64
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
@@ -99,7 +101,8 @@ class LiveOptions:
             "read_timeout_s": settings.live_read_timeout_s, "reconnect_attempts": settings.live_reconnect_attempts,
             "reconnect_backoff_s": settings.live_reconnect_backoff_s,
             "reconnect_backoff_max_s": settings.live_reconnect_backoff_max_s, "backlog": settings.live_backlog,
-            "queue_bytes": settings.live_queue_bytes, "max_pixels": settings.max_frame_pixels,
+            "queue_bytes": settings.live_queue_bytes, "queue_frames": settings.live_queue_frames,
+            "max_pixels": settings.max_frame_pixels,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -191,12 +194,13 @@ class LiveStats:
 
 
 class _ByteQueue:
-    """FIFO bounded by the bytes of the frames it holds (markers are free); one producer, one consumer."""
+    """FIFO bounded by the bytes and the number of the frames it holds (markers are free); one
+    producer, one consumer."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, max_frames: int) -> None:
+        self.max_bytes, self.max_frames = max_bytes, max_frames
         self.items: deque = deque()
-        self.bytes = 0
+        self.bytes = self.frames = 0
         self.cond = threading.Condition()
 
     @staticmethod
@@ -205,7 +209,7 @@ class _ByteQueue:
 
     def fits(self, item) -> bool:
         # One item always fits, so a frame larger than the bound still passes, alone.
-        return not self.items or self.bytes + self._size(item) <= self.max_bytes
+        return not self.frames or (self.bytes + self._size(item) <= self.max_bytes and self.frames < self.max_frames)
 
     def put(self, item, *, block: bool, stop: threading.Event) -> bool:
         with self.cond:
@@ -215,6 +219,7 @@ class _ByteQueue:
                 self.cond.wait(0.1)
             self.items.append(item)
             self.bytes += self._size(item)
+            self.frames += 1
             self.cond.notify_all()
             return True
 
@@ -233,6 +238,7 @@ class _ByteQueue:
                 self.cond.wait(0.1)
             item = self.items.popleft()
             self.bytes -= self._size(item)
+            self.frames -= isinstance(item, LiveFrame)
             self.cond.notify_all()
             return item
 
@@ -257,7 +263,7 @@ class LiveReader:
         self.stats = LiveStats()
         self.fps: float | None = None
         self.stopping = threading.Event()
-        self._queue = _ByteQueue(options.queue_bytes)
+        self._queue = _ByteQueue(options.queue_bytes, options.queue_frames)
         self._thread: threading.Thread | None = None
         self._container: av.container.InputContainer | None = None
         self._started_at: float | None = None
@@ -422,22 +428,38 @@ class LiveReader:
 
 
 class _Recorder:
-    """The connection's video packets copied, not re-encoded, into a Matroska file."""
+    """The connection's video packets copied, not re-encoded, into a Matroska file.
+
+    Only the packets' order matters to decoding them again (decoders order their output by the
+    bitstream, not by timestamps), and live packets may lack timestamps (RTSP gives no dts, with
+    B-frames pts go back): each packet is stamped with its position instead. A packet the muxer
+    still refuses ends the recording; the overlay then says so (recorded_frames)."""
 
     def __init__(self, directory: Path, connection: int, container) -> None:
         self.path = Path(directory) / f"connection-{connection:04d}.mkv"
+        self.failed: str | None = None
+        self._count = 0
         self._out = av.open(str(self.path), mode="w", format="matroska")
-        source = _video_stream(container, "source")
-        self._stream = self._out.add_stream_from_template(source)
+        self._stream = self._out.add_stream_from_template(_video_stream(container, "source"))
 
     def mux(self, packet: av.Packet) -> None:
-        if packet.size == 0:  # the demuxer's flush packet
+        if packet.size == 0 or self.failed:  # the demuxer's flush packet
             return
         packet.stream = self._stream
-        self._out.mux(packet)
+        packet.time_base = Fraction(1, 1000)
+        packet.pts = packet.dts = self._count
+        self._count += 1
+        try:
+            self._out.mux(packet)
+        except av.FFmpegError as e:
+            self.failed = _reason(e)
+            log.warning("recording the stream for the overlay failed: %s", self.failed)
 
     def close(self) -> None:
-        self._out.close()
+        try:
+            self._out.close()
+        except av.FFmpegError as e:
+            self.failed = self.failed or _reason(e)
 
 
 def recorded_frames(recordings: list[tuple[Path | None, list[int]]],
@@ -450,15 +472,19 @@ def recorded_frames(recordings: list[tuple[Path | None, list[int]]],
             raise LiveSourceError("the stream was not recorded, so its frames cannot be drawn again")
         wanted = iter(handed)
         want = next(wanted)
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for ordinal, frame in enumerate(container.decode(stream)):
-                if ordinal == want:
-                    yield _to_bgr(frame, _rotation(frame, stream))
-                    want = next(wanted, None)
-                    if want is None:
-                        break
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                for ordinal, frame in enumerate(container.decode(stream)):
+                    if ordinal == want:
+                        yield _to_bgr(frame, _rotation(frame, stream))
+                        want = next(wanted, None)
+                        if want is None:
+                            break
+        except (av.FFmpegError, IndexError) as e:
+            raise LiveSourceError(f"the stream's recording for the overlay cannot be read ({_reason(e)}): "
+                                  "leave out the overlay format for this source") from None
         if want is not None:
             raise LiveSourceError(f"the recording {path.name} holds fewer frames than were read from the stream")
 

@@ -24,6 +24,7 @@ from service.pipeline.clips import StreamPlan, clip_plan
 from service.pipeline.live import stream_windows
 from service.pipeline.runner import PipelineOptions, Segmenter
 from service.video.decode import Frame
+from service.video.live import RUN_END, LiveOptions, LiveReader
 
 
 @pytest.mark.parametrize(("clip_len", "overlap"), [(8, 4), (16, 6), (8, 0), (5, 4)])
@@ -250,3 +251,71 @@ def test_duration_stops_after_that_many_seconds_of_frames(ts_video, tmp_path: Pa
     # Frames arrive at the source's pace: 1.5 s of a 25 fps stream (give or take the start's burst).
     assert 25 <= report["frames"] <= 60
     assert report["frames_dropped"] == 0 and report["latency_s"]["p95"] > 0
+
+
+def _reader_items(reader: LiveReader, wait_before: float) -> list:
+    time.sleep(wait_before)  # the model stalls: the reader keeps reading meanwhile
+    held = reader._queue.frames
+    items = list(reader)
+    reader.close()
+    return [held, *items]
+
+
+@pytest.mark.parametrize("policy", ["drop", "buffer"])
+def test_backlog_policy_bounds_the_queue(ts_video, tmp_path: Path, policy: str) -> None:
+    video = tmp_path / "long.ts"
+    make_video(video, 100, 96, 64, container="mpegts", fps=FPS)
+    with _http_server(video, 100 / FPS, "--once") as (_, line):
+        opts = LiveOptions(reconnect_attempts=0, backlog=policy, queue_frames=8)
+        reader = LiveReader(f"http://127.0.0.1:{line.split()[1]}/long.ts", opts, clip_len=8)
+        reader.start()
+        held, *items = _reader_items(reader, 2.0)
+    stats = reader.stats
+    frames = [x for x in items if x is not RUN_END]
+    assert held <= 8  # never more than the bound, however far behind
+    assert stats.frames_read == 100 and stats.frames_handed == len(frames)
+    if policy == "buffer":
+        assert stats.frames_dropped == 0 and [f.frame.index for f in frames] == list(range(100))
+        return
+    # Whole clips are dropped, each drop ends a run, and each run numbers its frames from 0.
+    assert stats.clips_dropped >= 1 and stats.frames_handed + stats.frames_dropped == 100
+    assert (stats.clips_dropped - 1) * 8 < stats.frames_dropped <= stats.clips_dropped * 8
+    runs: dict[int, list[int]] = {}
+    for f in frames:
+        runs.setdefault(f.run, []).append(f.frame.index)
+    assert len(runs) >= 2 and all(v == list(range(len(v))) for v in runs.values())
+    assert [f.sequence for f in frames] == sorted(f.sequence for f in frames)
+    assert sum(1 for x in items if x is RUN_END) >= len(runs) - 1
+
+
+@pytest.mark.slow
+def test_source_restart_mid_stream_is_a_gap_with_new_track_ids(tmp_path: Path) -> None:
+    video = tmp_path / "long.ts"
+    make_video(video, 120, 96, 64, container="mpegts", fps=FPS)
+    port = _free_port()
+    out = tmp_path / "live_out"
+    env = {"STEMSEG_LIVE_RECONNECT_BACKOFF_S": "0.5"}
+    with open(tmp_path / "stderr", "w+") as stderr:
+        with _http_server(video, 120 / FPS, "--once", "--port", str(port)) as (first_server, _):
+            proc = subprocess.Popen([sys.executable, "-m", "service.cli", "segment", f"http://127.0.0.1:{port}/v.ts",
+                                     "--out", str(out), "--jsonl", "-", "--backlog", "buffer", "--reconnect", "5"],
+                                    stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT.parent,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT.parent), **env})
+            first = proc.stdout.readline()
+            first_server.kill()  # the source dies mid-stream
+        time.sleep(0.5)
+        with _http_server(video, 120 / FPS, "--once", "--port", str(port)):  # ... and comes back
+            rest = proc.stdout.read()
+            proc.wait(timeout=120)
+        stderr.seek(0)
+        err = stderr.read()
+    assert proc.returncode == 0, err
+    lines = [json.loads(x) for x in [first, *rest.splitlines()]]
+    assert [x["frame"] for x in lines] == list(range(len(lines)))
+    runs = sorted({x["run"] for x in lines})
+    assert runs == [0, 1] and "1 reconnects" in err
+    before = {t["id"] for x in lines if x["run"] == 0 for t in x["tracks"]}
+    after = {t["id"] for x in lines if x["run"] == 1 for t in x["tracks"]}
+    assert before and after and min(after) > max(before)  # chaining is cut at the gap
+    assert sum(1 for x in lines if x["run"] == 1) == 120  # the restarted source from its start
+    assert len(list((out / "davis").iterdir())) == len(lines)

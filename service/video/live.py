@@ -9,7 +9,7 @@
 A reader thread decodes frames as they arrive and hands them over through a queue bounded in
 bytes, so a consumer that falls behind never grows memory without bound. What happens then is
 the backlog policy: `drop` (default) throws away whole clips of arriving frames (counted) until
-the queue has room again; `buffer` stops reading the source until it has (the source's own
+the model has emptied the queue; `buffer` stops reading the source until it has (the source's own
 buffers, then the network's, take up the slack; a source that gives up is reconnected).
 
 Runs. Frames come in runs of consecutive frames. A run ends where the source dropped and was
@@ -359,8 +359,10 @@ class LiveReader:
             stream = _video_stream(container, self.name)
             stream.thread_type = "SLICE"
             tb = stream.time_base
-            if self.fps is None and stream.average_rate:
-                self.fps = float(stream.average_rate)
+            # FFmpeg's guess from the first frames' spacing; a live stream's average is only an estimate.
+            rate = stream.guessed_rate or stream.average_rate
+            if self.fps is None and rate:
+                self.fps = float(rate)
             try:
                 for packet in container.demux(stream):
                     frames = packet.decode()  # before muxing, which may take the packet's data
@@ -410,14 +412,19 @@ class LiveReader:
         item = LiveFrame(Frame(self._run_frames, _seconds(av_frame.pts, tb), image), self._run,
                          self.stats.frames_read - 1, now, time.time())
         if self._dropping == 0 and self.options.backlog == "drop" and not self._queue.fits(item):
-            self._dropping = self.clip_len  # a whole clip's worth, so the next run starts afresh
-            self.stats.clips_dropped += 1
+            self._dropping = self.clip_len
             if self._run_open:
                 self._end_run()
                 self.stats.gaps.append({"after_frames": self.stats.frames_handed, "cause": "dropped"})
         if self._dropping:
+            # Whole clips, until the model has caught up with the queue: the next run then starts
+            # with the newest frames, instead of short runs that each cost a padded clip.
+            if self._dropping == self.clip_len:
+                self.stats.clips_dropped += 1
             self._dropping -= 1
             self.stats.frames_dropped += 1
+            if self._dropping == 0 and self._queue.frames:
+                self._dropping = self.clip_len
         elif self._queue.put(item, block=True, stop=self.stopping):
             self._run_open = True
             self._run_frames += 1

@@ -8,9 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -319,3 +322,45 @@ def test_source_restart_mid_stream_is_a_gap_with_new_track_ids(tmp_path: Path) -
     assert before and after and min(after) > max(before)  # chaining is cut at the gap
     assert sum(1 for x in lines if x["run"] == 1) == 120  # the restarted source from its start
     assert len(list((out / "davis").iterdir())) == len(lines)
+
+
+def test_hls_playlist_over_http_gives_the_files_tracks(ts_video, tmp_path: Path) -> None:
+    video, file_out = ts_video
+    hls = tmp_path / "hls"
+    hls.mkdir()
+    # PyAV's own HLS muxer cuts the file's packets (not re-encoded) into segments and a playlist.
+    with av.open(str(video)) as src, av.open(str(hls / "index.m3u8"), "w", format="hls",
+                                             options={"hls_time": "0.5", "hls_list_size": "0"}) as out:
+        stream = out.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    assert len(list(hls.glob("*.ts"))) > 1
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietFiles, directory=str(hls)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out_dir = tmp_path / "live_out"
+    try:
+        r = _cli("segment", f"http://127.0.0.1:{server.server_address[1]}/index.m3u8", "--out", str(out_dir),
+                 "--reconnect", "0", "--backlog", "buffer")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 0, r.stderr
+    _same_outputs(out_dir, file_out)
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_protocol_this_ffmpeg_lacks_is_one_line(tmp_path: Path) -> None:
+    try:
+        av.open("srt://127.0.0.1:9", timeout=1).close()
+    except av.error.ProtocolNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 - any other failure means FFmpeg knows the protocol
+        pytest.skip("this FFmpeg has SRT")
+    _one_line_error(_cli("segment", "srt://127.0.0.1:9", "--out", str(tmp_path / "x")),
+                    "does not support the protocol")

@@ -104,6 +104,7 @@ class LiveSession:
         self._next_id = 1
         self._height = self._width = 0
         self.runs = 0
+        self.clips = 0
 
     def propagate(self) -> Iterator[LiveFrameTracks]:
         """Every frame handed over, with its tracks, in arrival order, until the source ends."""
@@ -146,6 +147,7 @@ class LiveSession:
                                   cats, scores)
             self.latencies.append(out.latency_s)
             yield out
+        self.clips += len(plan)
         self._absorb(seg.result(), offset_frames, offset_ids)
 
     def _absorb(self, run: VideoResult, offset_frames: int, offset_ids: int) -> None:
@@ -168,7 +170,7 @@ class LiveSession:
         """What the run measured: frames, drops, reconnects, latency from arrival to emission."""
         stats = self.reader.stats
         return {
-            "source": self.reader.name, "frames": self._frames, "runs": self.runs,
+            "source": self.reader.name, "frames": self._frames, "runs": self.runs, "clips": self.clips,
             "frames_read": stats.frames_read, "frames_dropped": stats.frames_dropped,
             "clips_dropped": stats.clips_dropped, "reconnects": stats.reconnects, "gaps": stats.gaps,
             "ended_by": stats.ended_by, "backlog_policy": self.reader.options.backlog,

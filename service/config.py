@@ -200,7 +200,7 @@ class Settings(BaseSettings):
                             "(counted; tracks restart after the gap), or stop reading until the queue has room")
     live_queue_bytes: int = Field(256 * 1024**2, ge=1, description="Decoded frames of a live source waiting for "
                                   "the model, in bytes (one frame always fits); the backlog policy applies above")
-    live_queue_frames: int = Field(64, ge=1, description="... and in frames (about 2.5 s at 25 fps): what bounds "
+    live_queue_frames: int = Field(32, ge=1, description="... and in frames (1.3 s at 25 fps): what bounds "
                                    "the latency a backlog adds under the drop policy")
 
     @property

@@ -364,3 +364,44 @@ def test_a_protocol_this_ffmpeg_lacks_is_one_line(tmp_path: Path) -> None:
         pytest.skip("this FFmpeg has SRT")
     _one_line_error(_cli("segment", "srt://127.0.0.1:9", "--out", str(tmp_path / "x")),
                     "does not support the protocol")
+
+
+def test_a_stalled_stream_ends_after_the_read_timeout_with_what_was_seen(ts_video, tmp_path: Path) -> None:
+    video, _ = ts_video
+    out = tmp_path / "live_out"
+    with _http_server(video, FRAMES / FPS, "--once", "--stall", "30") as (_, line):
+        start = time.monotonic()
+        r = _cli("segment", f"http://127.0.0.1:{line.split()[1]}/v.ts", "--out", str(out), "--reconnect", "0",
+                 "--read-timeout", "2", "--format", "ytvis", "davis")
+    assert r.returncode == 0, r.stderr
+    assert "timed out" in r.stdout and time.monotonic() - start < 30
+    seen = len(list((out / "davis").iterdir()))
+    assert 0 < seen < FRAMES  # the first half, sent before the stall
+    assert all(len(e["segmentations"]) == seen for e in json.loads((out / "results.json").read_text()))
+
+
+def test_garbage_datagrams_before_the_stream_change_nothing(ts_video, tmp_path: Path) -> None:
+    video, file_out = ts_video
+    port = _free_port(socket.SOCK_DGRAM)
+    out = tmp_path / "live_out"
+    with _server(sys.executable, str(ROOT / "live_server.py"), "udp", str(video), "--seconds", str(FRAMES / FPS),
+                 "--port", str(port), "--delay", "4", "--garbage", ready="ready"):
+        r = _cli("segment", f"udp://127.0.0.1:{port}", "--out", str(out), "--reconnect", "0", "--read-timeout", "2",
+                 "--open-timeout", "20", "--backlog", "buffer")
+    assert r.returncode == 0, r.stderr
+    _same_outputs(out, file_out)
+
+
+def test_a_change_of_frame_size_ends_the_stream_there(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.ts", tmp_path / "b.ts"
+    make_video(first, 24, 96, 64, container="mpegts", fps=FPS)
+    make_video(second, 24, 128, 96, container="mpegts", fps=FPS)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())  # MPEG-TS concatenates
+    out = tmp_path / "live_out"
+    with _http_server(joined, 48 / FPS, "--once") as (_, line):
+        r = _cli("segment", f"http://127.0.0.1:{line.split()[1]}/joined.ts", "--out", str(out), "--reconnect", "0",
+                 "--backlog", "buffer")
+    assert r.returncode == 0, r.stderr
+    assert "the frame size changed from 96x64 to 128x96" in r.stdout
+    assert len(list((out / "davis").iterdir())) == 24

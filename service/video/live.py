@@ -91,7 +91,7 @@ class LiveOptions:
     reconnect_backoff_max_s: float = 10.0
     backlog: BacklogPolicy = "drop"
     queue_bytes: int = 256 * 1024**2
-    queue_frames: int = 64
+    queue_frames: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod

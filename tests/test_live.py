@@ -405,3 +405,50 @@ def test_a_change_of_frame_size_ends_the_stream_there(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "the frame size changed from 96x64 to 128x96" in r.stdout
     assert len(list((out / "davis").iterdir())) == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# The service's policy on which sources a client may have it open (STEMSEG_STREAM_SOURCES).
+
+def _resolver(table: dict[str, list[str]]):
+    def resolve(host: str, port: int) -> list[str]:
+        if host not in table:
+            raise socket.gaierror("unknown host")
+        return table[host]
+    return resolve
+
+
+def test_stream_sources_allow_nothing_by_default_and_private_ranges_only_when_listed() -> None:
+    from service.jobs.stream_sources import StreamSources
+
+    assert "not enabled" in StreamSources.parse("").check("rtsp://93.184.216.34/live")
+    names = _resolver({"cam.example.com": ["93.184.216.34"], "inside.example.com": ["10.1.2.3"],
+                       "mixed.example.com": ["93.184.216.34", "192.168.0.9"]})
+    policy = StreamSources.parse("cam.example.com, inside.example.com, mixed.example.com, 203.0.113.7:8554")
+    assert policy.check("rtsp://cam.example.com/live", names) is None
+    assert "not allowed" in policy.check("rtsp://cam.example.com:8554/live", names)  # only rtsp's 554
+    assert "private" in policy.check("rtsp://inside.example.com/live", names)  # a name never opens 10/8
+    assert "private" in policy.check("rtsp://mixed.example.com/live", names)  # every address counts
+    assert policy.check("rtsp://203.0.113.7:8554/x", names) is None  # an address listed as itself
+    assert "not allowed" in policy.check("rtsp://127.0.0.1/live", names)
+    assert "does not resolve" in policy.check("http://cam.example.com/x.ts", _resolver({}))
+    assert "not allowed" in policy.check("http://nowhere.example.com/x.ts", names)  # never even resolved
+    assert "must give its port" in StreamSources.parse("10.0.0.0/8").check("udp://10.1.2.3", names)
+    inside = StreamSources.parse("10.0.0.0/8, inside.example.com")
+    assert inside.check("rtsp://inside.example.com/live", names) is None
+    assert inside.check("udp://10.9.9.9:5000", names) is None
+    assert "not allowed" in inside.check("udp://11.9.9.9:5000", names)
+    assert "scheme" in inside.check("file:///etc/passwd", names)
+    assert "scheme" in inside.check("/dev/video0", names)
+    assert "whitespace" in inside.check("rtsp://10.1.2.3/a b", names)
+
+
+def test_a_bad_stream_sources_entry_stops_the_settings() -> None:
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    assert Settings(stream_sources="cam.example.com:554, 10.0.0.0/8").stream_sources
+    for bad in ("10.0.0.0/99", "host:99999", "::1:8080"):
+        with pytest.raises(ValidationError):
+            Settings(stream_sources=bad)

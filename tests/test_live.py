@@ -192,6 +192,9 @@ def test_bad_sources_are_one_line_exit_2(tmp_path: Path) -> None:
     port = _free_port()  # nothing listens there
     for url in (f"http://127.0.0.1:{port}/x.ts", f"rtsp://127.0.0.1:{port}/live", f"rtmp://127.0.0.1:{port}/a/b"):
         _one_line_error(_cli("segment", url, "--out", str(tmp_path / "b")), "cannot open", url.split(":")[0])
+    # .invalid never resolves (RFC 6761); FFmpeg alone would say "Input/output error".
+    _one_line_error(_cli("segment", "http://no-such-host.invalid/x.ts", "--out", str(tmp_path / "f")),
+                    "the host name does not resolve")
     # A password in the URL is never printed.
     r = _cli("segment", f"rtsp://admin:s3cret@127.0.0.1:{port}/live", "--out", str(tmp_path / "c"))
     _one_line_error(r, "admin:***@")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -147,6 +148,32 @@ def _error_reason(e: BaseException, opts: LiveOptions, opening: bool) -> str:
     return _reason(e)
 
 
+def _unresolvable(source: str, wait_s: float = 2.0) -> bool:
+    """Whether the URL's host name does not resolve (FFmpeg says only "Input/output error").
+    Looked up on a thread of its own, so a resolver that does not answer costs at most wait_s."""
+    try:
+        host = urlsplit(source).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    answer: list[bool] = []
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, None)
+            answer.append(False)
+        except socket.gaierror:
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=look_up, name="stemseg-resolve", daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    return bool(answer and answer[0])
+
+
 def open_source(source: str, opts: LiveOptions) -> av.container.InputContainer:
     """Open a live source (LiveSourceError in one line if it cannot be)."""
     fmt, options = _ffmpeg_options(source, opts)
@@ -154,7 +181,10 @@ def open_source(source: str, opts: LiveOptions) -> av.container.InputContainer:
         container = av.open(source, mode="r", format=fmt, options=options,
                             timeout=(opts.open_timeout_s, opts.read_timeout_s))
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise LiveSourceError(f"{redact(source)}: cannot open ({_error_reason(e, opts, True)})") from None
+        reason = _error_reason(e, opts, True)
+        if fmt is None and isinstance(e, OSError) and _unresolvable(source):
+            reason = "the host name does not resolve"
+        raise LiveSourceError(f"{redact(source)}: cannot open ({reason})") from None
     try:
         _video_stream(container, redact(source))
     except Exception:

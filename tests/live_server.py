@@ -8,6 +8,7 @@ over HTTP (one GET, or every GET) or over UDP datagrams. A real server for tests
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
@@ -53,8 +54,25 @@ def serve_http(data: bytes, seconds: float, once: bool, stall: float | None, por
         server.serve_forever()
 
 
+def _bound(port: int) -> bool:
+    """Whether a local UDP socket is bound to `port` (Linux: /proc/net/udp)."""
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                if any(line.split()[1].endswith(f":{port:04X}") for line in list(f)[1:]):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def serve_udp(data: bytes, seconds: float, port: int, delay: float, garbage: bool) -> None:
     print("ready", flush=True)
+    # A datagram sent before the reader binds is lost: start once it listens (or after `delay`
+    # where /proc cannot tell), as a camera streaming to a receiver that is already up.
+    deadline = time.monotonic() + 120
+    while not _bound(port) and time.monotonic() < deadline and os.path.exists("/proc/net/udp"):
+        time.sleep(0.05)
     time.sleep(delay)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     if garbage:

@@ -155,7 +155,7 @@ def test_udp_ts_stream_gives_the_files_tracks(ts_video, tmp_path: Path) -> None:
     port = _free_port(socket.SOCK_DGRAM)
     out = tmp_path / "live_out"
     with _server(sys.executable, str(ROOT / "live_server.py"), "udp", str(video), "--seconds", str(FRAMES / FPS),
-                 "--port", str(port), "--delay", "4", ready="ready"):
+                 "--port", str(port), "--delay", "0.5", ready="ready"):
         # UDP has no end: the stream ends when nothing arrives for the read timeout.
         r = _cli("segment", f"udp://127.0.0.1:{port}", "--out", str(out), "--reconnect", "0", "--read-timeout", "2",
                  "--open-timeout", "20", "--backlog", "buffer")
@@ -388,7 +388,7 @@ def test_garbage_datagrams_before_the_stream_change_nothing(ts_video, tmp_path: 
     port = _free_port(socket.SOCK_DGRAM)
     out = tmp_path / "live_out"
     with _server(sys.executable, str(ROOT / "live_server.py"), "udp", str(video), "--seconds", str(FRAMES / FPS),
-                 "--port", str(port), "--delay", "4", "--garbage", ready="ready"):
+                 "--port", str(port), "--delay", "0.5", "--garbage", ready="ready"):
         r = _cli("segment", f"udp://127.0.0.1:{port}", "--out", str(out), "--reconnect", "0", "--read-timeout", "2",
                  "--open-timeout", "20", "--backlog", "buffer")
     assert r.returncode == 0, r.stderr

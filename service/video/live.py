@@ -1,7 +1,7 @@
 """Live sources: network streams and cameras read at their own pace, with PyAV.
 
     reader = LiveReader("rtsp://camera/stream", LiveOptions.from_settings(get_settings()), clip_len=8)
-    reader.start()                       # the first connection is made here (LiveSourceError if it fails)
+    reader.start()                       # connects (LiveSourceError if it cannot), unless connect() has
     for item in reader:                  # LiveFrame, or RUN_END between runs, until the stream ends
         ...
     reader.stop()
@@ -284,8 +284,9 @@ class _Failure:
 class LiveReader:
     """Reads one live source on a thread into a bounded queue; see the module docstring."""
 
-    def __init__(self, source: str, options: LiveOptions, *, clip_len: int, duration_s: float | None = None,
-                 record_dir: Path | None = None) -> None:
+    def __init__(self, source: str, options: LiveOptions, *, clip_len: int | None = None,
+                 duration_s: float | None = None, record_dir: Path | None = None) -> None:
+        """`clip_len` (the unit the drop policy drops in) may be set after connect(), before start()."""
         self.source, self.options, self.clip_len = source, options, clip_len
         self.name = redact(source)
         self.duration_s = duration_s
@@ -304,9 +305,16 @@ class LiveReader:
         self._dropping = 0  # frames still to drop of the clip being dropped
 
     # -- consumer side -----------------------------------------------------------------------
+    def connect(self) -> None:
+        """Open the source (LiveSourceError here if it cannot be), without reading it yet."""
+        if self._container is None:
+            self._container = open_source(self.source, self.options)
+
     def start(self) -> None:
-        """Open the source (LiveSourceError here if it cannot be) and start reading it."""
-        self._container = open_source(self.source, self.options)
+        """Open the source unless connect() has, and start reading it."""
+        if not self.clip_len:
+            raise ValueError("set the reader's clip_len (the model's) before starting it")
+        self.connect()
         self._thread = threading.Thread(target=self._read, name="stemseg-live", daemon=True)
         self._thread.start()
 
@@ -329,6 +337,9 @@ class LiveReader:
         self.stop()
         if self._thread is not None:
             self._thread.join(timeout=self.options.read_timeout_s + 5)
+        elif self._container is not None:  # connected, never started
+            self._container.close()
+            self._container = None
 
     # -- reader thread ------------------------------------------------------------------------
     def _read(self) -> None:

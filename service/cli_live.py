@@ -75,25 +75,17 @@ def _jsonl(path: str | None) -> Iterator[TextIO | None]:
 
 def _run(args: argparse.Namespace, record_dir: Path | None, on_frame=None):
     """Load the model, open the source, segment it until it ends or is stopped."""
-    from service.cli import _engine_spec, _load, _warn_synthetic
+    from service.cli import _load, _warn_synthetic
     from service.cli import _options as segmenter_options
-    from service.config import get_settings
     from service.pipeline.live import LiveSession
 
-    check_source(args.video)
-    settings = get_settings()
-    _engine_spec(args, settings)  # a bad engine option is one line before anything is opened
-    reader = LiveReader(args.video, _options(args, settings), duration_s=args.duration, record_dir=record_dir)
-    # Connected before the model loads, so a bad source is one line in a fraction of a second; the
-    # source's data waits in FFmpeg's and the network's buffers meanwhile, and is read from its start.
-    reader.connect()
-    try:
-        engine, settings = _load(args)
-    except BaseException:
-        reader.close()
-        raise
-    reader.clip_len = engine.cfg.clip_len
+    check_source(args.video)  # an unknown scheme is one line before torch is imported
+    # The model loads before the source is opened: a stream opened first would pile up while it
+    # loads, and the drop policy would then throw away its first seconds.
+    engine, settings = _load(args)
     _warn_synthetic(engine.cfg.name)
+    reader = LiveReader(args.video, _options(args, settings), clip_len=engine.cfg.clip_len,
+                        duration_s=args.duration, record_dir=record_dir)
     session = LiveSession(reader, engine, options=segmenter_options(args))
     start = time.perf_counter()
     with _stop_on_signals(reader):

@@ -27,7 +27,7 @@ from service.pipeline.clips import StreamPlan, clip_plan
 from service.pipeline.live import stream_windows
 from service.pipeline.runner import PipelineOptions, Segmenter
 from service.video.decode import Frame
-from service.video.live import RUN_END, LiveOptions, LiveReader
+from service.video.live import RUN_END, LiveOptions, LiveReader, LiveSourceError, open_source
 
 
 @pytest.mark.parametrize(("clip_len", "overlap"), [(8, 4), (16, 6), (8, 0), (5, 4)])
@@ -190,29 +190,38 @@ def _one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
 def test_bad_sources_are_one_line_exit_2(tmp_path: Path) -> None:
     _one_line_error(_cli("segment", "foo://127.0.0.1/x", "--out", str(tmp_path / "a")), "unknown protocol 'foo'")
     port = _free_port()  # nothing listens there
-    for url in (f"http://127.0.0.1:{port}/x.ts", f"rtsp://127.0.0.1:{port}/live", f"rtmp://127.0.0.1:{port}/a/b"):
-        _one_line_error(_cli("segment", url, "--out", str(tmp_path / "b")), "cannot open", url.split(":")[0])
-    # .invalid never resolves (RFC 6761); FFmpeg alone would say "Input/output error".
-    _one_line_error(_cli("segment", "http://no-such-host.invalid/x.ts", "--out", str(tmp_path / "f")),
-                    "the host name does not resolve")
     # A password in the URL is never printed.
-    r = _cli("segment", f"rtsp://admin:s3cret@127.0.0.1:{port}/live", "--out", str(tmp_path / "c"))
-    _one_line_error(r, "admin:***@")
+    r = _cli("segment", f"rtsp://admin:s3cret@127.0.0.1:{port}/live", "--out", str(tmp_path / "b"))
+    _one_line_error(r, "cannot open", "admin:***@", "connection refused")
     assert "s3cret" not in r.stderr
+    _one_line_error(_cli("segment", "/dev/video9", "--out", str(tmp_path / "c")), "/dev/video9")
+    video = tmp_path / "v.mp4"
+    make_video(video, 3, 32, 32)
+    _one_line_error(_cli("segment", str(video), "--duration", "3"), "--duration is for live sources")
+    assert not any(p.name.startswith((".a", ".b", ".c")) for p in tmp_path.iterdir())
+
+
+def test_open_failures_name_their_cause_in_one_line() -> None:
+    """What the CLI prints (above) for each way a source cannot be opened."""
+    port = _free_port()
+    opts = LiveOptions(open_timeout_s=1)
+    for url in (f"http://127.0.0.1:{port}/x.ts", f"rtsp://127.0.0.1:{port}/live", f"rtmp://127.0.0.1:{port}/a/b"):
+        with pytest.raises(LiveSourceError, match="cannot open") as e:
+            open_source(url, opts)
+        assert "\n" not in str(e.value)
+    with pytest.raises(LiveSourceError, match="connection refused"):
+        open_source(f"http://127.0.0.1:{port}/x.ts", opts)
+    # .invalid never resolves (RFC 6761); FFmpeg alone would say "Input/output error".
+    with pytest.raises(LiveSourceError, match="the host name does not resolve"):
+        open_source("http://no-such-host.invalid/x.ts", opts)
     # A server that accepts and never answers: the open timeout.
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         start = time.monotonic()
-        r = _cli("segment", f"http://127.0.0.1:{silent.getsockname()[1]}/x.ts", "--open-timeout", "1",
-                 "--out", str(tmp_path / "d"))
-    _one_line_error(r, "timed out")
-    assert time.monotonic() - start < 60
-    _one_line_error(_cli("segment", "/dev/video9", "--out", str(tmp_path / "e")), "/dev/video9")
-    video = tmp_path / "v.mp4"
-    make_video(video, 3, 32, 32)
-    _one_line_error(_cli("segment", str(video), "--duration", "3"), "--duration is for live sources")
-    assert not any(p.name.startswith((".a", ".b", ".c", ".d", ".e")) for p in tmp_path.iterdir())
+        with pytest.raises(LiveSourceError, match="timed out"):
+            open_source(f"http://127.0.0.1:{silent.getsockname()[1]}/x.ts", opts)
+    assert time.monotonic() - start < 10
 
 
 def test_sigterm_stops_cleanly_and_writes_what_was_seen(ts_video, tmp_path: Path) -> None:

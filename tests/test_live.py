@@ -259,12 +259,13 @@ def test_duration_stops_after_that_many_seconds_of_frames(ts_video, tmp_path: Pa
     make_video(long_video, 250, 96, 64, container="mpegts", fps=FPS)
     with _http_server(long_video, 250 / FPS, "--once") as (_, line):
         url = f"http://127.0.0.1:{line.split()[1]}/long.ts"
-        r = _cli("bench", url, "--duration", "1.5", "--reconnect", "0")
+        # buffer: on a loaded machine the model may fall behind, and this test is about the clock.
+        r = _cli("bench", url, "--duration", "1.5", "--reconnect", "0", "--backlog", "buffer")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["ended_by"] == "duration"
     # Frames arrive at the source's pace: 1.5 s of a 25 fps stream (give or take the start's burst).
-    assert 25 <= report["frames"] <= 60
+    assert 25 <= report["frames_read"] <= 60 and report["frames"] == report["frames_read"]
     assert report["frames_dropped"] == 0 and report["latency_s"]["p95"] > 0
 
 

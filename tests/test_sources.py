@@ -4,6 +4,9 @@ against a real HTTP server on loopback that counts the requests it gets."""
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +17,7 @@ import pytest
 from service_env import ServiceEnv
 from videos import make_video
 
+from service.client import Client, ServiceError
 from service.jobs.sources import SourceRefused, SourceTooLarge, check_source, fetch, parse_nets
 
 PROBLEM = "application/problem+json"
@@ -30,7 +34,7 @@ class _Source:
             def log_message(self, *args) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 source.hits.append(self.path)
                 if self.path == "/video.mp4":
                     self.send_response(200)
@@ -158,6 +162,16 @@ def test_a_job_by_reference_runs_like_an_upload(tmp_path: Path, small_weights: P
         by_ref = httpx.get(f"{post}/{job['id']}/result").json()
         uploaded = httpx.get(f"{post}/{upload['id']}/result").json()
         assert by_ref["tracks"] == uploaded["tracks"]
+        # The CLI, as a user types it: `stemseg submit URL` fetches by reference into VIDEO-NAME_stemseg.
+        done = subprocess.run([sys.executable, "-m", "service.cli", "submit", source.url("/video.mp4"),
+                               "--server", env.base, "--format", "ytvis", "--no-progress"],
+                              check=False, cwd=tmp_path, env=env.env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        assert json.loads((tmp_path / "video_stemseg" / "results.json").read_text())  # written, parseable
+        with Client(env.base) as client:
+            with pytest.raises(ServiceError) as refused:
+                client.submit_url(source.url("/redirect"))
+            assert refused.value.status == 422
 
         before = len(source.hits)
         for body, status, why in (
@@ -175,7 +189,7 @@ def test_a_job_by_reference_runs_like_an_upload(tmp_path: Path, small_weights: P
         r = httpx.post(f"{post}?formats=ytvis", json={"source": source.url("/video.mp4")}, timeout=60)
         assert r.status_code == 422 and "in the body, not in the query" in r.json()["detail"]
         assert source.hits[before:] == ["/redirect", "/trickle"]
-        assert sorted(p.name for p in (env.data / "jobs").iterdir()) == sorted([job["id"], upload["id"]])
+        assert len(list((env.data / "jobs").iterdir())) == 3  # the two jobs and the CLI's; nothing staged
         text = env.log_text()
         assert "Traceback" not in text and str(env.data) not in text
     finally:

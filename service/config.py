@@ -157,9 +157,9 @@ class Settings(BaseSettings):
                                "(comma-separated; a host alone allows its scheme's default port only; IPv6 as "
                                "[v6] or [v6]:port)")
 
-    @field_validator("webhook_hosts")
+    @field_validator("webhook_hosts", "source_hosts")
     @classmethod
-    def _webhook_hosts(cls, v: str) -> str:
+    def _host_lists(cls, v: str) -> str:
         from service.jobs.webhooks import parse_allowed  # standard library only
 
         parse_allowed([h for h in v.split(",")])
@@ -171,14 +171,6 @@ class Settings(BaseSettings):
     source_timeout_s: float = Field(300.0, gt=0, description="Longest fetch of a job's source, start to end")
     source_idle_timeout_s: float = Field(15.0, gt=0, description="A source that sends nothing for this long "
                                          "is cut off")
-
-    @field_validator("source_hosts")
-    @classmethod
-    def _source_hosts(cls, v: str) -> str:
-        from service.jobs.webhooks import parse_allowed  # standard library only
-
-        parse_allowed([h for h in v.split(",")])
-        return v
 
     @field_validator("source_private_nets")
     @classmethod

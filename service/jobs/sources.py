@@ -27,6 +27,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from service.errors import ClientError
+from service.jobs.deadline import cut_at
 from service.jobs.webhooks import allowed_target, parse_allowed
 
 _SCHEMES = {"http": 80, "https": 443}
@@ -156,65 +157,53 @@ def fetch(url: str, out: BinaryIO, *, allowed_hosts: list[str], private_nets: li
     address = _address(host, port, private_nets, min(idle_s, timeout_s))
     cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
     conn = cls(host, port, address, timeout=min(idle_s, timeout_s))
-    expired = threading.Event()
-
-    def cut() -> None:  # the whole fetch's deadline: unblocks whatever socket call is under way
-        expired.set()
-        sock = conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    timer = threading.Timer(timeout_s, cut)
-    timer.daemon = True
-    timer.start()
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        conn.request("GET", target, headers={"User-Agent": _USER_AGENT, "Accept": "*/*",
-                                             "Accept-Encoding": "identity"})
-        answer = conn.getresponse()
-        if 300 <= answer.status < 400:
-            raise SourceRefused(f"the source answered {answer.status} (a redirect); redirects are not followed, "
-                                "give the final URL")
-        if answer.status != 200:
-            raise SourceRefused(f"the source answered {answer.status} {answer.reason}".rstrip())
-        declared = answer.getheader("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise SourceTooLarge(max_bytes)
-        size = 0
-        while True:
-            chunk = answer.read1(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > max_bytes:
-                raise SourceTooLarge(max_bytes)
-            out.write(chunk)
-            if time.monotonic() > deadline:
-                raise TimeoutError
-        if expired.is_set():  # the deadline's shutdown reads as the end of the body
-            raise TimeoutError
-        if declared.isdigit() and size < int(declared):
-            raise SourceRefused(f"the source ended after {size} of {declared} bytes")
-        if size == 0:
-            raise SourceRefused("the source is empty")
-    except (SourceRefused, SourceTooLarge):
-        raise
-    except TimeoutError:
-        raise SourceRefused(_timed_out(expired.is_set(), timeout_s, idle_s)) from None
-    except (OSError, http.client.HTTPException) as e:
-        if expired.is_set():
-            raise SourceRefused(_timed_out(True, timeout_s, idle_s)) from None
-        if isinstance(e, ssl.SSLError):
-            raise SourceRefused("the source's TLS connection failed (certificate or protocol)") from None
-        raise SourceRefused("the source could not be reached or broke off the connection") from None
+        with cut_at(conn, timeout_s) as expired:
+            try:
+                _get(conn, target, out, max_bytes, deadline, expired)
+            except (SourceRefused, SourceTooLarge):
+                raise
+            except TimeoutError:
+                raise SourceRefused(_timed_out(expired.is_set(), timeout_s, idle_s)) from None
+            except (OSError, http.client.HTTPException) as e:
+                if expired.is_set():
+                    raise SourceRefused(_timed_out(True, timeout_s, idle_s)) from None
+                if isinstance(e, ssl.SSLError):
+                    raise SourceRefused("the source's TLS connection failed (certificate or protocol)") from None
+                raise SourceRefused("the source could not be reached or broke off the connection") from None
     finally:
-        timer.cancel()
         conn.close()
     name = unquote(parts.path.rsplit("/", 1)[-1]) if parts.path else ""
     return name or None
+
+
+def _get(conn: http.client.HTTPConnection, target: str, out: BinaryIO, max_bytes: int, deadline: float,
+         expired) -> None:
+    conn.request("GET", target, headers={"User-Agent": _USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity"})
+    answer = conn.getresponse()
+    if 300 <= answer.status < 400:
+        raise SourceRefused(f"the source answered {answer.status} (a redirect); redirects are not followed, "
+                            "give the final URL")
+    if answer.status != 200:
+        raise SourceRefused(f"the source answered {answer.status} {answer.reason}".rstrip())
+    declared = answer.getheader("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise SourceTooLarge(max_bytes)
+    size = 0
+    while chunk := answer.read1(_CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise SourceTooLarge(max_bytes)
+        out.write(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError
+    if expired.is_set():  # the deadline's shutdown reads as the end of the body
+        raise TimeoutError
+    if declared.isdigit() and size < int(declared):
+        raise SourceRefused(f"the source ended after {size} of {declared} bytes")
+    if size == 0:
+        raise SourceRefused("the source is empty")
 
 
 def _timed_out(whole: bool, timeout_s: float, idle_s: float) -> str:

@@ -21,12 +21,13 @@ import ipaddress
 import json
 import logging
 import re
-import socket
 import ssl
 import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
+
+from service.jobs.deadline import cut_at
 
 log = logging.getLogger("stemseg.webhooks")
 
@@ -137,36 +138,23 @@ def _post(url: str, data: bytes, headers: dict[str, str], deadline_s: float) -> 
             parts.hostname, port, timeout=deadline_s, context=ssl.create_default_context())
     else:
         conn = http.client.HTTPConnection(parts.hostname, port, timeout=deadline_s)
-    expired = threading.Event()
-
-    def cut() -> None:  # unblocks whatever socket call is under way
-        expired.set()
-        sock = conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    timer = threading.Timer(deadline_s, cut)
-    timer.daemon = True
-    timer.start()
     try:
-        conn.connect()
-        if expired.is_set():
-            raise TimeoutError
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn.request("POST", target, body=data, headers=headers)
-        status = conn.getresponse().status
-        if expired.is_set():
-            raise TimeoutError
-        return status
-    except Exception:
-        if expired.is_set():
-            raise TimeoutError from None
-        raise
+        with cut_at(conn, deadline_s) as expired:
+            try:
+                conn.connect()
+                if expired.is_set():
+                    raise TimeoutError
+                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                conn.request("POST", target, body=data, headers=headers)
+                status = conn.getresponse().status
+                if expired.is_set():
+                    raise TimeoutError
+                return status
+            except Exception:
+                if expired.is_set():
+                    raise TimeoutError from None
+                raise
     finally:
-        timer.cancel()
         conn.close()
 
 

@@ -168,6 +168,10 @@ class Settings(BaseSettings):
                               "as STEMSEG_WEBHOOK_HOSTS); empty: jobs by reference are refused")
     source_private_nets: str = Field("", description="CIDRs a source host may resolve to although private, loopback "
                                      "or link-local (comma-separated); empty: only public addresses")
+    source_buckets: str = Field("", description="buckets an s3:// source may name (comma-separated); empty: none")
+    s3_endpoint_url: str = Field("", description="S3 API endpoint of s3:// sources (MinIO, SeaweedFS, Ceph, GCS's "
+                                 "XML API); empty: AWS. Credentials: the standard AWS chain (AWS_* variables, "
+                                 "profiles, roles)")
     source_timeout_s: float = Field(300.0, gt=0, description="Longest fetch of a job's source, start to end")
     source_idle_timeout_s: float = Field(15.0, gt=0, description="A source that sends nothing for this long "
                                          "is cut off")
@@ -199,6 +203,10 @@ class Settings(BaseSettings):
                                                "(heads) in one forward; 0 or 1 disables it")
     batch_max_delay_ms: float = Field(5.0, ge=0, description="Dynamic batching: longest a request waits for others")
     clips_per_forward: int = Field(1, ge=1, description="Consecutive clips whose heads run as one batch")
+
+    @property
+    def source_bucket_list(self) -> list[str]:
+        return [b.strip() for b in self.source_buckets.split(",") if b.strip()]
 
     @property
     def source_host_list(self) -> list[str]:

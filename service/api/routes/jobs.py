@@ -26,7 +26,7 @@ from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
 from service.jobs.lifecycle import JobStatus, Limits
-from service.jobs.sources import check_source, fetch, parse_nets
+from service.jobs.sources import SourcePolicy, check_source, fetch
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
 from service.outputs.names import NAMES
@@ -42,7 +42,8 @@ class SourceJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: str = Field(max_length=2048, examples=["https://videos.example.com/walk.mp4"],
-                        description="http(s) URL of the video; its host must be listed in STEMSEG_SOURCE_HOSTS")
+                        description="http(s) URL of the video (its host listed in STEMSEG_SOURCE_HOSTS) or "
+                                    "s3://BUCKET/KEY (the bucket listed in STEMSEG_SOURCE_BUCKETS)")
     formats: list[str] | None = Field(None, max_length=len(OUTPUT_FORMATS),
                                       description=f"subset of {', '.join(OUTPUT_FORMATS)} (default: STEMSEG_FORMATS)")
     preset: str | None = Field(None, max_length=64, description="must match the served model when given")
@@ -165,7 +166,7 @@ async def create_job(
             raise Problem(422, f"with a JSON body give {', '.join(given)} in the body, not in the query")
         formats = ",".join(by_reference.formats) if by_reference.formats is not None else None
         preset, min_dim, callback_url = by_reference.preset, by_reference.min_dim, by_reference.callback_url
-        why = check_source(by_reference.source, s.source_host_list)
+        why = check_source(by_reference.source, SourcePolicy.from_settings(s))
         if why:
             raise Problem(422, why)
     try:
@@ -200,10 +201,8 @@ async def create_job(
 
 
 def _fetch_source(svc: Services, staging: str, url: str) -> str | None:
-    s = svc.settings
     with svc.storage.writer(staging, "video") as out:
-        name = fetch(url, out, allowed_hosts=s.source_host_list, private_nets=parse_nets(s.source_private_nets),
-                     max_bytes=s.max_upload_bytes, timeout_s=s.source_timeout_s, idle_s=s.source_idle_timeout_s)
+        name = fetch(url, out, SourcePolicy.from_settings(svc.settings))
     return clean_filename(name)
 
 

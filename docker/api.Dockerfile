@@ -48,7 +48,7 @@ COPY weights/lite.safetensors weights/MODEL_CARD.md weights/
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY model_export/ model_export/
-RUN pip install --no-cache-dir -c .ci/constraints.txt '.[server]' \
+RUN pip install --no-cache-dir -c .ci/constraints.txt '.[server,s3]' \
     && python -c "import torch, av, fastapi, redis, service.cli; assert not torch.version.cuda, torch.__version__"
 
 # /data: uploads and results, a volume every API and worker container shares (a new named volume takes the

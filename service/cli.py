@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from service.config import DEFAULT_FORMATS, OUTPUT_FORMATS
 from service.errors import UserError
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-progress", action="store_true")
 
     sbm = sub.add_parser("submit", help="segment a video on a running service (stemseg serve) into segment's folder")
-    sbm.add_argument("video", type=Path, help="video file to upload")
+    sbm.add_argument("video", help="video file to upload, or an http(s):// URL the service fetches itself "
+                                   "(its host must be in the service's STEMSEG_SOURCE_HOSTS)")
     sbm.add_argument("--server", default=os.environ.get("STEMSEG_SERVER"),
                      help="the service's URL, e.g. http://127.0.0.1:8000 (env STEMSEG_SERVER)")
     sbm.add_argument("--api-key", default=os.environ.get("STEMSEG_API_KEY"),
@@ -408,7 +410,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UsageError("submit needs the service's URL: --server URL (or env STEMSEG_SERVER)")
     if not re.match(r"https?://", args.server):
         raise UsageError(f"--server must be an http:// or https:// URL, not {args.server!r}")
-    _check_video(args.video)
+    by_reference = re.match(r"https?://", args.video) is not None
+    if by_reference:
+        stem = Path(urlsplit(args.video).path).stem or "video"
+        default_out = Path(f"{stem}_stemseg")
+    else:
+        args.video = Path(args.video)
+        _check_video(args.video)
+        default_out = args.video.with_name(f"{args.video.stem}_stemseg")
     try:
         import httpx
 
@@ -418,13 +427,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                          "pip install 'stemseg-serve[server]'") from None
     from service.outputs.write import OutputExists, check_output_dir
 
-    out_dir = Path(os.path.abspath(args.out or args.video.with_name(f"{args.video.stem}_stemseg")))
+    out_dir = Path(os.path.abspath(args.out or default_out))
     start = time.perf_counter()
     try:
         if not args.no_wait:
             check_output_dir(out_dir, replace=args.force)  # before the upload, not after the job
         with Client(args.server, api_key=args.api_key) as client:
-            job = client.submit(args.video, formats=args.format, progress=not args.no_progress)
+            if by_reference:
+                job = client.submit_url(args.video, formats=args.format)
+            else:
+                job = client.submit(args.video, formats=args.format, progress=not args.no_progress)
             if warning := job.data.get("warning"):
                 print(f"stemseg: warning: {warning}", file=sys.stderr)
             if args.no_wait:

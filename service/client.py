@@ -205,6 +205,17 @@ def _formats_param(formats: Sequence[str] | str | None) -> dict[str, str]:
     return {"formats": formats if isinstance(formats, str) else ",".join(formats)}
 
 
+def _source_body(url: str, formats, callback_url: str | None, min_dim: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"source": url}
+    if formats is not None:
+        body["formats"] = [f for f in (formats.split(",") if isinstance(formats, str) else formats) if f]
+    if callback_url is not None:
+        body["callback_url"] = callback_url
+    if min_dim is not None:
+        body["min_dim"] = min_dim
+    return body
+
+
 def _upload_params(formats, callback_url: str | None, min_dim: int | None) -> dict[str, str]:
     params = _formats_param(formats)
     if callback_url:
@@ -363,6 +374,13 @@ class Client:
         finally:
             src.close()
         return Job(self, response.json())
+
+    def submit_url(self, url: str, formats: Sequence[str] | str | None = None, *, callback_url: str | None = None,
+                   min_dim: int | None = None) -> Job:
+        """A job of a video the service fetches itself (its host must be in the service's
+        STEMSEG_SOURCE_HOSTS); returns it queued, once fetched and admitted."""
+        body = _source_body(url, formats, callback_url, min_dim)
+        return Job(self, self.request("POST", "/v1/jobs", json=body).json())
 
     def job(self, job_id: str) -> Job:
         return Job(self, self.request("GET", f"/v1/jobs/{job_id}").json())
@@ -551,6 +569,12 @@ class AsyncClient:
         finally:
             src.close()
         return AsyncJob(self, response.json())
+
+    async def submit_url(self, url: str, formats: Sequence[str] | str | None = None, *,
+                         callback_url: str | None = None, min_dim: int | None = None) -> AsyncJob:
+        """As Client.submit_url."""
+        body = _source_body(url, formats, callback_url, min_dim)
+        return AsyncJob(self, (await self.request("POST", "/v1/jobs", json=body)).json())
 
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self.request("GET", f"/v1/jobs/{job_id}")).json())

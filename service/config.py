@@ -157,13 +157,33 @@ class Settings(BaseSettings):
                                "(comma-separated; a host alone allows its scheme's default port only; IPv6 as "
                                "[v6] or [v6]:port)")
 
-    @field_validator("webhook_hosts")
+    @field_validator("webhook_hosts", "source_hosts")
     @classmethod
-    def _webhook_hosts(cls, v: str) -> str:
+    def _host_lists(cls, v: str) -> str:
         from service.jobs.webhooks import parse_allowed  # standard library only
 
         parse_allowed([h for h in v.split(",")])
         return v
+    source_hosts: str = Field("", description="host or host:port a job's `source` URL may name (comma-separated, "
+                              "as STEMSEG_WEBHOOK_HOSTS); empty: jobs by reference are refused")
+    source_private_nets: str = Field("", description="CIDRs a source host may resolve to although private, loopback "
+                                     "or link-local (comma-separated); empty: only public addresses")
+    source_buckets: str = Field("", description="buckets an s3:// source may name (comma-separated); empty: none")
+    s3_endpoint_url: str = Field("", description="S3 API endpoint of s3:// sources (MinIO, SeaweedFS, Ceph, GCS's "
+                                 "XML API); empty: AWS. Credentials: the standard AWS chain (AWS_* variables, "
+                                 "profiles, roles)")
+    source_timeout_s: float = Field(300.0, gt=0, description="Longest fetch of a job's source, start to end")
+    source_idle_timeout_s: float = Field(15.0, gt=0, description="A source that sends nothing for this long "
+                                         "is cut off")
+
+    @field_validator("source_private_nets")
+    @classmethod
+    def _source_nets(cls, v: str) -> str:
+        from service.jobs.sources import parse_nets
+
+        parse_nets(v)
+        return v
+
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
     webhook_attempts: int = Field(5, ge=1, description="Deliveries of one webhook before giving up")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles per attempt")
@@ -215,6 +235,14 @@ class Settings(BaseSettings):
 
     live_queue_frames: int = Field(32, ge=1, description="... and in frames (1.3 s at 25 fps): what bounds "
                                    "the latency a backlog adds under the drop policy")
+
+    @property
+    def source_bucket_list(self) -> list[str]:
+        return [b.strip() for b in self.source_buckets.split(",") if b.strip()]
+
+    @property
+    def source_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.source_hosts.split(",") if h.strip()]
 
     @property
     def webhook_host_list(self) -> list[str]:

@@ -505,7 +505,7 @@ def test_ci_lints_with_the_test_environment_before_the_tests():
     assert re.search(r"^ruff==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
 
 
-@pytest.mark.parametrize("name,extras", [("api", {"server"}), ("worker", {"server", "gpu"})])
+@pytest.mark.parametrize("name,extras", [("api", {"server", "s3"}), ("worker", {"server", "gpu"})])
 def test_dockerfile_installs_the_package_like_ci(name, extras):
     instr = instructions(DOCKERFILES[name])
     runs = [i for i, (k, _) in enumerate(instr) if k == "RUN"]

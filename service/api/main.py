@@ -15,6 +15,7 @@ from service.api import problems
 from service.api.deps import Services
 from service.api.routes import files, health, jobs, web
 from service.config import Settings, get_settings
+from service.jobs import probing
 from service.jobs.model_info import served_model_of
 from service.model.presets import ModelConfig
 
@@ -30,6 +31,8 @@ def create_app(settings: Settings | None = None, model_cfg: ModelConfig | None =
         # Blocking work (sync routes, run_in_threadpool) runs on this many threads, the sync
         # Redis pool is sized to match (Settings.redis_pool_sizes).
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        # The probes' forkserver starts (and imports PyAV) now, not in the first upload's time.
+        await anyio.to_thread.run_sync(probing.warm_up)
         yield
         await services.aredis.aclose()
         services.redis.close()

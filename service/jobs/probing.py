@@ -104,6 +104,15 @@ def run_in_child(fn: Callable[..., T], *args, deadline_s: float) -> T:
     raise value
 
 
+def _nothing() -> None:
+    return None
+
+
+def warm_up() -> None:
+    """Start the forkserver and one child now (a second or two, once per process)."""
+    run_in_child(_nothing, deadline_s=60)
+
+
 def readable_upload(storage: LocalStorage, staging: str, max_pixels: int, max_frames: int, budget_s: float,
                     max_samples: int, max_bytes: int) -> VideoInfo:
     """Probe an upload (in `storage` under `staging`) within the limits; one whose frames cannot
@@ -150,4 +159,4 @@ def probe_upload(storage: LocalStorage, staging: str, *, max_pixels: int, max_fr
         raise VideoError(video, f"reading the video stopped the decoder ({why}); the file is damaged") from None
 
 
-__all__ = ["ChildDied", "ChildTimedOut", "probe_upload", "readable_upload", "run_in_child"]
+__all__ = ["ChildDied", "ChildTimedOut", "probe_upload", "readable_upload", "run_in_child", "warm_up"]

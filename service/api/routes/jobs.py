@@ -16,16 +16,17 @@ import redis
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pycocotools import mask as mask_utils
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
-from service.api.uploads import receive
+from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
 from service.jobs.lifecycle import JobStatus, Limits
+from service.jobs.sources import SourcePolicy, check_source, fetch
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
 from service.outputs.names import NAMES
@@ -33,12 +34,39 @@ from service.outputs.names import NAMES
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _MAX_OFFSET = 1_000_000
 
+_JSON_LIMIT = 16 * 1024
+
+
+class SourceJob(BaseModel):
+    """A job by reference: the API fetches `source` (service.jobs.sources) and admits it as an upload."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(max_length=2048, examples=["https://videos.example.com/walk.mp4"],
+                        description="http(s) URL of the video (its host listed in STEMSEG_SOURCE_HOSTS) or "
+                                    "s3://BUCKET/KEY (the bucket listed in STEMSEG_SOURCE_BUCKETS)")
+    formats: list[str] | None = Field(None, max_length=len(OUTPUT_FORMATS),
+                                      description=f"subset of {', '.join(OUTPUT_FORMATS)} (default: STEMSEG_FORMATS)")
+    preset: str | None = Field(None, max_length=64, description="must match the served model when given")
+    min_dim: int | None = Field(None, ge=32, le=4096)
+    callback_url: str | None = Field(None, max_length=2048, description="POSTed to when the job ends")
+
+
 _UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
     "video/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": {"schema": SourceJob.model_json_schema()},
 }}
+
+
+def _source_job(raw: bytes) -> SourceJob:
+    try:
+        return SourceJob.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise Problem(422, f"JSON body: {where}: {first.get('msg', 'invalid')}") from None
 
 
 class Progress(BaseModel):
@@ -129,6 +157,18 @@ async def create_job(
     callback_url: Annotated[str | None, Query(max_length=2048, description="POSTed to when the job ends")] = None,
 ) -> Job:
     s = svc.settings
+    by_reference: SourceJob | None = None
+    if is_json(request):
+        by_reference = _source_job(await receive_json(request, _JSON_LIMIT, s.upload_idle_timeout_s))
+        given = [k for k, v in (("formats", formats), ("preset", preset), ("min_dim", min_dim),
+                                ("callback_url", callback_url)) if v is not None]
+        if given:
+            raise Problem(422, f"with a JSON body give {', '.join(given)} in the body, not in the query")
+        formats = ",".join(by_reference.formats) if by_reference.formats is not None else None
+        preset, min_dim, callback_url = by_reference.preset, by_reference.min_dim, by_reference.callback_url
+        why = check_source(by_reference.source, SourcePolicy.from_settings(s))
+        if why:
+            raise Problem(422, why)
     try:
         wanted = list(parse_formats(formats) if formats is not None else s.format_list)
     except ValueError as e:  # the CLI's sentence: what is allowed, not a regular expression
@@ -145,7 +185,10 @@ async def create_job(
     svc.probes.check(owner)  # this key's probe slots busy: 503 before a byte is read
     staging = f"upload-{svc.jobs.new_id()}"
     try:
-        filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)
+        if by_reference is None:
+            filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)
+        else:
+            filename = await svc.probes.run(owner, _fetch_source, svc, staging, by_reference.source)
         job = await svc.probes.run(
             owner, svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
             limits=Limits.from_settings(s), quota=s.max_active_jobs,
@@ -155,6 +198,12 @@ async def create_job(
         raise
     response.headers["Location"] = f"/v1/jobs/{job['id']}"
     return _view(job)
+
+
+def _fetch_source(svc: Services, staging: str, url: str) -> str | None:
+    with svc.storage.writer(staging, "video") as out:
+        name = fetch(url, out, SourcePolicy.from_settings(svc.settings))
+    return clean_filename(name)
 
 
 @router.get("", response_model=JobList, responses=responses(401, 422, 503))

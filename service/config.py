@@ -157,7 +157,7 @@ class Settings(BaseSettings):
                                "(comma-separated; a host alone allows its scheme's default port only; IPv6 as "
                                "[v6] or [v6]:port)")
 
-    @field_validator("webhook_hosts", "source_hosts")
+    @field_validator("webhook_hosts", "source_hosts", "stream_hosts")
     @classmethod
     def _host_lists(cls, v: str) -> str:
         from service.jobs.webhooks import parse_allowed  # standard library only
@@ -220,18 +220,9 @@ class Settings(BaseSettings):
                             "(counted; tracks restart after the gap), or stop reading until the queue has room")
     live_queue_bytes: int = Field(256 * 1024**2, ge=1, description="Decoded frames of a live source waiting for "
                                   "the model, in bytes (one frame always fits); the backlog policy applies above")
-    stream_sources: str = Field("", description="Live sources the service may open for clients: host, host:port, "
-                                "[v6][:port] or a network a.b.c.d/n, comma-separated; empty (default): none. A "
-                                "private address only when listed (service/jobs/stream_sources.py)")
-
-    @field_validator("stream_sources")
-    @classmethod
-    def _stream_sources(cls, v: str) -> str:
-        if v.strip():
-            from service.jobs.stream_sources import StreamSources
-
-            StreamSources.parse(v)
-        return v
+    stream_hosts: str = Field("", description="host or host:port a live stream's URL may name (comma-separated, as "
+                              "STEMSEG_SOURCE_HOSTS; its private addresses only inside STEMSEG_SOURCE_PRIVATE_NETS); "
+                              "empty: no live streams")
 
     live_queue_frames: int = Field(32, ge=1, description="... and in frames (1.3 s at 25 fps): what bounds "
                                    "the latency a backlog adds under the drop policy")

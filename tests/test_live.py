@@ -421,7 +421,7 @@ def test_a_change_of_frame_size_ends_the_stream_there(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The service's policy on which sources a client may have it open (STEMSEG_STREAM_SOURCES).
+# The service's policy on which sources a client may have it open (STEMSEG_STREAM_HOSTS).
 
 def _resolver(table: dict[str, list[str]]):
     def resolve(host: str, port: int) -> list[str]:
@@ -431,37 +431,39 @@ def _resolver(table: dict[str, list[str]]):
     return resolve
 
 
-def test_stream_sources_allow_nothing_by_default_and_private_ranges_only_when_listed() -> None:
-    from service.jobs.stream_sources import StreamSources
+def test_stream_hosts_allow_nothing_by_default_and_private_ranges_only_when_listed() -> None:
+    from service.jobs.sources import parse_nets
+    from service.jobs.stream_sources import check_stream_url
 
-    assert "not enabled" in StreamSources.parse("").check("rtsp://93.184.216.34/live")
+    assert "not enabled" in check_stream_url("rtsp://93.184.216.34/live", [], [])
     names = _resolver({"cam.example.com": ["93.184.216.34"], "inside.example.com": ["10.1.2.3"],
                        "mixed.example.com": ["93.184.216.34", "192.168.0.9"]})
-    policy = StreamSources.parse("cam.example.com, inside.example.com, mixed.example.com, 203.0.113.7:8554")
-    assert policy.check("rtsp://cam.example.com/live", names) is None
-    assert "not allowed" in policy.check("rtsp://cam.example.com:8554/live", names)  # only rtsp's 554
-    assert "private" in policy.check("rtsp://inside.example.com/live", names)  # a name never opens 10/8
-    assert "private" in policy.check("rtsp://mixed.example.com/live", names)  # every address counts
-    assert policy.check("rtsp://203.0.113.7:8554/x", names) is None  # an address listed as itself
-    assert "not allowed" in policy.check("rtsp://127.0.0.1/live", names)
-    assert "does not resolve" in policy.check("http://cam.example.com/x.ts", _resolver({}))
-    assert "not allowed" in policy.check("http://nowhere.example.com/x.ts", names)  # never even resolved
-    assert "must give its port" in StreamSources.parse("10.0.0.0/8").check("udp://10.1.2.3", names)
-    inside = StreamSources.parse("10.0.0.0/8, inside.example.com")
-    assert inside.check("rtsp://inside.example.com/live", names) is None
-    assert inside.check("udp://10.9.9.9:5000", names) is None
-    assert "not allowed" in inside.check("udp://11.9.9.9:5000", names)
-    assert "scheme" in inside.check("file:///etc/passwd", names)
-    assert "scheme" in inside.check("/dev/video0", names)
-    assert "whitespace" in inside.check("rtsp://10.1.2.3/a b", names)
+    hosts = ["cam.example.com", "inside.example.com", "mixed.example.com", "203.0.113.7:8554", "10.9.9.9:5000",
+             "127.0.0.1"]
+    assert check_stream_url("rtsp://user:pass@cam.example.com/live", hosts, [], names) is None
+    assert "not allowed" in check_stream_url("rtsp://cam.example.com:8554/live", hosts, [], names)  # 554 only
+    assert "not allowed" in check_stream_url("rtsp://elsewhere.example.com/live", hosts, [], names)
+    assert "private" in check_stream_url("rtsp://inside.example.com/live", hosts, [], names)
+    assert "private" in check_stream_url("rtsp://mixed.example.com/live", hosts, [], names)  # every address
+    assert "private" in check_stream_url("rtsp://127.0.0.1/live", hosts, [], names)  # listed, still loopback
+    assert "could not be resolved" in check_stream_url("http://cam.example.com/x.ts", hosts, [], _resolver({}))
+    assert "must give its port" in check_stream_url("udp://10.9.9.9", hosts, [], names)
+    nets = parse_nets("10.0.0.0/8, 127.0.0.1")
+    assert check_stream_url("rtsp://inside.example.com/live", hosts, nets, names) is None
+    assert check_stream_url("udp://10.9.9.9:5000", hosts, nets, names) is None
+    assert check_stream_url("rtsp://127.0.0.1/live", hosts, nets, names) is None
+    assert "private" in check_stream_url("rtsp://mixed.example.com/live", hosts, nets, names)
+    assert "http://" in check_stream_url("file:///etc/passwd", hosts, nets, names)
+    assert "with a host" in check_stream_url("/dev/video0", hosts, nets, names)
+    assert "whitespace" in check_stream_url("rtsp://10.9.9.9/a b", hosts, nets, names)
 
 
-def test_a_bad_stream_sources_entry_stops_the_settings() -> None:
+def test_a_bad_stream_hosts_entry_stops_the_settings() -> None:
     from pydantic import ValidationError
 
     from service.config import Settings
 
-    assert Settings(stream_sources="cam.example.com:554, 10.0.0.0/8").stream_sources
-    for bad in ("10.0.0.0/99", "host:99999", "::1:8080"):
+    assert Settings(stream_hosts="cam.example.com:554, [::1]:8554").stream_hosts
+    for bad in ("host:99999", "::1:8080", "a b"):
         with pytest.raises(ValidationError):
-            Settings(stream_sources=bad)
+            Settings(stream_hosts=bad)

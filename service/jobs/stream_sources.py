@@ -1,13 +1,13 @@
-"""Which live sources the service may open for a client (`STEMSEG_STREAM_SOURCES`).
+"""Which live sources the service may open for a client: `STEMSEG_STREAM_HOSTS`.
 
-A stream URL makes a worker connect wherever it says, from inside the network it runs in, so
-nothing is allowed by default, as for webhooks. Entries are `host`, `host:port`, `[v6]`,
-`[v6]:port` (a host alone: its scheme's default port only) or a network `a.b.c.d/n` (any host
-in it, any port). Every address a host name resolves to must be public (`ipaddress`'s
-`is_global`) unless a listed network or the address itself (listed as the host) names it:
-listing a name never opens a private range, since whoever controls its DNS could point it
-anywhere. FFmpeg resolves the name again when it connects, so a deployment that must not
-reach its own network should also restrict the workers' egress.
+As for videos by reference (service.jobs.sources), whose rules these are: a stream URL makes a
+worker connect wherever it says, from inside the network it runs in, so nothing is allowed by
+default. The URL's host and port must be listed (`host`, `host:port`, `[v6]`, `[v6]:port`; a host
+alone: its scheme's default port only), and every address the host resolves to must be public
+or inside `STEMSEG_SOURCE_PRIVATE_NETS`: every one, not the first, because FFmpeg resolves the
+name again when it connects and may take any of them. A deployment that must not reach its own
+network should still restrict the workers' egress (a DNS answer can change in between).
+Credentials in the URL (RTSP cameras) are allowed; they are never shown (service.video.live.redact).
 """
 
 from __future__ import annotations
@@ -15,98 +15,58 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from service.jobs.webhooks import _canonical_host, parse_allowed
+from service.jobs.sources import _usable
+from service.jobs.webhooks import allowed_target, parse_allowed
 from service.video.live import NETWORK_SCHEMES
 
-# Ports a URL without one connects to; a scheme missing here needs an explicit port.
+# Ports a URL without one connects to; a scheme missing here must give its port.
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "rtmp": 1935, "rtmps": 443, "http": 80, "https": 443}
 Resolver = Callable[[str, int], list[str]]
 
 
 def _resolve(host: str, port: int) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+    return sorted({info[4][0].split("%")[0] for info in socket.getaddrinfo(host, port)})
 
 
-@dataclass(frozen=True)
-class StreamSources:
-    hosts: frozenset[tuple[str, int | None]]
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-    @classmethod
-    def parse(cls, value: str) -> StreamSources:
-        """The setting's entries; ValueError naming the first that is none of the forms."""
-        hosts, networks = [], []
-        for raw in value.split(","):
-            entry = raw.strip()
-            if "/" in entry:
-                try:
-                    networks.append(ipaddress.ip_network(entry, strict=False))
-                except ValueError:
-                    raise ValueError(f"{entry!r}: not a network (a.b.c.d/n or v6/n)") from None
-            elif entry:
-                hosts.append(entry)
-        return cls(frozenset(parse_allowed(hosts)), tuple(networks))
-
-    @property
-    def empty(self) -> bool:
-        return not self.hosts and not self.networks
-
-    def _in_networks(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        return any(ip in net for net in self.networks)
-
-    def check(self, url: str, resolve: Resolver = _resolve) -> str | None:
-        """Why a client may not have the service open `url` (None: it may); names nothing but the URL's host."""
-        if self.empty:
-            return "live streams are not enabled on this service (STEMSEG_STREAM_SOURCES lists no sources)"
-        if len(url) > 2048:
-            return "url is longer than 2048 characters"
-        if any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url):
-            return "url must not contain whitespace, control or non-ASCII characters (percent-encode them)"
+def check_stream_url(url: str, hosts: list[str], private_nets: list, resolve: Resolver = _resolve) -> str | None:
+    """Why a client may not have the service open `url` (None: it may); names nothing but the URL's host."""
+    allowed = parse_allowed(hosts)
+    if not allowed:
+        return "live streams are not enabled on this service (STEMSEG_STREAM_HOSTS lists no hosts)"
+    if len(url) > 2048:
+        return "url is longer than 2048 characters"
+    if any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url):
+        return "url must not contain whitespace, control or non-ASCII characters (percent-encode them)"
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "url is not a valid URL"
+    scheme = parts.scheme.lower()
+    if scheme not in NETWORK_SCHEMES or not host:
+        return f"url must be a {'://, '.join(NETWORK_SCHEMES)}:// URL with a host"
+    default = DEFAULT_PORTS.get(scheme)
+    if port is None and default is None:
+        return f"a {scheme}:// url must give its port"
+    port = port if port is not None else default
+    shown = allowed_target(host, port, default or -1, allowed)
+    if shown is not None:
+        return f"url's host and port {shown} are not allowed (STEMSEG_STREAM_HOSTS)"
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
         try:
-            parts = urlsplit(url)
-            host, port = parts.hostname or "", parts.port
-        except ValueError:
-            return "url is not a valid URL"
-        scheme = parts.scheme.lower()
-        if scheme not in NETWORK_SCHEMES:
-            return f"url's scheme must be one of {', '.join(NETWORK_SCHEMES)}"
-        if not host:
-            return "url must name a host"
-        if port is None and scheme not in DEFAULT_PORTS:
-            return f"a {scheme}:// url must give its port"
-        host = _canonical_host(host)
-        default = DEFAULT_PORTS.get(scheme)
-        port = port if port is not None else default
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        listed = (host, port) in self.hosts or (port == default and (host, None) in self.hosts)
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-        if literal is not None:
-            # An address: listed as itself (any range), or inside a listed network.
-            if listed or self._in_networks(host):
-                return None
-            return f"url's host and port {shown} are not allowed (STEMSEG_STREAM_SOURCES)"
-        if not listed and not self.networks:
-            return f"url's host and port {shown} are not allowed (STEMSEG_STREAM_SOURCES)"
-        try:
-            addresses = resolve(host, port)
-        except OSError:
-            return f"url's host {host} does not resolve"
+            addresses = [ipaddress.ip_address(a) for a in resolve(host, port)]
+        except (OSError, ValueError):
+            addresses = []
         if not addresses:
-            return f"url's host {host} does not resolve"
-        for address in addresses:
-            inside = self._in_networks(address)
-            if not inside and not (listed and ipaddress.ip_address(address).is_global):
-                why = "a private or reserved address" if not ipaddress.ip_address(address).is_global else "an address"
-                return (f"url's host {host} resolves to {why} that STEMSEG_STREAM_SOURCES does not list "
-                        "(list its network to allow it)")
-        return None
+            return f"url's host {host} could not be resolved"
+    if not all(_usable(ip, private_nets) for ip in addresses):
+        return (f"url's host {host} resolves to a private, loopback or reserved address, which is not allowed "
+                "(STEMSEG_SOURCE_PRIVATE_NETS)")
+    return None
 
 
-__all__ = ["DEFAULT_PORTS", "StreamSources"]
+__all__ = ["DEFAULT_PORTS", "check_stream_url"]

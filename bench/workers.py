@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.config import Settings, get_settings
+from service.jobs.keys import Keys
 from service.jobs.lifecycle import Jobs, Limits
 from service.jobs.model_info import served_model
 from service.jobs.redis_url import sync_client
@@ -98,7 +99,7 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
                  for _ in range(workers)]
         try:
             deadline = time.monotonic() + 300
-            while sum(1 for _ in r.scan_iter(f"{prefix}:worker:*")) < workers:
+            while sum(1 for _ in r.scan_iter(Keys(prefix).workers_pattern)) < workers:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     raise RuntimeError("the workers did not come up (run with --verbose to see why)")
                 time.sleep(0.2)
@@ -134,7 +135,7 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
                     p.wait(60)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            keys = list(r.scan_iter(f"{prefix}:*"))
+            keys = [k for pattern in Keys(prefix).patterns for k in r.scan_iter(pattern)]
             if keys:
                 r.delete(*keys)
 

@@ -65,6 +65,9 @@ class TaskQueue:
         """A task's stream entry (what `take` reads back)."""
         return {"job": job_id, "start": start, "stop": stop, "kind": kind}
 
+    def put(self, job_id: str, start: int, stop: int, kind: str = CLIPS) -> None:
+        self.put_all(job_id, [(start, stop)], kind)
+
     def put_all(self, job_id: str, spans: list[tuple[int, int]], kind: str = CLIPS) -> None:
         """Queue one task per span in one transaction (one key: fine on Redis Cluster): all or none."""
         self.ensure_group()

@@ -4,19 +4,32 @@ append-only file so one can be stopped and started again with its data."""
 
 from __future__ import annotations
 
-import shutil
+import random
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
-from service_env import free_port
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too and below 65536."""
+    while True:
+        port = random.randint(20000, 40000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
 
 
 class LocalCluster:
     def __init__(self, workdir: Path, masters: int = 3) -> None:
         self.dir = workdir
-        self.ports = [free_port() for _ in range(masters)]
+        self.ports = [cluster_port() for _ in range(masters)]
         self.procs: dict[int, subprocess.Popen] = {}
 
     @property
@@ -39,7 +52,7 @@ class LocalCluster:
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError((node_dir / "server.log").read_text()[-2000:]) from None
                 time.sleep(0.05)
         client.close()
 
@@ -89,7 +102,6 @@ class LocalCluster:
     def close(self) -> None:
         for port in list(self.procs):
             self.stop_node(port)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _ok(info) -> bool:

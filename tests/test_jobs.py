@@ -159,6 +159,43 @@ def test_gauges_never_count_expired_jobs_and_sweeper_deletes_orphans(jobs: Jobs,
     assert names == {"dead-worker"}
 
 
+def test_record_is_its_own_encoding_and_names_every_field(jobs: Jobs, r) -> None:
+    a = _create(jobs, "o")
+    raw = r.hgetall(jobs.keys.job(a))
+    assert JobRecord.from_redis(raw) == jobs.get(a) and jobs.get(a).to_redis() == {
+        k.decode(): v.decode() for k, v in raw.items()}
+    with pytest.raises(ValueError, match="no field"):
+        jobs.update(a, num_frame=3)  # a misspelt field never reaches Redis
+    with pytest.raises(ValueError, match="state machine"):
+        jobs.update(a, status="succeeded")  # only a transition writes the status
+    with pytest.raises(ValueError, match="counter"):
+        jobs.incr(a, "width")
+    assert jobs.get(a).status == JobStatus.QUEUED and jobs.get(a).num_frames == 20
+
+
+def test_change_whose_process_died_between_its_two_steps_is_reconciled(jobs: Jobs, r, monkeypatch) -> None:
+    a = _create(jobs, "o", quota=1)
+    jobs.start(a)
+    real_move = jobs._move
+
+    def died(*args) -> None:  # the job's side is written, the shared side never is
+        raise ConnectionError("killed")
+
+    monkeypatch.setattr(jobs, "_move", died)
+    with pytest.raises(ConnectionError):
+        jobs.fail(a, "x")
+    monkeypatch.setattr(jobs, "_move", real_move)
+    assert jobs.get(a).status == JobStatus.FAILED and r.sismember(jobs.keys.state("running"), a)
+    assert jobs.counts()["running"] == 0  # unfinished states are counted by their records
+    with pytest.raises(QuotaExceeded):  # the ended job still holds the quota, until the sweep
+        jobs.check_quota("o", 1)
+    assert jobs.sweep(grace_s=3600, consumer_idle_s=3600)["moved_ids"] == 1
+    assert not r.sismember(jobs.keys.state("running"), a) and r.sismember(jobs.keys.state("failed"), a)
+    assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 1, "cancelled": 0}
+    jobs.check_quota("o", 1)
+    assert jobs.sweep(grace_s=3600, consumer_idle_s=3600)["moved_ids"] == 0
+
+
 def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path) -> None:
     video = tmp_path / "v.mp4"
     make_video(video, 30, 64, 48)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import av
@@ -291,3 +292,43 @@ def test_bad_inputs_raise_video_error(tmp_path: Path, kind: str) -> None:
         # iter_frames' `expected`), not by a decoder that stops early.
         with pytest.raises(VideoError, match=message):
             list(iter_frames(path, max_pixels=128 * 96 - 1))
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_consecutive_reads_carry_on_from_the_last_one(tmp_path: Path, threads: bool) -> None:
+    # One keyframe and B-frames, read in stretches as a worker's tasks do (every other stretch,
+    # as with two workers, then one going back): the stretches after the first carry on with the
+    # same open decoder, and every frame is iter_frames' own.
+    path = tmp_path / "long-gop.mp4"
+    make_video(path, 120, 96, 64, options={"g": "250", "bf": "3", "crf": "18"})
+    frames = list(iter_frames(path))
+    decode.release_reader()
+    readers = []
+    for start in (8, 24, 40, 41, 72, 104, 30):
+        got = read_frames(path, list(range(start, min(start + 12, 120))), threads=threads)
+        assert [f.index for f in got] == list(range(start, min(start + 12, 120)))
+        assert all(np.array_equal(f.image, frames[f.index].image) for f in got)
+        readers.append(decode._warm.reader)
+    assert all(r is readers[0] for r in readers[:6])  # carried on: no seek back to frame 0
+    assert readers[6] is not readers[0]  # frame 30 is behind where it stopped: a new decoder
+    ranged = list(decode.iter_frame_range(path, 50, 90, threads=threads))
+    assert [f.index for f in ranged] == list(range(50, 90))
+    assert all(np.array_equal(f.image, frames[f.index].image) for f in ranged)
+    decode.release_reader()
+    assert getattr(decode._warm, "reader", None) is None
+
+
+def test_a_kept_decoder_is_not_used_for_another_file_at_the_same_path(tmp_path: Path) -> None:
+    path = tmp_path / "v.mp4"
+    make_video(path, 40, 64, 48, options={"g": "250"})
+    assert [f.index for f in read_frames(path, [10, 11])] == [10, 11]
+    first = decode._warm.reader
+    other = tmp_path / "w.mp4"
+    make_video(other, 40, 64, 48, content="noise", options={"g": "250"})
+    os.replace(other, path)
+    decode.forget(path)
+    expect = list(iter_frames(path))
+    got = read_frames(path, [20, 21])
+    assert all(np.array_equal(f.image, expect[f.index].image) for f in got)
+    assert decode._warm.reader is not first
+    decode.release_reader()

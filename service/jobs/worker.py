@@ -53,6 +53,7 @@ from service.pipeline.timing import StageTimer
 from service.video import VideoError, read_frames
 from service.video.decode import configure_cache as configure_video_cache
 from service.video.decode import forget as forget_video
+from service.video.decode import release_reader
 
 log = logging.getLogger("stemseg.worker")
 
@@ -271,6 +272,7 @@ class Worker:
         self._maybe_sweep()
         task = self.queue.take(consumer, block_ms=500)
         if task is None:
+            release_reader()  # idle: the decoder kept for the next task gives its file back
             return
         with self._lock:
             self._held[task.id] = consumer

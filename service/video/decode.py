@@ -643,7 +643,8 @@ class _SeekFailed(Exception):
 
 def _wanted_frames(path: str | Path, wanted: list[int], threads: bool, max_pixels: int) -> Iterator[Frame]:
     """The wanted frames (sorted, distinct) as the decoder gives them: after one seek where it
-    can be trusted, else counting from the start."""
+    can be trusted (or from where this thread's last read of the file stopped, when that is no
+    farther back), else counting from the start."""
     if not wanted:
         return
     index, info = _index(path, max_pixels)
@@ -652,74 +653,199 @@ def _wanted_frames(path: str | Path, wanted: list[int], threads: bool, max_pixel
     if wanted[-1] >= info.num_frames:
         raise VideoError(path, f"frame {wanted[-1]} asked for, the video has {info.num_frames}")
     if index.seekable:
-        seeking = _read_seeking(path, index, wanted, threads)
+        reader = _reader_for(path, index, wanted, threads)
+        seeking = reader.read(wanted)
+        kept = False
         try:
-            first = next(seeking, None)
-        except _SeekFailed:
-            seeking.close()
-        else:
-            if first is not None:
-                yield first
-            yield from seeking
-            return
+            try:
+                first = next(seeking, None)
+            except _SeekFailed:
+                seeking.close()
+            else:
+                if first is not None:
+                    yield first
+                yield from seeking
+                kept = True
+                return
+        except GeneratorExit:  # the caller has what it wanted: the decoder is as good as before
+            kept = True
+            raise
+        finally:
+            _keep_reader(reader) if kept and reader.resumable else reader.close()
     keep = set(wanted)
     yield from (f for f in iter_frames(path, threads=threads, max_pixels=max_pixels) if f.index in keep)
 
 
+def _start_key(index: _Index, wanted: list[int]) -> int | None:
+    """The last keyframe that is decoded before every wanted frame and shown no later than the
+    first one: then no wanted frame is a leading picture of it (open GOPs)."""
+    ok = np.flatnonzero((index.key_pos <= index.pos[wanted].min()) & (index.key_pts <= index.pts[wanted[0]]))
+    return int(ok[-1]) if ok.size else None
+
+
+# A worker's tasks of one job read consecutive stretches of its video, and two workers take
+# every other task: with long GOPs (x264's default is 250 frames) each read would seek back to
+# the same keyframe and decode what the last read already passed. So each thread keeps its last
+# decoder open and carries on from it when the keyframe a seek would land on is no later than
+# where it stopped, holding its last few frames (up to 48, 64 MiB) for the overlap of the
+# next task. One open file per thread; it is closed when the thread reads another file.
+_warm = threading.local()
+_BEHIND_FRAMES, _BEHIND_BYTES = 48, 64 * 1024**2  # decoded frames a kept decoder holds (yuv420p bytes)
+
+
+def _file_key(path: str | Path, threads: bool) -> tuple:
+    st = os.stat(path)
+    return str(path), st.st_ino, st.st_mtime_ns, st.st_size, threads
+
+
+def _reader_for(path: str | Path, index: _Index, wanted: list[int], threads: bool) -> _Reader:
+    start = _start_key(index, wanted)
+    key = _file_key(path, threads)
+    warm: _Reader | None = getattr(_warm, "reader", None)
+    _warm.reader = None
+    if warm is not None:
+        if warm.key == key and warm.index is index and warm.can_continue_to(wanted, start):
+            return warm
+        warm.close()
+    reader = _Reader(path, index, threads, key)
+    try:
+        reader.seek(start)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
 def _read_seeking(path: str | Path, index: _Index, wanted: list[int], threads: bool) -> Iterator[Frame]:
-    """The wanted frames as decoded after one seek; raises _SeekFailed before the first frame
-    if the seek cannot be trusted."""
-    # Start at the last keyframe that is decoded before every wanted frame and shown no later
-    # than the first one: then no wanted frame is a leading picture of it (open GOPs).
-    target_pts = index.pts[wanted[0]]
-    min_pos = index.pos[wanted].min()
-    ok = np.flatnonzero((index.key_pos <= min_pos) & (index.key_pts <= target_pts))
-    start = int(ok[-1]) if ok.size else None
-    keep, got = set(wanted), set()
-    with _open(path) as container:
-        stream = _video_stream(container, path)
+    """The wanted frames after one seek, on a decoder of their own; raises _SeekFailed before
+    the first frame if the seek cannot be trusted."""
+    reader = _Reader(path, index, threads, _file_key(path, threads))
+    try:
+        reader.seek(_start_key(index, wanted))
+        yield from reader.read(wanted)
+    finally:
+        reader.close()
+
+
+def _keep_reader(reader: _Reader) -> None:
+    old = getattr(_warm, "reader", None)
+    if old is not None and old is not reader:
+        old.close()
+    _warm.reader = reader
+
+
+def release_reader() -> None:
+    """Close this thread's kept decoder (a worker with nothing to do gives its file back)."""
+    reader = getattr(_warm, "reader", None)
+    _warm.reader = None
+    if reader is not None:
+        reader.close()
+
+
+class _Reader:
+    """An open decoder of a seekable file that reads stretches of frames in order, carrying on
+    from where the last stretch stopped (frames still in the decoder included)."""
+
+    def __init__(self, path: str | Path, index: _Index, threads: bool, key: tuple) -> None:
+        self.path, self.index, self.key = path, index, key
+        self.container = _open(path)
+        try:
+            self.stream = _video_stream(self.container, path)
+        except BaseException:
+            self.container.close()
+            raise
         if threads:
-            stream.thread_type = "AUTO"
-        tb = stream.time_base
-        start_pos = 0
+            self.stream.thread_type = "AUTO"
+        self.codec = self.stream.codec_context
+        self.tb = self.stream.time_base
+        self.skipping = False
+        self.target_pts = 0
+        self.last = -1  # the last frame the decoder gave (presentation order), -1 before any
+        # The last frames it gave, undecoded to BGR: consecutive tasks overlap by a clip's
+        # context, which would otherwise send the next read back to the keyframe.
+        self.behind: OrderedDict[int, av.VideoFrame] = OrderedDict()
+        self._behind_max = max(1, min(_BEHIND_FRAMES, _BEHIND_BYTES // max(1, index.width * index.height * 3 // 2)))
+        self.resumable = True  # false once the demuxer ended or an error left the decoder unknown
+        self._start_pos, self._landed = 0, True
+        self._decoded = self._decode()
+
+    def seek(self, start: int | None) -> None:
+        index = self.index
         if start is not None and index.key_pos[start] > 0:
-            start_pos = int(index.key_pos[start])
+            self._start_pos, self._landed = int(index.key_pos[start]), False
             # Demuxers index by dts (MP4) or pts (Matroska): the smaller one never lands late.
             ts = int(index.key_pts[start])
             if index.key_dts[start] != _NO_PTS:
                 ts = min(ts, int(index.key_dts[start]))
             try:
-                container.seek(ts, stream=stream, backward=True, any_frame=False)
+                self.container.seek(ts, stream=self.stream, backward=True, any_frame=False)
             except av.FFmpegError:
                 raise _SeekFailed from None
-        landed = False
-        # Frames shown before the first wanted one are decoded only as references: a
-        # non-reference frame among them (most B-frames) is skipped, which changes no other
-        # frame's pixels. With long GOPs (250 frames is x264's default) that is much of the work
-        # of a read in the middle of the video.
-        codec = stream.codec_context
-        skipping = False
+
+    def can_continue_to(self, wanted: list[int], start: int | None) -> bool:
+        """Whether carrying on gives the wanted frames with no more decoding than seeking would:
+        those up to where it stopped are still held, and the keyframe a seek would land on is
+        no later than that."""
+        if not self.resumable or self.last < 0 or any(i not in self.behind for i in wanted if i <= self.last):
+            return False
+        return start is None or self.index.key_pts[start] <= self.index.pts[self.last]
+
+    def close(self) -> None:
+        self.resumable = False
+        self._decoded.close()
+        self.container.close()
+
+    def _decode(self) -> Iterator[tuple[int, av.VideoFrame]]:
+        index, codec = self.index, self.codec
+        for packet in self.container.demux(self.stream):
+            # Frames shown before the first wanted one are decoded only as references: a
+            # non-reference frame among them (most B-frames) is skipped, which changes no other
+            # frame's pixels. With long GOPs that is much of the work of a read mid-video.
+            if packet.pts is not None and (packet.pts < self.target_pts) != self.skipping:
+                self.skipping = not self.skipping
+                codec.skip_frame = "NONREF" if self.skipping else "DEFAULT"
+            if packet.size and not self._landed:
+                if packet.pts is None:
+                    raise _SeekFailed
+                at = np.flatnonzero(index.all_pts == packet.pts)
+                if not at.size or at.max() > self._start_pos:
+                    raise _SeekFailed  # landed after the keyframe we need
+                self._landed = True
+            for frame in packet.decode():
+                i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
+                if 0 <= i < index.pts.size and index.pts[i] == frame.pts:
+                    self.last = max(self.last, i)
+                    self.behind[i] = frame
+                    if len(self.behind) > self._behind_max:
+                        self.behind.popitem(last=False)
+                    yield i, frame
+
+    def read(self, wanted: list[int]) -> Iterator[Frame]:
+        """The wanted frames (sorted, all after `last`) as decoded; raises _SeekFailed before the
+        first frame if the seek cannot be trusted."""
+        index, path = self.index, self.path
+        self.target_pts = int(index.pts[wanted[0]])
+        keep, got = set(wanted), set()
+        for i in wanted:  # those already decoded (can_continue_to saw them held)
+            if i > self.last:
+                break
+            got.add(i)
+            frame = self.behind[i]
+            yield Frame(i, _seconds(frame.pts, self.tb), _to_bgr(frame, _rotation(frame, self.stream)))
+        if len(got) == len(keep):
+            return
         try:
-            for packet in container.demux(stream):
-                if packet.pts is not None and (packet.pts < target_pts) != skipping:
-                    skipping = not skipping
-                    codec.skip_frame = "NONREF" if skipping else "DEFAULT"
-                if packet.size and not landed:
-                    if packet.pts is None:
-                        raise _SeekFailed
-                    at = np.flatnonzero(index.all_pts == packet.pts)
-                    if not at.size or at.max() > start_pos:
-                        raise _SeekFailed  # landed after the keyframe we need
-                    landed = True
-                for frame in packet.decode():
-                    i = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
-                    if 0 <= i < index.pts.size and index.pts[i] == frame.pts and i in keep and i not in got:
-                        if (frame.width, frame.height) != (index.width, index.height):
-                            raise VideoError(path, f"the frame size changes at frame {i}, "
-                                                   "which is not supported")
-                        got.add(i)
-                        yield Frame(i, _seconds(frame.pts, tb), _to_bgr(frame, _rotation(frame, stream)))
+            for i, frame in self._decoded:
+                if i in keep and i not in got:
+                    if (frame.width, frame.height) != (index.width, index.height):
+                        raise VideoError(path, f"the frame size changes at frame {i}, which is not supported")
+                    got.add(i)
+                    yield Frame(i, _seconds(frame.pts, self.tb), _to_bgr(frame, _rotation(frame, self.stream)))
                 if len(got) == len(keep):
-                    break
-        except av.FFmpegError as e:
-            raise VideoError(path, f"decoding failed (damaged or truncated: {_reason(e)})") from None
+                    return
+            self.resumable = False  # the demuxer ended
+        except (av.FFmpegError, VideoError, _SeekFailed) as e:
+            self.resumable = False
+            if isinstance(e, av.FFmpegError):
+                raise VideoError(path, f"decoding failed (damaged or truncated: {_reason(e)})") from None
+            raise

@@ -34,7 +34,7 @@ from service.config import Settings, get_settings
 from service.jobs.keys import Keys
 from service.jobs.lifecycle import Jobs, Limits
 from service.jobs.model_info import served_model
-from service.jobs.redis_url import sync_client
+from service.jobs.redis_clients import sync_client
 from service.jobs.storage import LocalStorage
 from service.outputs.names import NAMES
 

@@ -569,7 +569,7 @@ def _server_modules():
 
 def _ping_redis(redis, url: str) -> None:
     try:
-        from service.jobs.redis_url import sync_client
+        from service.jobs.redis_clients import sync_client
 
         sync_client(url, socket_timeout=3, socket_connect_timeout=3).ping()
     except (redis.RedisError, redis.exceptions.RedisClusterException, ValueError) as e:

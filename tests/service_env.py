@@ -25,7 +25,7 @@ def new_prefix() -> str:
 def drop_prefix(prefix: str, url: str = REDIS_URL) -> None:
     """Delete every Redis key under a test's prefix (on a cluster: on every master)."""
     from service.jobs.keys import Keys
-    from service.jobs.redis_url import sync_client
+    from service.jobs.redis_clients import sync_client
 
     client = sync_client(url)
     try:
@@ -44,7 +44,7 @@ def free_port() -> int:
 
 class ServiceEnv:
     def __init__(self, tmp: Path, weights: Path, **settings: str) -> None:
-        from service.jobs.redis_url import sync_client
+        from service.jobs.redis_clients import sync_client
 
         self.prefix = new_prefix()
         self.data = tmp / "data"

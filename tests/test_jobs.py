@@ -20,7 +20,7 @@ from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
 from service.jobs.lifecycle import JobPlan, Jobs, JobStatus, Limits, QuotaExceeded, RateLimited, Refused
 from service.jobs.record import JobRecord
-from service.jobs.redis_url import sync_client
+from service.jobs.redis_clients import sync_client
 from service.jobs.storage import LocalStorage
 from service.model.presets import get_preset
 

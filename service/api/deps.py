@@ -20,7 +20,7 @@ from service.api.problems import Problem
 from service.config import Settings
 from service.jobs.keys import JOB_ID, valid_job_id
 from service.jobs.lifecycle import Jobs
-from service.jobs.redis_url import async_client, sync_client
+from service.jobs.redis_clients import async_client, sync_client
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 

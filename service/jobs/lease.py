@@ -16,7 +16,7 @@ from typing import Self
 
 import redis
 
-from service.jobs.redis_url import REDIS_ERRORS
+from service.jobs.redis_clients import REDIS_ERRORS
 
 log = logging.getLogger("stemseg.lease")
 

@@ -1,4 +1,5 @@
-"""The one place Redis clients are made (API, workers, sweeper, CLI), from `STEMSEG_REDIS_URL`.
+"""`STEMSEG_REDIS_URL`: which Redis deployment it names (service.jobs.redis_clients makes the
+clients). Standard library only, so the settings can check the URL without redis-py installed.
 
 Three deployments, told apart by the URL's scheme:
 
@@ -10,31 +11,12 @@ Three deployments, told apart by the URL's scheme:
 * `redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`
   (`rediss+sentinel://`): the master that the Sentinels name SERVICE; the client asks them
   again after a failover. The password is the data servers' (the Sentinels are asked without one).
-
-The service's code is the same on all three: every script and transaction touches keys of one
-hash slot (service.jobs.keys), which a single server does not mind.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote, urlsplit
-
-import redis
-import redis.asyncio as aredis
-from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.cluster import ClusterNode, RedisCluster
-from redis.sentinel import Sentinel
-
-# What a Redis call may raise when the store is away: redis-py's cluster client raises some
-# errors outside RedisError (no node reachable, a slot with no master while one restarts).
-REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, redis.exceptions.RedisClusterException)
-# Of those, the ones that mean "unreachable for now" (not a refused command).
-UNREACHABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError,
-                                            redis.exceptions.ClusterError, redis.exceptions.RedisClusterException)
 
 SINGLE, CLUSTER, SENTINEL = "single", "cluster", "sentinel"
 _SCHEMES = {"redis": SINGLE, "rediss": SINGLE, "unix": SINGLE, "redis+cluster": CLUSTER, "rediss+cluster": CLUSTER,
@@ -93,39 +75,3 @@ def parse_redis_url(url: str) -> RedisTarget:
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError(f"{_shown(url)}: a Sentinel URL ends in /SERVICE or /SERVICE/DB")
     return RedisTarget(SENTINEL, url, service=unquote(path[0]), db=int(path[1]) if len(path) == 2 else 0, **common)
-
-
-def _auth(t: RedisTarget) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if t.username:
-        out["username"] = t.username
-    if t.password:
-        out["password"] = t.password
-    if t.tls:
-        out["ssl"] = True
-    return out
-
-
-def sync_client(url: str, **kwargs: Any) -> redis.Redis | RedisCluster:
-    """A client for `url`; `kwargs` are redis-py's connection options (timeouts, retry,
-    max_connections: per node on a cluster)."""
-    t = parse_redis_url(url)
-    if t.kind == SINGLE:
-        return redis.Redis.from_url(url, **kwargs)
-    if t.kind == CLUSTER:
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in t.nodes], **_auth(t), **kwargs)
-    timeouts = {k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kwargs}
-    sentinel = Sentinel(list(t.nodes), sentinel_kwargs={**timeouts, **({"ssl": True} if t.tls else {})})
-    return sentinel.master_for(t.service, db=t.db, **_auth(t), **kwargs)
-
-
-def async_client(url: str, **kwargs: Any) -> aredis.Redis | AsyncRedisCluster:
-    """`sync_client` for redis.asyncio."""
-    t = parse_redis_url(url)
-    if t.kind == SINGLE:
-        return aredis.Redis.from_url(url, **kwargs)
-    if t.kind == CLUSTER:
-        return AsyncRedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in t.nodes], **_auth(t), **kwargs)
-    timeouts = {k: kwargs[k] for k in ("socket_timeout", "socket_connect_timeout") if k in kwargs}
-    sentinel = AsyncSentinel(list(t.nodes), sentinel_kwargs={**timeouts, **({"ssl": True} if t.tls else {})})
-    return sentinel.master_for(t.service, db=t.db, **_auth(t), **kwargs)

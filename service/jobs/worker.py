@@ -42,7 +42,7 @@ from service.jobs.encoding import clip_to_bytes
 from service.jobs.lifecycle import Jobs
 from service.jobs.queue import OUTPUTS, Task
 from service.jobs.record import JobPlan, JobRecord
-from service.jobs.redis_url import REDIS_ERRORS, UNREACHABLE, sync_client
+from service.jobs.redis_clients import REDIS_ERRORS, UNREACHABLE, sync_client
 from service.jobs.storage import LocalStorage, NoSpace, is_no_space
 from service.jobs.webhooks import Notifier, payload
 from service.model.engine_spec import EngineSpec

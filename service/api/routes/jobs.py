@@ -28,7 +28,7 @@ from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
 from service.jobs.lifecycle import Limits
 from service.jobs.record import JobRecord, JobStatus
-from service.jobs.redis_url import REDIS_ERRORS
+from service.jobs.redis_clients import REDIS_ERRORS
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
 from service.outputs.names import NAMES

@@ -209,3 +209,52 @@ def test_job_behind_sentinel(tmp_path: Path, small_weights: Path) -> None:
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+@pytest.mark.slow
+def test_sentinel_failover_mid_job_the_job_completes_on_the_promoted_replica(tmp_path: Path,
+                                                                             small_weights: Path) -> None:
+    """The master stopped mid-job: Sentinel promotes its replica and the API and worker, asking
+    Sentinel again, carry the job on there."""
+    master, replica, sentinel = cluster_port(), cluster_port(), cluster_port()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "r").mkdir()
+    procs = {"master": _start(["redis-server", "--port", str(master), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "yes", "--dir", str(tmp_path / "m")], tmp_path / "master.log"),
+             "replica": _start(["redis-server", "--port", str(replica), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "yes", "--dir", str(tmp_path / "r"),
+                                "--replicaof", "127.0.0.1", str(master)], tmp_path / "replica.log")}
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor stemseg 127.0.0.1 {master} 1\n"
+                    "sentinel down-after-milliseconds stemseg 1000\nsentinel failover-timeout stemseg 5000\n")
+    env = _env(tmp_path, small_weights, f"redis+sentinel://127.0.0.1:{sentinel}/stemseg/0")
+    try:
+        _wait_ping(master)
+        _wait_ping(replica)
+        procs["sentinel"] = _start(["redis-server", str(conf), "--sentinel"], tmp_path / "sentinel.log")
+        _wait_ping(sentinel)
+        video = tmp_path / "v.mp4"
+        make_video(video, 45, 64, 48)
+        env.start_api()
+        worker = env.start_worker()
+        job_id = _upload(env, video)
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{env.base}/v1/jobs/{job_id}").json()["progress"]["clips_done"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        procs.pop("master").terminate()  # mid-job
+        ask = redis.Redis(host="127.0.0.1", port=sentinel)
+        deadline = time.monotonic() + 30
+        while int(ask.sentinel_get_master_addr_by_name("stemseg")[1]) != replica:
+            assert time.monotonic() < deadline, "Sentinel did not promote the replica"
+            time.sleep(0.2)
+        ask.close()
+        job = env.wait(job_id, timeout=240)
+        assert job["status"] == "succeeded", job
+        assert job["progress"]["frames_done"] == 45 and worker.poll() is None
+        assert "event: track" in httpx.get(f"{env.base}/v1/jobs/{job_id}/events", timeout=30).text
+    finally:
+        env.close()
+        for p in procs.values():
+            p.terminate()
+            p.wait(10)

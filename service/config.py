@@ -182,6 +182,30 @@ class Settings(BaseSettings):
 
         parse_allowed([h for h in v.split(",")])
         return v
+    source_hosts: str = Field("", description="host or host:port a job's `source` URL may name (comma-separated, "
+                              "as STEMSEG_WEBHOOK_HOSTS); empty: jobs by reference are refused")
+    source_private_nets: str = Field("", description="CIDRs a source host may resolve to although private, loopback "
+                                     "or link-local (comma-separated); empty: only public addresses")
+    source_timeout_s: float = Field(300.0, gt=0, description="Longest fetch of a job's source, start to end")
+    source_idle_timeout_s: float = Field(15.0, gt=0, description="A source that sends nothing for this long "
+                                         "is cut off")
+
+    @field_validator("source_hosts")
+    @classmethod
+    def _source_hosts(cls, v: str) -> str:
+        from service.jobs.webhooks import parse_allowed  # standard library only
+
+        parse_allowed([h for h in v.split(",")])
+        return v
+
+    @field_validator("source_private_nets")
+    @classmethod
+    def _source_nets(cls, v: str) -> str:
+        from service.jobs.sources import parse_nets
+
+        parse_nets(v)
+        return v
+
     webhook_secret: str = Field("", description="HMAC-SHA256 key of webhook signatures; empty: unsigned")
     webhook_attempts: int = Field(5, ge=1, description="Deliveries of one webhook before giving up")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles per attempt")
@@ -201,6 +225,10 @@ class Settings(BaseSettings):
                                                "(heads) in one forward; 0 or 1 disables it")
     batch_max_delay_ms: float = Field(5.0, ge=0, description="Dynamic batching: longest a request waits for others")
     clips_per_forward: int = Field(1, ge=1, description="Consecutive clips whose heads run as one batch")
+
+    @property
+    def source_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.source_hosts.split(",") if h.strip()]
 
     @property
     def webhook_host_list(self) -> list[str]:

@@ -70,7 +70,10 @@ def test_empty_and_oversize_and_wrong_type(settings, tmp_path: Path) -> None:
     with _client(settings) as c:
         _assert_problem(c.post("/v1/jobs", files={"file": ("e.mp4", b"", "video/mp4")}), 422)
         _assert_problem(c.post("/v1/jobs", content=b"x" * 300_000, headers={"content-type": "video/mp4"}), 413)
-        _assert_problem(c.post("/v1/jobs", content=b"{}", headers={"content-type": "application/json"}), 415)
+        _assert_problem(c.post("/v1/jobs", content=b"{}", headers={"content-type": "text/plain"}), 415)
+        _assert_problem(c.post("/v1/jobs", content=b"{}", headers={"content-type": "application/json"}), 422)
+        _assert_problem(c.post("/v1/jobs", content=b"{" * 20_000, headers={"content-type": "application/json"}), 413)
+        _assert_problem(c.post("/v1/jobs", content=b"[1", headers={"content-type": "application/json"}), 422)
         _assert_problem(c.get("/v1/jobs/nope"), 404)
         _assert_problem(c.get("/v1/jobs", params={"limit": 0}), 422)
     _nothing_left(settings)
@@ -114,7 +117,9 @@ def test_health_and_openapi(settings) -> None:
             assert p in paths, p
         assert "Job" in spec["components"]["schemas"]
         post = paths["/v1/jobs"]["post"]
-        assert set(post["requestBody"]["content"]) == {"multipart/form-data", "video/*", "application/octet-stream"}
+        assert set(post["requestBody"]["content"]) == {"multipart/form-data", "video/*", "application/octet-stream",
+                                                       "application/json"}
+        assert post["requestBody"]["content"]["application/json"]["schema"]["required"] == ["source"]
         assert {"413", "415", "429", "503", "507"} <= set(post["responses"])
         get = paths["/v1/jobs/{job_id}"]["get"]
         assert list(get["responses"]["404"]["content"]) == ["application/problem+json"]

@@ -21,6 +21,7 @@ from starlette.routing import Match
 
 from service.errors import ClientError, UserError
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
+from service.jobs.sources import SourceRefused, SourceTooLarge
 from service.jobs.storage import NoSpace
 from service.video import VideoError
 
@@ -130,6 +131,14 @@ def install(app: FastAPI) -> None:
     async def _refused(request: Request, exc: Refused) -> JSONResponse:
         title = "Not a usable video" if exc.status == 400 else title_of(exc.status)
         return problem_response(request, exc.status, title, exc.detail)
+
+    @app.exception_handler(SourceRefused)
+    async def _source_refused(request: Request, exc: SourceRefused) -> JSONResponse:
+        return problem_response(request, 422, title_of(422), str(exc))
+
+    @app.exception_handler(SourceTooLarge)
+    async def _source_too_large(request: Request, exc: SourceTooLarge) -> JSONResponse:
+        return problem_response(request, 413, title_of(413), str(exc))
 
     @app.exception_handler(ClientError)
     async def _client_error(request: Request, exc: ClientError) -> JSONResponse:

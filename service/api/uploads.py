@@ -113,6 +113,24 @@ class _FilePart:
         self.in_file = False
 
 
+async def receive_json(request: Request, limit: int, idle_s: float) -> bytes:
+    """A small JSON body (a job by reference), read whole: 413 past `limit` bytes."""
+    body = bytearray()
+    try:
+        async for chunk in _body(request, limit, limit, idle_s):
+            body += chunk
+    except Problem as e:
+        if e.status == 413:
+            raise Problem(413, f"the JSON body is larger than {limit} bytes", headers=_CLOSE) from None
+        raise
+    return bytes(body)
+
+
+def is_json(request: Request) -> bool:
+    media, _ = parse_options_header(request.headers.get("content-type", ""))
+    return media.decode("latin-1").lower() == "application/json"
+
+
 async def receive(request: Request, storage: LocalStorage, staging: str, limit: int, idle_s: float) -> str | None:
     """Stream the upload into `staging`/video; returns the client's file name (if any)."""
     declared = request.headers.get("content-length", "")
@@ -146,7 +164,7 @@ async def receive(request: Request, storage: LocalStorage, staging: str, limit: 
                 out.write(chunk)
     else:
         raise Problem(415, "send the video as multipart/form-data (field 'file') or as a video/* or "
-                           "application/octet-stream body")
+                           "application/octet-stream body, or a JSON body naming its source")
     if size == 0:
         storage.delete_job(staging)
         raise Problem(422, "the upload is empty")

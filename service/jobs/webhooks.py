@@ -113,13 +113,20 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> str | None:
         return "callback_url must be an http:// or https:// URL with a host"
     if parts.username or parts.password:
         return "callback_url must not carry credentials"
-    host = _canonical_host(host)
-    port = port if port is not None else _DEFAULT_PORTS[parts.scheme]
-    allowed = parse_allowed(allowed_hosts)
-    if (host, port) in allowed or (port == _DEFAULT_PORTS[parts.scheme] and (host, None) in allowed):
+    default = _DEFAULT_PORTS[parts.scheme]
+    shown = allowed_target(host, port if port is not None else default, default, parse_allowed(allowed_hosts))
+    if shown is None:
         return None
-    shown = f"[{host}]" if ":" in host else host
-    return f"callback_url's host and port {shown}:{port} are not allowed (STEMSEG_WEBHOOK_HOSTS)"
+    return f"callback_url's host and port {shown} are not allowed (STEMSEG_WEBHOOK_HOSTS)"
+
+
+def allowed_target(host: str, port: int, default_port: int, allowed: set[tuple[str, int | None]]) -> str | None:
+    """None when `parse_allowed`'s set lets (host, port) be connected to (a host listed alone:
+    `default_port` only); otherwise host:port as a message shows it."""
+    host = _canonical_host(host)
+    if (host, port) in allowed or (port == default_port and (host, None) in allowed):
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _post(url: str, data: bytes, headers: dict[str, str], deadline_s: float) -> int:

@@ -17,18 +17,19 @@ import redis
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pycocotools import mask as mask_utils
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
-from service.api.uploads import receive
+from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
 from service.jobs.lifecycle import Limits
 from service.jobs.record import JobRecord, JobStatus
 from service.jobs.redis_clients import REDIS_ERRORS
+from service.jobs.sources import check_source, fetch, parse_nets
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
 from service.outputs.names import NAMES
@@ -36,12 +37,38 @@ from service.outputs.names import NAMES
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _MAX_OFFSET = 1_000_000
 
+_JSON_LIMIT = 16 * 1024
+
+
+class SourceJob(BaseModel):
+    """A job by reference: the API fetches `source` (service.jobs.sources) and admits it as an upload."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(max_length=2048, examples=["https://videos.example.com/walk.mp4"],
+                        description="http(s) URL of the video; its host must be listed in STEMSEG_SOURCE_HOSTS")
+    formats: list[str] | None = Field(None, max_length=len(OUTPUT_FORMATS),
+                                      description=f"subset of {', '.join(OUTPUT_FORMATS)} (default: STEMSEG_FORMATS)")
+    preset: str | None = Field(None, max_length=64, description="must match the served model when given")
+    min_dim: int | None = Field(None, ge=32, le=4096)
+    callback_url: str | None = Field(None, max_length=2048, description="POSTed to when the job ends")
+
+
 _UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
     "video/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": {"schema": SourceJob.model_json_schema()},
 }}
+
+
+def _source_job(raw: bytes) -> SourceJob:
+    try:
+        return SourceJob.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise Problem(422, f"JSON body: {where}: {first.get('msg', 'invalid')}") from None
 
 
 class Progress(BaseModel):
@@ -132,6 +159,18 @@ async def create_job(
     callback_url: Annotated[str | None, Query(max_length=2048, description="POSTed to when the job ends")] = None,
 ) -> Job:
     s = svc.settings
+    by_reference: SourceJob | None = None
+    if is_json(request):
+        by_reference = _source_job(await receive_json(request, _JSON_LIMIT, s.upload_idle_timeout_s))
+        given = [k for k, v in (("formats", formats), ("preset", preset), ("min_dim", min_dim),
+                                ("callback_url", callback_url)) if v is not None]
+        if given:
+            raise Problem(422, f"with a JSON body give {', '.join(given)} in the body, not in the query")
+        formats = ",".join(by_reference.formats) if by_reference.formats is not None else None
+        preset, min_dim, callback_url = by_reference.preset, by_reference.min_dim, by_reference.callback_url
+        why = check_source(by_reference.source, s.source_host_list)
+        if why:
+            raise Problem(422, why)
     try:
         wanted = list(parse_formats(formats) if formats is not None else s.format_list)
     except ValueError as e:  # the CLI's sentence: what is allowed, not a regular expression
@@ -148,7 +187,10 @@ async def create_job(
     svc.probes.check(owner)  # this key's probe slots busy: 503 before a byte is read
     staging = f"upload-{svc.jobs.new_id()}"
     try:
-        filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)
+        if by_reference is None:
+            filename = await receive(request, svc.storage, staging, s.max_upload_bytes, s.upload_idle_timeout_s)
+        else:
+            filename = await svc.probes.run(owner, _fetch_source, svc, staging, by_reference.source)
         job = await svc.probes.run(
             owner, svc.jobs.admit, staging, owner, model=svc.model, min_dim=min_dim, clips_per_task=s.clips_per_task,
             limits=Limits.from_settings(s), quota=s.max_active_jobs,
@@ -158,6 +200,14 @@ async def create_job(
         raise
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return _view(job)
+
+
+def _fetch_source(svc: Services, staging: str, url: str) -> str | None:
+    s = svc.settings
+    with svc.storage.writer(staging, "video") as out:
+        name = fetch(url, out, allowed_hosts=s.source_host_list, private_nets=parse_nets(s.source_private_nets),
+                     max_bytes=s.max_upload_bytes, timeout_s=s.source_timeout_s, idle_s=s.source_idle_timeout_s)
+    return clean_filename(name)
 
 
 @router.get("", response_model=JobList, responses=responses(401, 422, 503))

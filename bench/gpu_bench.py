@@ -642,7 +642,9 @@ def step_service(plan: dict, why: dict, assets: dict, work: Path, dry_run: bool)
         import redis
 
         r = redis.Redis.from_url(url)
-        keys = list(r.scan_iter(f"{prefix}:*", count=500))
+        from service.jobs.keys import Keys
+
+        keys = [k for pattern in Keys(prefix).patterns for k in r.scan_iter(pattern, count=500)]
         if keys:
             r.delete(*keys)
         if redis_proc is not None:

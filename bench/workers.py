@@ -27,14 +27,14 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service.config import Settings, get_settings
-from service.jobs.lifecycle import Jobs, JobStatus, Limits
+from service.jobs.keys import Keys
+from service.jobs.lifecycle import Jobs, Limits
 from service.jobs.model_info import served_model
+from service.jobs.redis_clients import sync_client
 from service.jobs.storage import LocalStorage
 from service.outputs.names import NAMES
 
@@ -88,7 +88,7 @@ def summarise(timeline: list[dict], created: float, finished: float) -> dict:
 
 def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Settings) -> dict:
     prefix = f"stemseg-bench-{uuid.uuid4().hex[:8]}"
-    r = redis.Redis.from_url(args.redis_url)
+    r = sync_client(args.redis_url)
     with tempfile.TemporaryDirectory(prefix="stemseg-workers-") as tmp:
         data = Path(tmp) / "data"
         extra = {"STEMSEG_CLIPS_PER_TASK": str(args.clips_per_task),
@@ -99,7 +99,7 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
                  for _ in range(workers)]
         try:
             deadline = time.monotonic() + 300
-            while sum(1 for _ in r.scan_iter(f"{prefix}:worker:*")) < workers:
+            while sum(1 for _ in r.scan_iter(Keys(prefix).workers_pattern)) < workers:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     raise RuntimeError("the workers did not come up (run with --verbose to see why)")
                 time.sleep(0.2)
@@ -112,17 +112,17 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
             job = jobs.admit(staging, "", model=cfg, min_dim=None, clips_per_task=args.clips_per_task,
                              limits=Limits(10**12, 10**9, 1e12), quota=0,
                              fields={"formats": args.formats.split(","), "filename": video.name})
-            job_id = job["id"]
+            job_id = job.id
             while True:
                 state = jobs.get(job_id)
-                if JobStatus(state["status"]).final:
+                if state.final:
                     break
                 time.sleep(0.1)
-            if state["status"] != "succeeded":
-                raise RuntimeError(f"the job ended {state['status']}: {state.get('error')}")
-            report = {"workers": workers, "frames": state["num_frames"],
-                      "size": f"{state['width']}x{state['height']}", "tracks": state["tracks"],
-                      **summarise(jobs.timeline(job_id), state["created_at"], state["finished_at"]),
+            if state.status != "succeeded":
+                raise RuntimeError(f"the job ended {state.status}: {state.error}")
+            report = {"workers": workers, "frames": state.num_frames,
+                      "size": f"{state.width}x{state.height}", "tracks": state.tracks,
+                      **summarise(jobs.timeline(job_id), state.created_at, state.finished_at),
                       "outputs_sha256": _digest(storage.path(job_id, "out"))}
             if args.timeline:
                 report["timeline"] = jobs.timeline(job_id)
@@ -135,7 +135,7 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
                     p.wait(60)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            keys = list(r.scan_iter(f"{prefix}:*"))
+            keys = [k for pattern in Keys(prefix).patterns for k in r.scan_iter(pattern)]
             if keys:
                 r.delete(*keys)
 

@@ -626,8 +626,10 @@ def _server_modules():
 
 def _ping_redis(redis, url: str) -> None:
     try:
-        redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3).ping()
-    except (redis.RedisError, ValueError) as e:
+        from service.jobs.redis_clients import sync_client
+
+        sync_client(url, socket_timeout=3, socket_connect_timeout=3).ping()
+    except (redis.RedisError, redis.exceptions.RedisClusterException, ValueError) as e:
         raise UsageError(f"Redis at {url} does not answer ({e}): start Redis or set STEMSEG_REDIS_URL") from None
 
 

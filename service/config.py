@@ -91,8 +91,26 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_frame_pixels: int = Field(4096 * 2160, gt=0, description="Larger frames are refused (width x height)")
     data_dir: Path = Field(Path("./stemseg-data"), description="Uploads, clip results and outputs")
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_prefix: str = Field("stemseg", description="Namespace of every Redis key")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description=(
+        "redis:// or rediss:// (one server), redis+cluster://HOST:PORT[,HOST:PORT...] (Redis Cluster), "
+        "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB] (the master Sentinel names)"))
+    redis_prefix: str = Field("stemseg", min_length=1, description="Namespace of every Redis key (no braces: "
+                                                                   "they would move the keys' hash tags)")
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _no_braces(cls, v: str) -> str:
+        if "{" in v or "}" in v:
+            raise ValueError("STEMSEG_REDIS_PREFIX may not contain { or }: they would move the keys' hash tags")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis_url(cls, v: str) -> str:
+        from service.jobs.redis_url import parse_redis_url
+
+        parse_redis_url(v)  # ValueError names what is wrong
+        return v
     api_keys: str = Field("", description="Comma-separated API keys; empty disables authentication")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="Uploads above this are refused (413)")
     clips_per_task: int = Field(8, ge=1, description="Consecutive clips one worker task processes")

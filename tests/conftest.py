@@ -5,7 +5,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from service_env import drop_prefix, new_prefix
+from redis_cluster import LocalCluster
+from service_env import REDIS_URL, drop_prefix, new_prefix
 
 from service.model.checkpoint import load_model, save_weights
 from service.model.presets import get_preset
@@ -56,6 +57,26 @@ def redis_prefix() -> Iterator[str]:
     prefix = new_prefix()
     yield prefix
     drop_prefix(prefix)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Redis Cluster of three masters, started once for the session and torn down after."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The Redis URL a job test runs against: the single Redis (STEMSEG_TEST_REDIS_URL), then a
+    three-master Redis Cluster (`redis+cluster://`)."""
+    if request.param == "cluster":
+        return request.getfixturevalue("redis_cluster").url
+    return REDIS_URL
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from test_fuzz import _cases
 from videos import make_video
 
 from service.config import SHIPPED_WEIGHTS
+from service.jobs.keys import Keys
 
 KEY = {"x-api-key": "k1"}
 
@@ -313,7 +314,7 @@ def hostile(rows: list[tuple[str, int, str]], tmp: Path, redis_url: str) -> None
                 time.sleep(0.05)
             deleted += httpx.delete(f"{base}/v1/jobs/{jid}").status_code == 204
         time.sleep(8)  # what the worker does with the tasks it held, and with the redelivered ones
-        pending = sum(g["pending"] for g in env.redis.xinfo_groups(f"{env.prefix}:tasks"))
+        pending = sum(g["pending"] for g in env.redis.xinfo_groups(Keys(env.prefix).tasks))
         rows.append(("DELETE while a task of the job runs", 5, (f"{deleted} deleted; tasks pending afterwards: "
                      f"{pending}")))
     finally:

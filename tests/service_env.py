@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import redis
 
 REDIS_URL = os.environ.get("STEMSEG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -23,11 +22,14 @@ def new_prefix() -> str:
     return f"stemseg-test-{uuid.uuid4().hex[:8]}"
 
 
-def drop_prefix(prefix: str) -> None:
-    """Delete every Redis key under a test's prefix."""
-    client = redis.Redis.from_url(REDIS_URL)
+def drop_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every Redis key under a test's prefix (on a cluster: on every master)."""
+    from service.jobs.keys import Keys
+    from service.jobs.redis_clients import sync_client
+
+    client = sync_client(url)
     try:
-        keys = list(client.scan_iter(f"{prefix}:*", count=500))
+        keys = [k for pattern in Keys(prefix).patterns for k in client.scan_iter(pattern, count=500)]
         if keys:
             client.delete(*keys)
     finally:
@@ -42,8 +44,11 @@ def free_port() -> int:
 
 class ServiceEnv:
     def __init__(self, tmp: Path, weights: Path, **settings: str) -> None:
+        from service.jobs.redis_clients import sync_client
+
         self.prefix = new_prefix()
         self.data = tmp / "data"
+        self.redis_url = settings.get("STEMSEG_REDIS_URL", REDIS_URL)
         self.env = {**os.environ, "STEMSEG_REDIS_URL": REDIS_URL, "STEMSEG_REDIS_PREFIX": self.prefix,
                     "STEMSEG_DATA_DIR": str(self.data), "STEMSEG_WEIGHTS": str(weights), "STEMSEG_DEVICE": "cpu",
                     "STEMSEG_VISIBILITY_TIMEOUT_S": "3", "STEMSEG_CLIPS_PER_TASK": "2",
@@ -51,7 +56,7 @@ class ServiceEnv:
         self.procs: list[subprocess.Popen] = []
         self.tmp = tmp
         self.logs: list[Path] = []  # each process's stdout and stderr, for tests that read the logs
-        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.redis = sync_client(self.redis_url)
         self.base = ""
 
     def start_api(self) -> None:
@@ -101,12 +106,12 @@ class ServiceEnv:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        drop_prefix(self.prefix)
+        drop_prefix(self.prefix, self.redis_url)
         self.redis.close()
 
 
 @contextmanager
-def in_process_worker(weights: Path, data_dir: Path, name: str, **settings: object):
+def in_process_worker(weights: Path, data_dir: Path, name: str, redis_url: str = REDIS_URL, **settings: object):
     """A Worker in this process under a private key prefix (small clips per task, no sweeps unless
     asked), initialised, and its keys deleted afterwards."""
     from service.config import Settings
@@ -114,7 +119,7 @@ def in_process_worker(weights: Path, data_dir: Path, name: str, **settings: obje
 
     options: dict[str, object] = {"visibility_timeout_s": 3, "clips_per_task": 2, "sweep_interval_s": 3600,
                                   **settings}
-    s = Settings(redis_url=REDIS_URL, redis_prefix=new_prefix(), data_dir=data_dir, weights=weights, device="cpu",
+    s = Settings(redis_url=redis_url, redis_prefix=new_prefix(), data_dir=data_dir, weights=weights, device="cpu",
                  **options)
     w = Worker(s, name=name)
     w.initialize()
@@ -122,4 +127,4 @@ def in_process_worker(weights: Path, data_dir: Path, name: str, **settings: obje
         yield w
     finally:
         w.finalize()
-        drop_prefix(s.redis_prefix)
+        drop_prefix(s.redis_prefix, redis_url)

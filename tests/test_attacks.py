@@ -485,7 +485,7 @@ def test_task_of_a_deleted_job_ends_as_done(small_weights: Path, tmp_path: Path,
         staging = "upload-" + uuid.uuid4().hex
         w.storage.write(staging, "video", video.read_bytes())
         job_id = w.jobs.admit(staging, "", model=w.engine.cfg, min_dim=None, clips_per_task=2,
-                              limits=Limits(10**9, 10**6, 1e9), quota=0, fields={"formats": ["ytvis"]})["id"]
+                              limits=Limits(10**9, 10**6, 1e9), quota=0, fields={"formats": ["ytvis"]}).id
         real_read = w.storage.read
 
         def deleted_meanwhile(jid: str, name: str) -> bytes:

@@ -8,17 +8,19 @@ import json
 import subprocess
 import sys
 import uuid
-from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from service_env import REDIS_URL, in_process_worker
+from service_env import REDIS_URL, drop_prefix, in_process_worker, new_prefix
 from videos import make_video
 
 from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
 from service.jobs.lifecycle import JobPlan, Jobs, JobStatus, Limits, QuotaExceeded, RateLimited, Refused
+from service.jobs.record import JobRecord
+from service.jobs.redis_clients import sync_client
 from service.jobs.storage import LocalStorage
 from service.model.presets import get_preset
 
@@ -26,15 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def r():
-    client = redis.Redis.from_url(REDIS_URL)
+def r(store_url: str):
+    client = sync_client(store_url)
     yield client
     client.close()
 
 
 @pytest.fixture
-def jobs(r, tmp_path: Path, redis_prefix: str) -> Jobs:
-    return Jobs(r, redis_prefix, 1000, LocalStorage(tmp_path / "data"), visibility_timeout_s=3)
+def jobs(r, tmp_path: Path, store_url: str) -> Iterator[Jobs]:
+    prefix = new_prefix()
+    yield Jobs(r, prefix, 1000, LocalStorage(tmp_path / "data"), visibility_timeout_s=3)
+    drop_prefix(prefix, store_url)
 
 
 def _plan(num_clips: int = 3) -> JobPlan:
@@ -44,7 +48,7 @@ def _plan(num_clips: int = 3) -> JobPlan:
 def _create(jobs: Jobs, owner: str = "", quota: int = 0) -> str:
     job_id = jobs.new_id()
     jobs.storage.write(job_id, "video", b"not looked at here")
-    jobs.create(job_id, owner, _plan(), {"num_frames": 20, "width": 64, "height": 48, "formats": ["ytvis"]}, quota)
+    jobs.create(jobs.new_record(job_id, owner, _plan(), num_frames=20, width=64, height=48, formats=["ytvis"]), quota)
     return job_id
 
 
@@ -66,7 +70,14 @@ def test_api_process_never_imports_torch(tmp_path: Path, redis_prefix: str) -> N
 
 def test_keys_and_ids() -> None:
     k = Keys("p")
-    assert k.job("a" * 32) == "p:job:" + "a" * 32 and k.events("x") == "p:job:x:events"
+    assert k.job("a" * 32) == "p:job:{" + "a" * 32 + "}" and k.events("x") == "p:job:{x}:events"
+    # Hash tags: a job's keys in its id's slot, the shared keys in the prefix's.
+    assert {k.job("x"), k.events("x"), k.lock("x"), k.timeline("x")} == {f"p:job:{{x}}{s}" for s in
+                                                                         ("", ":events", ":lock", ":timeline")}
+    assert all(key.startswith("{p}:") for key in (k.tasks, k.state("queued"), k.active("o"), k.owner_jobs("o"),
+                                                  k.rate("o", 1), k.worker("w"), k.clip_stats, k.sweep))
+    with pytest.raises(ValueError):
+        Keys("a{b}")
     assert valid_job_id(uuid.uuid4().hex)
     for bad in ("", "nope", "a" * 31, "A" * 32, "a" * 32 + ":events", "../" + "a" * 29, "a" * 33):
         assert not valid_job_id(bad), bad
@@ -74,7 +85,7 @@ def test_keys_and_ids() -> None:
 
 def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     a, b = _create(jobs, "o1"), _create(jobs, "o1")
-    assert jobs.get(a)["status"] == JobStatus.QUEUED and jobs.get(a)["plan"] == asdict(_plan())
+    assert jobs.get(a).status == JobStatus.QUEUED and jobs.get(a).plan == _plan()
     assert jobs.counts() == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
     assert jobs.queue.depth() == 4  # 3 clips in runs of 2, per job
     assert not jobs.finish(a, tracks=[{"id": 1}])  # queued cannot succeed without running
@@ -86,7 +97,7 @@ def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     r.set(lock, "mine", px=5000)
     assert jobs.finish(a, tracks=[{"id": 1}, {"id": 2}, {"id": 3}], fence=(lock, "mine"))
     assert not jobs.finish(a, tracks=[{"id": 1}], fence=(lock, "mine"))  # and only once
-    assert jobs.get(a)["tracks"] == 3
+    assert jobs.get(a).tracks == 3
     events = [(e[1][b"type"], json.loads(e[1][b"data"])) for e in r.xrange(jobs.keys.events(a))]
     # The tracks are announced with the end, after it: never before, never without it.
     assert [k for k, _ in events] == [b"status", b"status", b"status", b"track", b"track", b"track"]
@@ -94,7 +105,7 @@ def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     assert r.ttl(jobs.keys.job(a)) > 900 and r.ttl(jobs.keys.events(a)) > 900  # restarted at the end
     assert not jobs.fail(a, "late") and not jobs.start(a)  # final states are never left
     assert jobs.fail(b, "bad video")
-    assert jobs.get(b)["error"] == "bad video"
+    assert jobs.get(b).error == "bad video"
     assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
     jobs.cancel(a)
     assert jobs.get(a) is None and not jobs.storage.path(a, "video").parent.exists()
@@ -102,7 +113,7 @@ def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     kinds = [e[1][b"type"] for e in r.xrange(jobs.keys.events(b))]
     assert kinds == [b"status", b"status"]  # queued, failed
     # Every key of a job carries a TTL.
-    for key in r.scan_iter(f"{jobs.keys.prefix}:*"):
+    for key in (k for pattern in jobs.keys.patterns for k in r.scan_iter(pattern)):
         name = key.decode()
         if ":state:" in name or name == jobs.keys.tasks:
             continue  # the stated exceptions (keys.py)
@@ -122,10 +133,10 @@ def test_quota_rate_limit_and_listing(jobs: Jobs, r) -> None:
         jobs.check_rate("k", 3, 60)
     assert 1 <= e.value.retry_after_s <= 61
     total, listed = jobs.list("k", 0, 10)
-    assert total == 3 and {j["id"] for j in listed} >= set(ids[1:])
+    assert total == 3 and {j.id for j in listed} >= set(ids[1:])
     r.delete(jobs.keys.job(ids[1]))  # as if expired
     total, listed = jobs.list("k", 0, 10)
-    assert total == 2 and ids[1] not in {j["id"] for j in listed}
+    assert total == 2 and ids[1] not in {j.id for j in listed}
 
 
 def test_gauges_never_count_expired_jobs_and_sweeper_deletes_orphans(jobs: Jobs, r, tmp_path: Path) -> None:
@@ -148,12 +159,49 @@ def test_gauges_never_count_expired_jobs_and_sweeper_deletes_orphans(jobs: Jobs,
     assert names == {"dead-worker"}
 
 
+def test_record_is_its_own_encoding_and_names_every_field(jobs: Jobs, r) -> None:
+    a = _create(jobs, "o")
+    raw = r.hgetall(jobs.keys.job(a))
+    assert JobRecord.from_redis(raw) == jobs.get(a) and jobs.get(a).to_redis() == {
+        k.decode(): v.decode() for k, v in raw.items()}
+    with pytest.raises(ValueError, match="no field"):
+        jobs.update(a, num_frame=3)  # a misspelt field never reaches Redis
+    with pytest.raises(ValueError, match="state machine"):
+        jobs.update(a, status="succeeded")  # only a transition writes the status
+    with pytest.raises(ValueError, match="counter"):
+        jobs.incr(a, "width")
+    assert jobs.get(a).status == JobStatus.QUEUED and jobs.get(a).num_frames == 20
+
+
+def test_change_whose_process_died_between_its_two_steps_is_reconciled(jobs: Jobs, r, monkeypatch) -> None:
+    a = _create(jobs, "o", quota=1)
+    jobs.start(a)
+    real_move = jobs._move
+
+    def died(*args) -> None:  # the job's side is written, the shared side never is
+        raise ConnectionError("killed")
+
+    monkeypatch.setattr(jobs, "_move", died)
+    with pytest.raises(ConnectionError):
+        jobs.fail(a, "x")
+    monkeypatch.setattr(jobs, "_move", real_move)
+    assert jobs.get(a).status == JobStatus.FAILED and r.sismember(jobs.keys.state("running"), a)
+    assert jobs.counts()["running"] == 0  # unfinished states are counted by their records
+    with pytest.raises(QuotaExceeded):  # the ended job still holds the quota, until the sweep
+        jobs.check_quota("o", 1)
+    assert jobs.sweep(grace_s=3600, consumer_idle_s=3600)["moved_ids"] == 1
+    assert not r.sismember(jobs.keys.state("running"), a) and r.sismember(jobs.keys.state("failed"), a)
+    assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 1, "cancelled": 0}
+    jobs.check_quota("o", 1)
+    assert jobs.sweep(grace_s=3600, consumer_idle_s=3600)["moved_ids"] == 0
+
+
 def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path) -> None:
     video = tmp_path / "v.mp4"
     make_video(video, 30, 64, 48)
     cfg = get_preset("kitti_mots")
 
-    def admit(limits: Limits) -> dict:
+    def admit(limits: Limits) -> JobRecord:
         staging = "upload-" + uuid.uuid4().hex
         jobs.storage.write(staging, "video", video.read_bytes())
         return jobs.admit(staging, "", model=cfg, min_dim=None, clips_per_task=2, limits=limits, quota=0,
@@ -170,16 +218,17 @@ def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path
     assert e.value.status == 400 and str(tmp_path) not in e.value.detail and "the upload" in e.value.detail
     assert list(jobs.storage.jobs()) == []
     job = admit(Limits(10**9, 10**6, 1e9))
-    assert job["plan"] == {"preset": "kitti_mots", "clip_len": 8, "overlap": 4, "min_dim": None, "num_clips": 7,
-                           "clips_per_task": 2}
-    assert list(jobs.storage.jobs()) == [job["id"]]
+    assert job.plan == JobPlan(preset="kitti_mots", clip_len=8, overlap=4, min_dim=None, num_clips=7,
+                               clips_per_task=2)
+    assert jobs.get(job.id) == job
+    assert list(jobs.storage.jobs()) == [job.id]
 
 
 # -- the worker, in process ----------------------------------------------------------------------
 
 @pytest.fixture
-def worker(small_weights: Path, tmp_path: Path):
-    with in_process_worker(small_weights, tmp_path / "data", "w-test") as w:
+def worker(small_weights: Path, tmp_path: Path, store_url: str):
+    with in_process_worker(small_weights, tmp_path / "data", "w-test", redis_url=store_url) as w:
         yield w
 
 
@@ -193,13 +242,13 @@ def _admit(worker, video: Path, clip_len: int | None = None, overlap: int | None
     worker.storage.write(staging, "video", video.read_bytes())
     return worker.jobs.admit(staging, "", model=cfg, min_dim=None, clips_per_task=2,
                              limits=Limits(10**9, 10**6, 1e9), quota=0,
-                             fields={"formats": ["ytvis"], "filename": "v.mp4"})["id"]
+                             fields={"formats": ["ytvis"], "filename": "v.mp4"}).id
 
 
-def _drain(worker, job_id: str, steps: int = 30) -> dict:
+def _drain(worker, job_id: str, steps: int = 30) -> JobRecord:
     for _ in range(steps):
         job = worker.jobs.get(job_id)
-        if job is None or JobStatus(job["status"]).final:
+        if job is None or job.final:
             return job
         worker.step()
     return worker.jobs.get(job_id)
@@ -210,8 +259,8 @@ def test_worker_runs_the_stored_plan(worker, tmp_path: Path) -> None:
     make_video(video, 13, 64, 48)
     job_id = _admit(worker, video, clip_len=6, overlap=2)  # not the model's 8/4: the plan wins
     job = _drain(worker, job_id)
-    assert job["status"] == "succeeded", job
-    assert job["num_clips"] == 3 and job["clips_done"] == 3 and job["frames_done"] == 13
+    assert job.status == "succeeded", job
+    assert job.num_clips == 3 and job.clips_done == 3 and job.frames_done == 13
     assert worker.jobs.counts()["succeeded"] == 1 and worker.jobs.queue.depth() == 0
 
 
@@ -230,7 +279,7 @@ def test_worker_outcomes_no_space_and_bad_video(worker, tmp_path: Path, monkeypa
 
     monkeypatch.setattr(worker.storage, "write", full_disk)
     job = _drain(worker, job_id)
-    assert job["status"] == "failed" and job["error"] == worker_module.NO_SPACE
+    assert job.status == "failed" and job.error == worker_module.NO_SPACE
     assert worker.jobs.queue.depth() == 0  # a failed task is acknowledged, not redelivered
     monkeypatch.setattr(worker.storage, "write", real_write)
 
@@ -240,8 +289,8 @@ def test_worker_outcomes_no_space_and_bad_video(worker, tmp_path: Path, monkeypa
     from service.video.decode import clear_cache
     clear_cache()
     job = _drain(worker, job_id)
-    assert job["status"] == "failed" and job["error"].startswith("video:"), job
-    assert str(worker.settings.data_dir) not in job["error"]
+    assert job.status == "failed" and job.error.startswith("video:"), job
+    assert str(worker.settings.data_dir) not in job.error
 
 
 def test_deleted_running_job_leaves_no_files(worker, tmp_path: Path, monkeypatch) -> None:
@@ -305,10 +354,10 @@ def test_worker_concurrency_two_slots_share_one_engine(small_weights: Path, tmp_
             time.sleep(0.05)
         ids = [_admit(w, video) for _ in range(2)]
         deadline = time.monotonic() + 240
-        while any(w.jobs.get(i)["status"] not in ("succeeded", "failed") for i in ids):
+        while any(w.jobs.get(i).status not in ("succeeded", "failed") for i in ids):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert [w.jobs.get(i)["status"] for i in ids] == ["succeeded"] * 2
+        assert [w.jobs.get(i).status for i in ids] == ["succeeded"] * 2
         results = [w.storage.read(i, "out/results.json") for i in ids]
         assert results[0] == results[1]
         assert len(executed_on) == 2, executed_on  # both slots ran tasks, side by side on one engine
@@ -316,7 +365,7 @@ def test_worker_concurrency_two_slots_share_one_engine(small_weights: Path, tmp_
         w.stopping.set()
         runner.join(30)
         client = redis.Redis.from_url(REDIS_URL)
-        assert not {c["name"] for c in client.xinfo_consumers(f"{s.redis_prefix}:tasks", "workers")}  # deregistered
+        assert not {c["name"] for c in client.xinfo_consumers(Keys(s.redis_prefix).tasks, "workers")}  # deregistered
         client.close()
 
 

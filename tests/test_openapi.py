@@ -84,8 +84,8 @@ def test_api_matches_its_openapi(api_schema) -> None:
     jobs = api_schema.app.state.services.jobs
     job_id = jobs.new_id()
     jobs.storage.write(job_id, "video", b"x")
-    jobs.create(job_id, "", JobPlan("kitti_mots", 8, 4, None, 1, 8), {"num_frames": 3, "width": 64, "height": 48,
-                                                                        "formats": ["ytvis"]})
+    jobs.create(jobs.new_record(job_id, "", JobPlan("kitti_mots", 8, 4, None, 1, 8), num_frames=3, width=64,
+                                height=48, formats=["ytvis"]))
     jobs.fail(job_id, "seeded for the OpenAPI test")
     with_id = sorted((r.ok() for r in api_schema.get_all_operations() if "{job_id}" in r.ok().path),
                      key=lambda op: op.method == "delete")

@@ -19,6 +19,7 @@ from PIL import Image
 from service_env import REDIS_URL, ServiceEnv
 from videos import make_video
 
+from service.jobs.keys import Keys
 from service.jobs.lease import Lease
 from service.outputs.names import NAMES, davis_frame
 
@@ -30,7 +31,7 @@ def _frames(path: Path) -> list[np.ndarray]:
 
 def _held_output_task(r: redis.Redis, prefix: str) -> tuple[str, tuple[int, int]] | None:
     """The consumer holding an output task right now and the task's frames, if any."""
-    stream = f"{prefix}:tasks"
+    stream = Keys(prefix).tasks
     if not r.exists(stream):
         return None
     for p in r.xpending_range(stream, "workers", "-", "+", 100):
@@ -67,7 +68,7 @@ def test_worker_killed_mid_render_loses_nothing_and_outputs_equal_segment(tmp_pa
         job = env.wait(job_id, timeout=300)
         assert job["status"] == "succeeded", job
 
-        timeline = [json.loads(e) for e in env.redis.lrange(f"{env.prefix}:job:{job_id}:timeline", 0, -1)]
+        timeline = [json.loads(e) for e in env.redis.lrange(Keys(env.prefix).timeline(job_id), 0, -1)]
         outputs = [e for e in timeline if e["kind"] == "outputs"]
         spans = [(a, min(a + per_task, n)) for a in range(0, n, per_task)]
         done = sorted((e["start"], e["stop"]) for e in outputs)
@@ -79,7 +80,7 @@ def test_worker_killed_mid_render_loses_nothing_and_outputs_equal_segment(tmp_pa
 
         # Tracks are announced after the success, in the same step, and only once.
         events = [(e[1][b"type"], json.loads(e[1][b"data"])) for e in
-                  env.redis.xrange(f"{env.prefix}:job:{job_id}:events")]
+                  env.redis.xrange(Keys(env.prefix).events(job_id))]
         kinds = [k for k, _ in events]
         end = kinds.index(b"status", max(i for i, k in enumerate(kinds) if k == b"frame"))
         assert events[end][1]["status"] == "succeeded"

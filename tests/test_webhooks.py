@@ -81,7 +81,7 @@ def _job_with_callback(worker, video: Path, url: str) -> str:
     worker.storage.write(staging, "video", video.read_bytes())
     return worker.jobs.admit(staging, "", model=worker.engine.cfg, min_dim=None, clips_per_task=4,
                              limits=Limits(10**9, 10**6, 1e9), quota=0,
-                             fields={"formats": ["ytvis"], "filename": "v.mp4", "callback_url": url})["id"]
+                             fields={"formats": ["ytvis"], "filename": "v.mp4", "callback_url": url}).id
 
 
 def _wait(predicate, timeout: float = 30) -> None:
@@ -97,9 +97,9 @@ def test_success_webhook_signed_retried_and_recorded(worker, tmp_path: Path) -> 
     receiver = Receiver(fail_first=2)
     try:
         job_id = _job_with_callback(worker, video, receiver.url)
-        while worker.jobs.get(job_id)["status"] != "succeeded":
+        while worker.jobs.get(job_id).status != "succeeded":
             worker.step()
-        _wait(lambda: (worker.jobs.get(job_id).get("webhook") or {}).get("delivered"))
+        _wait(lambda: (worker.jobs.get(job_id).webhook or {}).get("delivered"))
     finally:
         receiver.close()
     assert len(receiver.got) == 3  # two 503s, then delivered
@@ -112,7 +112,7 @@ def test_success_webhook_signed_retried_and_recorded(worker, tmp_path: Path) -> 
     assert hmac.compare_digest(headers[SIGNATURE_HEADER], expected)
     payload = json.loads(body)
     assert payload["id"] == job_id and payload["status"] == "succeeded" and payload["tracks"] is not None
-    record = worker.jobs.get(job_id)["webhook"]
+    record = worker.jobs.get(job_id).webhook
     assert record["url"] == receiver.url and record["delivered"] is True
     assert [a["status"] for a in record["attempts"]] == [503, 503, 204]
 
@@ -126,12 +126,12 @@ def test_failure_webhook_and_giving_up(worker, tmp_path: Path) -> None:
         worker.storage.path(job_id, "video").write_bytes(b"no longer a video" * 10)
         from service.video.decode import clear_cache
         clear_cache()
-        while worker.jobs.get(job_id)["status"] != "failed":
+        while worker.jobs.get(job_id).status != "failed":
             worker.step()
-        _wait(lambda: len((worker.jobs.get(job_id).get("webhook") or {}).get("attempts", [])) == 4)
+        _wait(lambda: len((worker.jobs.get(job_id).webhook or {}).get("attempts", [])) == 4)
     finally:
         receiver.close()
-    record = worker.jobs.get(job_id)["webhook"]
+    record = worker.jobs.get(job_id).webhook
     assert record["delivered"] is False and [a["status"] for a in record["attempts"]] == [503] * 4
     payload = json.loads(receiver.got[0][2])
     assert payload["status"] == "failed" and payload["error"].startswith("video:")

@@ -20,6 +20,7 @@ from service.api.problems import Problem
 from service.config import Settings
 from service.jobs.keys import JOB_ID, valid_job_id
 from service.jobs.lifecycle import Jobs
+from service.jobs.redis_clients import async_client, sync_client
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 
@@ -45,12 +46,11 @@ class Services:
         # stream one (it sits in XREAD); a full pool raises MaxConnectionsError, answered 503 as such.
         t = settings.redis_timeout_s
         sync_size, async_size = settings.redis_pool_sizes
-        r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=t, socket_timeout=t,
-                                 retry=Retry(NoBackoff(), 0), max_connections=sync_size)
+        r = sync_client(settings.redis_url, socket_connect_timeout=t, socket_timeout=t,
+                        retry=Retry(NoBackoff(), 0), max_connections=sync_size)
         # Event streams block in XREAD for EVENTS_BLOCK_MS: their client waits that much longer.
-        ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=t,
-                                   socket_timeout=t + EVENTS_BLOCK_MS / 1000, retry=AsyncRetry(NoBackoff(), 0),
-                                   max_connections=async_size)
+        ar = async_client(settings.redis_url, socket_connect_timeout=t, socket_timeout=t + EVENTS_BLOCK_MS / 1000,
+                          retry=AsyncRetry(NoBackoff(), 0), max_connections=async_size)
         storage = LocalStorage(settings.data_dir)
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
         probes = ProbeSlots(settings.max_concurrent_probes, settings.max_probes_per_key, settings.retry_after_s,

@@ -185,6 +185,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
+    # Redis Cluster: slots without a master (one restarting, a failover under way)
+    @app.exception_handler(redis.exceptions.ClusterError)
+    @app.exception_handler(redis.exceptions.RedisClusterException)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("Redis unreachable: %s", exc)
         return problem_response(request, 503, "Service Unavailable", "the job store (Redis) is unreachable",

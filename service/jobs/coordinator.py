@@ -43,7 +43,8 @@ from service.jobs.encoding import (
     stitcher_to_bytes,
 )
 from service.jobs.lease import Lease
-from service.jobs.lifecycle import Jobs, JobStatus
+from service.jobs.lifecycle import Jobs
+from service.jobs.record import JobRecord
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.outputs.labels import Labels
@@ -85,53 +86,58 @@ class JobCoordinator:
             with lease:
                 self._stitch(job_id, lease)
             job = self.jobs.get(job_id)
-            if job is None or JobStatus(job["status"]).final:
+            if job is None or job.final:
                 return
-            nxt = job.get("stitched", 0)
-            if nxt >= job["num_clips"] or not self.storage.exists(job_id, files.clip_file(nxt)):
+            nxt = job.stitched
+            if nxt >= job.num_clips or not self.storage.exists(job_id, files.clip_file(nxt)):
                 return  # else a clip landed while the lease was held: stitch it too
 
     def _stitch(self, job_id: str, lease: Lease) -> None:
         job = self.jobs.get(job_id)
-        if job is None or JobStatus(job["status"]).final:
+        if job is None or job.final:
             return
         st = (stitcher_from_bytes(self.storage.read(job_id, files.STITCH_STATE))
-              if self.storage.exists(job_id, files.STITCH_STATE) else Stitcher(job.get("min_iou"), keep_masks=False))
-        while st.next_clip < job["num_clips"] and self.storage.exists(job_id, files.clip_file(st.next_clip)):
+              if self.storage.exists(job_id, files.STITCH_STATE) else Stitcher(job.min_iou, keep_masks=False))
+        while st.next_clip < job.num_clips and self.storage.exists(job_id, files.clip_file(st.next_clip)):
             started = time.time()
             clip = clip_from_bytes(self.storage.read(job_id, files.clip_file(st.next_clip)))
             frames = st.add(clip)
             self.storage.write(job_id, files.frames_file(clip.index), frames_to_bytes(frames))
             self.storage.write(job_id, files.STITCH_STATE, stitcher_to_bytes(st))
             self.jobs.update(job_id, stitched=st.next_clip, frames_done=(frames[-1].index + 1) if frames else
-                             job.get("frames_done", 0))
+                             job.frames_done)
             self.jobs.events(job_id, [("frame", {"frame": f.index, "track_ids": f.track_ids}) for f in frames])
             self.record(job_id, {"kind": "stitch", "clip": clip.index, "start": started, "end": time.time()})
-        if st.next_clip == job["num_clips"] and not job.get("render_tasks"):
+        if st.next_clip == job.num_clips and not job.outputs_queued:
             self._hand_out_outputs(job_id, job, st, lease)
 
-    def _hand_out_outputs(self, job_id: str, job: dict, st: Stitcher, lease: Lease) -> None:
+    def _hand_out_outputs(self, job_id: str, job: JobRecord, st: Stitcher, lease: Lease) -> None:
         """The labels are final now: store them and enqueue one output task per range of frames."""
-        result = VideoResult(num_frames=job["num_frames"], height=job["height"], width=job["width"],
-                             fps=job.get("fps"), classes=dict(self.cfg.classes), max_tracks=self.cfg.max_tracks,
+        result = VideoResult(num_frames=job.num_frames, height=job.height, width=job.width, fps=job.fps,
+                             classes=dict(self.cfg.classes), max_tracks=self.cfg.max_tracks,
                              tracks=list(st.tracks.values()))
         labels = Labels.decide(result)
         self.storage.write(job_id, files.LABELS, labels.to_json().encode())
         # At most render_frames per task, and at least four tasks per live worker where the video
         # allows (16 frames or more each), so the last round of tasks leaves no worker idle for long.
-        workers = max(self.jobs.live_workers(), 1)
-        size = min(self.render_frames, max(16, math.ceil(job["num_frames"] / (4 * workers))))
-        spans = ranges(job["num_frames"], size)
+        # A cut already recorded (by a stitcher that died before queuing all of it) is kept, so a
+        # repeat queues the very same ranges.
+        if job.render_frames is not None:
+            size = job.render_frames
+        else:
+            workers = max(self.jobs.live_workers(), 1)
+            size = min(self.render_frames, max(16, math.ceil(job.num_frames / (4 * workers))))
+        spans = ranges(job.num_frames, size)
         if not lease.held:
             raise LeaseLost(f"the lease of job {job_id} lapsed before its outputs were handed out")
         self.jobs.enqueue_outputs(job_id, spans, size)
         self.record(job_id, {"kind": "stitched", "end": time.time(), "ranges": len(spans)})
 
     # -- outputs -----------------------------------------------------------------------------
-    def render(self, job_id: str, job: dict, start: int, stop: int) -> None:
+    def render(self, job_id: str, job: JobRecord, start: int, stop: int) -> None:
         """Render frames [start, stop) of the job's formats (an output task)."""
         labels = Labels.from_json(self.storage.read(job_id, files.LABELS).decode())
-        formats = job["formats"]
+        formats = job.formats
         masks = self._range_masks(job_id, job, start, stop)
         frames = None
         if "overlay" in formats:
@@ -140,9 +146,8 @@ class JobCoordinator:
             frames = (f.image for f in iter_frame_range(video, start, stop, **kwargs))
         render_range(labels, formats, masks, frames, start, stop, self.storage.path(job_id, files.RENDER))
 
-    def _range_masks(self, job_id: str, job: dict, start: int, stop: int) -> RangeMasks:
-        plan = job["plan"]
-        owner = first_clip(clip_plan(job["num_frames"], plan["clip_len"], plan["overlap"]))
+    def _range_masks(self, job_id: str, job: JobRecord, start: int, stop: int) -> RangeMasks:
+        owner = first_clip(clip_plan(job.num_frames, job.plan.clip_len, job.plan.overlap))
         masks: dict[int, dict[int, dict]] = {f: {} for f in range(start, stop)}
         for k in sorted({owner[f] for f in range(start, stop)}):
             for frame in frames_from_bytes(self.storage.read(job_id, files.frames_file(k))):
@@ -153,7 +158,7 @@ class JobCoordinator:
     def range_rendered(self, job_id: str) -> None:
         """After an output task: if every range is rendered, finish the job (unless someone is)."""
         job = self.jobs.get(job_id)
-        if job is None or JobStatus(job["status"]).final or not self._all_rendered(job_id, job):
+        if job is None or job.final or not self._all_rendered(job_id, job):
             return
         lease = self._lease(job_id)
         if not lease.acquire():
@@ -161,16 +166,16 @@ class JobCoordinator:
         with lease:
             self._finish(job_id, lease)
 
-    def _spans(self, job: dict) -> list[tuple[int, int]]:
-        return ranges(job["num_frames"], job["render_frames"])
+    def _spans(self, job: JobRecord) -> list[tuple[int, int]]:
+        return ranges(job.num_frames, job.render_frames)
 
-    def _all_rendered(self, job_id: str, job: dict) -> bool:
+    def _all_rendered(self, job_id: str, job: JobRecord) -> bool:
         parts = self.storage.path(job_id, files.RENDER)
         return all(range_done(parts, a) for a, _ in self._spans(job))
 
     def _finish(self, job_id: str, lease: Lease) -> None:
         job = self.jobs.get(job_id)
-        if job is None or JobStatus(job["status"]).final:
+        if job is None or job.final:
             return
         started = time.time()
         labels = Labels.from_json(self.storage.read(job_id, files.LABELS).decode())
@@ -182,7 +187,7 @@ class JobCoordinator:
             if not lease.held:  # checked right before the only step that replaces what others see
                 raise LeaseLost(f"the lease of job {job_id} lapsed while finishing")
 
-        publish_output(out, job["formats"], fill, replace=True)
+        publish_output(out, job.formats, fill, replace=True)
         stitched = (stitcher_from_bytes(self.storage.read(job_id, files.STITCH_STATE)).tracks)
         tracks = [{"id": t.id, "category_id": t.category, "score": t.score,
                    "first_frame": stitched[t.id].first_frame, "last_frame": stitched[t.id].last_frame}

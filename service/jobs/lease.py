@@ -16,6 +16,8 @@ from typing import Self
 
 import redis
 
+from service.jobs.redis_clients import REDIS_ERRORS
+
 log = logging.getLogger("stemseg.lease")
 
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
@@ -46,7 +48,7 @@ class Lease:
                 if not self.r.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
                     self._lost.set()
                     return
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 log.warning("could not renew %s", self.key)  # it lapses unless the next renewal gets through
 
     @property

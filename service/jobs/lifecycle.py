@@ -2,13 +2,20 @@
 
 Everything that changes a job's state goes through `Jobs`, so each invariant has one place:
 
-* A state change is one Lua script: it checks the transition against `JobStatus`'s table,
-  writes the status, moves the id between the per-state sets the gauges count (so they can
-  neither drift nor go negative), and when the job ends removes it from its owner's quota set
-  and restarts its keys' TTL (a job expires `job_ttl_s` after it ends, not after creation).
-* A job is created with its plan (`JobPlan`: preset, clip length, overlap, min_dim) and its
-  tasks in one transaction that also enforces the owner's quota; workers read the plan and
-  never re-plan.
+* The record is a `JobRecord` (service.jobs.record), which alone knows its Redis encoding.
+* Every script gets all the keys it touches as KEYS, and touches keys of one hash slot only
+  (service.jobs.keys), so the same code runs on one Redis and on Redis Cluster. A state change
+  is therefore two steps. First a script on the job's slot checks the transition against
+  `TRANSITIONS`, writes the status with its events (fenced by the job's lease where asked), and
+  when the job ends restarts its keys' TTL (a job expires `job_ttl_s` after it ends); that step
+  is the truth. Then a script on the shared slot moves the id between the per-state sets the
+  gauges count and, when the job ends, out of its owner's quota set. A process that dies between
+  the two leaves the sets behind the record, never ahead: the sweeper reconciles unfinished
+  states' sets with the records (`sweep`), and `counts` checks those sets member by member.
+* A job is created with its plan (`JobPlan`: preset, clip length, overlap, min_dim): first its
+  record (job slot), then, in one script on the shared slot, the owner's quota check, the
+  listing, the state set and its tasks; over quota, the record is deleted again. Workers read
+  the plan and never re-plan.
 * Files: a job's directory belongs to its record. Whoever deletes the record deletes the
   files; a worker whose in-flight task ends on a deleted job deletes what it wrote; the
   sweeper (`sweep`) deletes every directory without a record, as a backstop.
@@ -23,8 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -33,6 +39,7 @@ from service.config import Settings
 from service.jobs.keys import Keys, valid_job_id
 from service.jobs.probing import probe_upload
 from service.jobs.queue import GROUP, OUTPUTS, TaskQueue
+from service.jobs.record import JobPlan, JobRecord, JobStatus, counter, decode_value, encode_fields
 from service.jobs.storage import LocalStorage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
@@ -44,18 +51,6 @@ log = logging.getLogger("stemseg.jobs")
 _EVENTS_MAXLEN = 2000
 
 
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
 # Target state -> the states it may be entered from. Final states are never left.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.RUNNING: frozenset({JobStatus.QUEUED}),
@@ -63,22 +58,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.FAILED: frozenset({JobStatus.QUEUED, JobStatus.RUNNING}),
     JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.RUNNING}),
 }
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    """How a job's video is cut into clips, fixed at creation. Workers run exactly this."""
-
-    preset: str
-    clip_len: int
-    overlap: int
-    min_dim: int | None  # None: the model's own
-    num_clips: int
-    clips_per_task: int
-
-    def task_ranges(self) -> list[tuple[int, int]]:
-        step = self.clips_per_task
-        return [(s, min(s + step, self.num_clips)) for s in range(0, self.num_clips, step)]
 
 
 @dataclass(frozen=True)
@@ -127,55 +106,70 @@ class RateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
-# KEYS: job hash, events stream, and optionally a lock whose holder alone may make the change
-# (a fencing token). ARGV: new status, prefix, job id, TTL to restart (0: the job has not ended),
-# now, events to append when the change is made (a JSON list of [type, data]; the status event
+# Job slot. KEYS: job hash, events stream, and optionally a lock whose holder alone may make the
+# change (a fencing token). ARGV: new status, TTL to restart (0: the job has not ended), now,
+# events to append when the change is made (a JSON list of [type, data]; the status event
 # first), events TTL, events max length, the lock's token ('' without a lock), allowed-from
 # count, allowed-from states..., then field/value pairs (JSON-encoded values) to write with the
 # status. The events go in with the change or not at all, so a reader that sees the job ended
-# has every event it announced (a finished job's tracks). Key names built from the prefix here:
-# fine on one Redis, not on Redis Cluster.
+# has every event it announced (a finished job's tracks). Returns {previous status, owner}, or
+# nil when nothing changed: what the shared slot's step needs.
 _TRANSITION = """
 local raw = redis.call('HGET', KEYS[1], 'status')
-if not raw then return 0 end
-if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[9] then return 0 end
+if not raw then return nil end
+if KEYS[3] and redis.call('GET', KEYS[3]) ~= ARGV[7] then return nil end
 local cur = cjson.decode(raw)
-local n = tonumber(ARGV[10])
+local n = tonumber(ARGV[8])
 local ok = false
-for i = 11, 10 + n do if ARGV[i] == cur then ok = true end end
-if not ok then return 0 end
-redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'updated_at', ARGV[5])
-for i = 11 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('SREM', ARGV[2] .. ':state:' .. cur, ARGV[3])
-redis.call('SADD', ARGV[2] .. ':state:' .. ARGV[1], ARGV[3])
-for _, ev in ipairs(cjson.decode(ARGV[6])) do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'type', ev[1], 'data', ev[2])
+for i = 9, 8 + n do if ARGV[i] == cur then ok = true end end
+if not ok then return nil end
+redis.call('HSET', KEYS[1], 'status', cjson.encode(ARGV[1]), 'updated_at', ARGV[3])
+for i = 9 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for _, ev in ipairs(cjson.decode(ARGV[4])) do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', ev[1], 'data', ev[2])
 end
-redis.call('EXPIRE', KEYS[2], ARGV[7])
-if tonumber(ARGV[4]) > 0 then
-  local owner = cjson.decode(redis.call('HGET', KEYS[1], 'owner'))
-  if owner == '' then owner = '-' end
-  redis.call('SREM', ARGV[2] .. ':active:' .. owner, ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
-  redis.call('EXPIRE', ARGV[2] .. ':jobs:' .. owner, ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return {cur, cjson.decode(redis.call('HGET', KEYS[1], 'owner'))}
+"""
+
+# Shared slot. KEYS: the set of the state left, the set of the state entered, the owner's quota
+# set, the owner's listing. ARGV: job id, TTL (0: the job has not ended). Idempotent, so the
+# sweeper can repeat it for a change whose process died between the two steps.
+_MOVE_STATE = """
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
 end
 return 1
 """
 
+# Shared slot. KEYS: the owner's quota set, the owner's listing, the queued state's set, the task
+# stream. ARGV: job id, now, TTL, quota (0: none), then each task's stream entry as 8 strings
+# (field, value x 4). Returns 0, changing nothing, when the owner already has `quota` unfinished jobs.
+_ADMIT = """
+if tonumber(ARGV[4]) > 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+for i = 5, #ARGV, 8 do redis.call('XADD', KEYS[4], '*', unpack(ARGV, i, i + 7)) end
+return 1
+"""
 
-# KEYS: job hash. ARGV: "set" then field/value pairs, or "incr", field, amount. Writes only while
-# the record exists, in one step: a DELETE between a check and a write would otherwise leave a
-# record with no status, owner or TTL behind.
+
+# Job slot. KEYS: job hash. ARGV: "set" then field/value pairs, or "incr", field, amount. Writes
+# only while the record exists, in one step: a DELETE between a check and a write would otherwise
+# leave a record with no status, owner or TTL behind.
 _WRITE_IF_EXISTS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] == 'incr' then return redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3]) end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
-
-
-def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 
 class Jobs:
@@ -185,52 +179,65 @@ class Jobs:
         self.keys = Keys(prefix)
         self.queue = TaskQueue(r, self.keys, visibility_timeout_s)
         self._transition = r.register_script(_TRANSITION)
+        self._move_state = r.register_script(_MOVE_STATE)
+        self._admit = r.register_script(_ADMIT)
         self._write = r.register_script(_WRITE_IF_EXISTS)
         # Called with the job id after it succeeded or failed here (workers send webhooks).
         self.on_end: Callable[[str], None] | None = None
 
     # -- reading -----------------------------------------------------------------------------
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str) -> JobRecord | None:
         if not valid_job_id(job_id):
             return None
         raw = self.r.hgetall(self.keys.job(job_id))
-        return _decode(raw) if raw else None
+        return JobRecord.from_redis(raw) if raw else None
 
-    def plan(self, job: dict[str, Any]) -> JobPlan:
-        return JobPlan(**job["plan"])
+    async def owner_async(self, ar, job_id: str) -> str | None:
+        """The job's owner on a redis.asyncio client (`ar`, the same server); None: no such job."""
+        return decode_value(await ar.hget(self.keys.job(job_id), "owner"))
 
-    def list(self, owner: str, offset: int, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    async def status_async(self, ar, job_id: str) -> JobStatus | None:
+        raw = decode_value(await ar.hget(self.keys.job(job_id), "status"))
+        return None if raw is None else JobStatus(raw)
+
+    def list(self, owner: str, offset: int, limit: int) -> tuple[int, list[JobRecord]]:
         index = self.keys.owner_jobs(owner)
         ids = [i.decode() for i in self.r.zrevrange(index, offset, offset + limit - 1)]
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=False)  # one record per slot: no transaction on a cluster
         for i in ids:
             pipe.hgetall(self.keys.job(i))
         jobs, gone = [], []
         for i, raw in zip(ids, pipe.execute()):
             if raw:
-                jobs.append(_decode(raw))
+                jobs.append(JobRecord.from_redis(raw))
             else:
                 gone.append(i)
         if gone:  # expired records: drop them from the listing
             self.r.zrem(index, *gone)
         return self.r.zcard(index), jobs
 
+    def _statuses(self, ids: list[str]) -> list[JobStatus | None]:
+        """Each job's status as its record says (None: no record), in one pipeline."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hget(self.keys.job(i), "status")
+        return [None if v is None else JobStatus(decode_value(v)) for v in pipe.execute()]
+
     def counts(self) -> dict[str, int]:
         """Jobs per state: the sizes of the per-state sets. Unfinished jobs are few, so their
-        sets are checked member by member (a job that expired unfinished is not counted); ended
-        jobs' sets may still hold ids that expired since the last sweep (`sweep_interval_s`)."""
-        pipe = self.r.pipeline()
+        sets are checked member by member against the records (a job that expired unfinished, or
+        whose set was not yet moved, is counted where its record says); ended jobs' sets may
+        still hold ids that expired since the last sweep (`sweep_interval_s`)."""
+        pipe = self.r.pipeline(transaction=False)
         for s in JobStatus:
             (pipe.smembers if not s.final else pipe.scard)(self.keys.state(s))
-        out = {}
+        out = {s.value: 0 for s in JobStatus}
         for s, v in zip(JobStatus, pipe.execute()):
             if isinstance(v, int):
-                out[s.value] = v
+                out[s.value] += v
                 continue
-            check = self.r.pipeline()
-            for m in v:
-                check.exists(self.keys.job(m.decode()))
-            out[s.value] = sum(check.execute()) if v else 0
+            ids = [m.decode() for m in v]
+            out[s.value] += sum(1 for now in self._statuses(ids) if now == s)
         return out
 
     # -- creation ----------------------------------------------------------------------------
@@ -241,10 +248,11 @@ class Jobs:
         now = time.time()
         window = int(now // window_s)
         key = self.keys.rate(owner, window)
-        pipe = self.r.pipeline()
+        # The counter gets its TTL when it is made, so no crash leaves one without.
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(key, 0, ex=window_s + 1, nx=True)
         pipe.incr(key)
-        pipe.expire(key, window_s + 1)
-        n, _ = pipe.execute()
+        _, n = pipe.execute()
         if n > limit:
             raise RateLimited(limit, window_s, max(1, int((window + 1) * window_s - now + 0.999)))
 
@@ -256,41 +264,37 @@ class Jobs:
     def new_id() -> str:
         return uuid.uuid4().hex
 
-    def create(self, job_id: str, owner: str, plan: JobPlan, fields: dict[str, Any], quota: int = 0) -> dict:
-        """Record the job and enqueue its tasks in one transaction that also holds the owner's
-        quota (WATCH on the owner's set of unfinished jobs). The job's files must already be in
-        place: a worker may take the first task at once."""
+    @staticmethod
+    def new_record(job_id: str, owner: str, plan: JobPlan, **fields: Any) -> JobRecord:
+        """A queued job's record; `fields`: JobRecord's (num_frames, width, height, formats, ...)."""
         now = time.time()
-        record = {"id": job_id, "owner": owner, "status": JobStatus.QUEUED.value, "created_at": now,
-                  "updated_at": now, "clips_done": 0, "frames_done": 0, "stitched": 0,
-                  "num_clips": plan.num_clips, "plan": asdict(plan), **fields}
-        k = self.keys
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(k.active(owner))
-                    if quota > 0 and pipe.scard(k.active(owner)) >= quota:
-                        raise QuotaExceeded(quota)
-                    pipe.multi()
-                    # A TTL from creation too: bounds the life of a job that never ends.
-                    pipe.hset(k.job(job_id), mapping={f: json.dumps(v) for f, v in record.items()})
-                    pipe.expire(k.job(job_id), self.ttl)
-                    pipe.zadd(k.owner_jobs(owner), {job_id: now})
-                    pipe.expire(k.owner_jobs(owner), self.ttl)
-                    pipe.sadd(k.active(owner), job_id)
-                    pipe.expire(k.active(owner), self.ttl)
-                    pipe.sadd(k.state(JobStatus.QUEUED), job_id)
-                    pipe.xadd(k.events(job_id), {"type": "status", "data": json.dumps({"status": "queued"})})
-                    pipe.expire(k.events(job_id), self.ttl)
-                    for start, stop in plan.task_ranges():
-                        self.queue.put(job_id, start, stop, pipe=pipe)
-                    pipe.execute()
-                    return record
-                except redis.WatchError:
-                    continue
+        return JobRecord(id=job_id, owner=owner, status=JobStatus.QUEUED, created_at=now, updated_at=now, plan=plan,
+                         num_clips=plan.num_clips, **fields)
+
+    def create(self, job: JobRecord, quota: int = 0) -> JobRecord:
+        """Record the job, then enqueue its tasks in one script that also holds the owner's
+        quota; over quota, the record is deleted and QuotaExceeded raised. The job's files must
+        already be in place: a worker may take the first task at once."""
+        k, job_id = self.keys, job.id
+        pipe = self.r.pipeline(transaction=True)  # the job's slot only
+        # A TTL from creation too: bounds the life of a job that never ends (or whose API died
+        # before the second step: invisible, nobody knows its id, it expires).
+        pipe.hset(k.job(job_id), mapping=job.to_redis())
+        pipe.expire(k.job(job_id), self.ttl)
+        pipe.xadd(k.events(job_id), {"type": "status", "data": json.dumps({"status": JobStatus.QUEUED.value})})
+        pipe.expire(k.events(job_id), self.ttl)
+        pipe.execute()
+        self.queue.ensure_group()
+        tasks = [str(x) for start, stop in job.plan.task_ranges()
+                 for pair in self.queue.entry(job_id, start, stop).items() for x in pair]
+        if not self._admit(keys=[k.active(job.owner), k.owner_jobs(job.owner), k.state(JobStatus.QUEUED), k.tasks],
+                           args=[job_id, json.dumps(job.created_at), self.ttl, quota, *tasks]):
+            self.r.delete(k.job(job_id), k.events(job_id))
+            raise QuotaExceeded(quota)
+        return job
 
     def admit(self, staging: str, owner: str, *, model: ModelConfig, min_dim: int | None, clips_per_task: int,
-              limits: Limits, quota: int, fields: dict[str, Any]) -> dict[str, Any]:
+              limits: Limits, quota: int, fields: dict[str, Any]) -> JobRecord:
         """Make a job of a received upload (in storage under `staging`): probe it, hold it to
         the limits, plan it, move its files under the job id, record and enqueue it. On any
         failure nothing is left on disk."""
@@ -313,10 +317,9 @@ class Jobs:
                            num_clips=len(clip_plan(info.num_frames, model.clip_len, model.overlap)),
                            clips_per_task=clips_per_task)
             self.storage.rename_job(staging, job_id)
-            return self.create(job_id, owner, plan, {
-                "num_frames": info.num_frames, "width": info.width, "height": info.height, "fps": info.fps,
-                "duration_s": info.duration_s, "min_dim": min_dim, "preset": model.name, "min_iou": None,
-                **fields}, quota=quota)
+            return self.create(self.new_record(
+                job_id, owner, plan, num_frames=info.num_frames, width=info.width, height=info.height, fps=info.fps,
+                duration_s=info.duration_s, min_dim=min_dim, preset=model.name, **fields), quota=quota)
         except BaseException:
             self.storage.delete_job(staging)
             self.storage.delete_job(job_id)
@@ -338,16 +341,22 @@ class Jobs:
         ttl = self.ttl if status.final else 0
         announced = [["status", json.dumps({"status": status.value, **fields})]]
         announced += [[kind, json.dumps(data)] for kind, data in events]
-        args: list[Any] = [status.value, self.keys.prefix, job_id, ttl, json.dumps(time.time()),
-                           json.dumps(announced), self.ttl, _EVENTS_MAXLEN, fence[1] if fence else "",
-                           len(allowed), *allowed]
-        for f, v in fields.items():
-            args += [f, json.dumps(v)]
+        args: list[Any] = [status.value, ttl, json.dumps(time.time()), json.dumps(announced), self.ttl,
+                           _EVENTS_MAXLEN, fence[1] if fence else "", len(allowed), *allowed, *encode_fields(fields)]
         keys = [self.keys.job(job_id), self.keys.events(job_id)] + ([fence[0]] if fence else [])
-        moved = bool(self._transition(keys=keys, args=args))
-        if moved and self.on_end is not None and status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        moved = self._transition(keys=keys, args=args)
+        if not moved:
+            return False
+        previous, owner = (v.decode() if isinstance(v, bytes) else v for v in moved)
+        self._move(job_id, JobStatus(previous), status, owner)
+        if self.on_end is not None and status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             self.on_end(job_id)
-        return moved
+        return True
+
+    def _move(self, job_id: str, previous: JobStatus, status: JobStatus, owner: str) -> None:
+        k = self.keys
+        self._move_state(keys=[k.state(previous), k.state(status), k.active(owner), k.owner_jobs(owner)],
+                         args=[job_id, self.ttl if status.final else 0])
 
     def start(self, job_id: str) -> bool:
         return self.transition(job_id, JobStatus.RUNNING, started_at=time.time())
@@ -373,25 +382,24 @@ class Jobs:
         if job is None:
             return
         k = self.keys
-        pipe = self.r.pipeline()
-        pipe.zrem(k.owner_jobs(job["owner"]), job_id)
-        pipe.srem(k.active(job["owner"]), job_id)
+        # Two slots, so no transaction: the record first (the truth); ids left in the shared sets
+        # by a crash between are pruned by the sweeper.
+        self.r.delete(k.job(job_id), k.events(job_id), k.lock(job_id), k.timeline(job_id))
+        pipe = self.r.pipeline(transaction=True)  # the shared slot only
+        pipe.zrem(k.owner_jobs(job.owner), job_id)
+        pipe.srem(k.active(job.owner), job_id)
         for s in JobStatus:
             pipe.srem(k.state(s), job_id)
-        pipe.delete(k.job(job_id), k.events(job_id), k.lock(job_id), k.timeline(job_id))
         pipe.execute()
 
     # -- progress (no state change) ----------------------------------------------------------
     def update(self, job_id: str, **fields: Any) -> None:
         """Write fields of a job that still exists (a deleted job is never resurrected)."""
         fields["updated_at"] = time.time()
-        args = ["set"]
-        for f, v in fields.items():
-            args += [f, json.dumps(v)]
-        self._write(keys=[self.keys.job(job_id)], args=args)
+        self._write(keys=[self.keys.job(job_id)], args=["set", *encode_fields(fields)])
 
     def incr(self, job_id: str, field: str, by: int = 1) -> None:
-        self._write(keys=[self.keys.job(job_id)], args=["incr", field, by])
+        self._write(keys=[self.keys.job(job_id)], args=["incr", counter(field), by])
 
     def event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         self.events(job_id, [(kind, data)])
@@ -408,14 +416,14 @@ class Jobs:
         pipe.execute()
 
     def enqueue_outputs(self, job_id: str, spans: list[tuple[int, int]], render_frames: int) -> None:
-        """Queue one output task per range of frames and record how the frames were cut, in one
-        transaction: a job either has all its output tasks queued or none."""
-        pipe = self.r.pipeline()
-        for start, stop in spans:
-            self.queue.put(job_id, start, stop, pipe=pipe, kind=OUTPUTS)
-        self._write(keys=[self.keys.job(job_id)], args=["set", "render_tasks", json.dumps(len(spans)),
-                                                        "render_frames", json.dumps(render_frames)], client=pipe)
-        pipe.execute()
+        """Queue one output task per range of frames. Three steps, as the record and the queue
+        live in different slots: how the frames are cut is recorded first, then every task is
+        queued in one transaction (all or none), then `outputs_queued`. A stitcher that dies
+        between the last two is repeated by its redelivered task, which queues the same ranges
+        again (output tasks are idempotent: the duplicates rewrite the same parts)."""
+        self.update(job_id, render_tasks=len(spans), render_frames=render_frames)
+        self.queue.put_all(job_id, spans, kind=OUTPUTS)
+        self.update(job_id, outputs_queued=True)
 
     def record(self, job_id: str, entry: dict[str, Any]) -> None:
         """Append one entry to the job's timeline (how long its tasks waited and took)."""
@@ -432,13 +440,15 @@ class Jobs:
     def sweep(self, grace_s: float, consumer_idle_s: float) -> dict[str, int]:
         """Delete what expired jobs left: files of every job without a record (after `grace_s`,
         so an upload being received is left alone), ids of expired jobs in the state sets, and
-        consumers of the task group that are idle and hold nothing (dead workers)."""
+        consumers of the task group that are idle and hold nothing (dead workers). Ids in an
+        unfinished state's set whose record has moved on (its process died between the two
+        steps of a change) are moved where the record says."""
         files = 0
         # Directories without a record (one pipeline of EXISTS), and only those are walked for
         # their age: live jobs' directories are never read.
         names = list(self.storage.jobs())  # job ids, and "upload-..." for uploads being received
         ids = [n for n in names if valid_job_id(n)]
-        pipe = self.r.pipeline()
+        pipe = self.r.pipeline(transaction=False)
         for n in ids:
             pipe.exists(self.keys.job(n))
         orphans = [n for n in names if n.startswith("upload-")]
@@ -447,23 +457,33 @@ class Jobs:
             if self.storage.age_s(name) > grace_s:
                 self.storage.delete_job(name)
                 files += 1
-        ids = 0
+        gone_ids = moved = 0
         for s in JobStatus:
             members = [m.decode() for m in self.r.sscan_iter(self.keys.state(s), count=500)]
-            pipe = self.r.pipeline()
-            for m in members:
-                pipe.exists(self.keys.job(m))
-            gone = [m for m, alive in zip(members, pipe.execute()) if not alive]
+            if s.final:
+                pipe = self.r.pipeline(transaction=False)
+                for m in members:
+                    pipe.exists(self.keys.job(m))
+                gone = [m for m, alive in zip(members, pipe.execute()) if not alive]
+            else:
+                statuses = self._statuses(members)
+                gone = [m for m, now in zip(members, statuses) if now is None]
+                for m, now in zip(members, statuses):
+                    if now is not None and now != s:
+                        job = self.get(m)
+                        if job is not None:
+                            self._move(m, s, job.status, job.owner)
+                            moved += 1
             if gone:
                 self.r.srem(self.keys.state(s), *gone)
-                ids += len(gone)
+                gone_ids += len(gone)
         consumers = 0
         self.queue.ensure_group()
         for c in self.r.xinfo_consumers(self.keys.tasks, GROUP):
             if int(c["pending"]) == 0 and int(c["idle"]) > consumer_idle_s * 1000:
                 self.r.xgroup_delconsumer(self.keys.tasks, GROUP, c["name"])
                 consumers += 1
-        return {"job_dirs": files, "expired_ids": ids, "consumers": consumers}
+        return {"job_dirs": files, "expired_ids": gone_ids, "moved_ids": moved, "consumers": consumers}
 
     def live_workers(self) -> int:
         return sum(1 for _ in self.r.scan_iter(self.keys.workers_pattern, count=100))

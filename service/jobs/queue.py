@@ -60,10 +60,21 @@ class TaskQueue:
                 raise
         self._group = True
 
-    def put(self, job_id: str, start: int, stop: int, pipe: redis.client.Pipeline | None = None,
-            kind: str = CLIPS) -> None:
+    @staticmethod
+    def entry(job_id: str, start: int, stop: int, kind: str = CLIPS) -> dict[str, str | int]:
+        """A task's stream entry (what `take` reads back)."""
+        return {"job": job_id, "start": start, "stop": stop, "kind": kind}
+
+    def put(self, job_id: str, start: int, stop: int, kind: str = CLIPS) -> None:
+        self.put_all(job_id, [(start, stop)], kind)
+
+    def put_all(self, job_id: str, spans: list[tuple[int, int]], kind: str = CLIPS) -> None:
+        """Queue one task per span in one transaction (one key: fine on Redis Cluster): all or none."""
         self.ensure_group()
-        (pipe or self.r).xadd(self.stream, {"job": job_id, "start": start, "stop": stop, "kind": kind})
+        pipe = self.r.pipeline(transaction=True)
+        for start, stop in spans:
+            pipe.xadd(self.stream, self.entry(job_id, start, stop, kind))
+        pipe.execute()
 
     def _task(self, entry_id: bytes, fields: dict) -> Task:
         tid = entry_id.decode()

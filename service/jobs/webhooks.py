@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from service.jobs.deadline import cut_at
+from service.jobs.record import JobRecord
 
 log = logging.getLogger("stemseg.webhooks")
 
@@ -158,10 +159,10 @@ def _post(url: str, data: bytes, headers: dict[str, str], deadline_s: float) -> 
         conn.close()
 
 
-def payload(job: dict[str, Any]) -> dict[str, Any]:
-    jid = job["id"]
-    return {"id": jid, "status": job["status"], "error": job.get("error"), "tracks": job.get("tracks"),
-            "finished_at": job.get("finished_at"),
+def payload(job: JobRecord) -> dict[str, Any]:
+    jid = job.id
+    return {"id": jid, "status": job.status.value, "error": job.error, "tracks": job.tracks,
+            "finished_at": job.finished_at,
             "links": {"self": f"/v1/jobs/{jid}", "result": f"/v1/jobs/{jid}/result"}}
 
 

@@ -39,8 +39,10 @@ from service.config import Settings, get_settings
 from service.jobs import files
 from service.jobs.coordinator import JobCoordinator
 from service.jobs.encoding import clip_to_bytes
-from service.jobs.lifecycle import Jobs, JobStatus
+from service.jobs.lifecycle import Jobs
 from service.jobs.queue import OUTPUTS, Task
+from service.jobs.record import JobPlan, JobRecord
+from service.jobs.redis_clients import REDIS_ERRORS, UNREACHABLE, sync_client
 from service.jobs.storage import LocalStorage, NoSpace, is_no_space
 from service.jobs.webhooks import Notifier, payload
 from service.model.engine_spec import EngineSpec
@@ -77,8 +79,8 @@ NO_SPACE = "no space left on device"
 
 def redis_client(settings: Settings, **kwargs) -> redis.Redis:
     """Short timeouts: a dead Redis is noticed within about `redis_timeout_s`, not minutes."""
-    return redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
-                                socket_timeout=settings.redis_timeout_s + 2, **kwargs)
+    return sync_client(settings.redis_url, socket_connect_timeout=settings.redis_timeout_s,
+                       socket_timeout=settings.redis_timeout_s + 2, **kwargs)
 
 
 class Worker:
@@ -117,13 +119,13 @@ class Worker:
     def execute(self, task: Task) -> Outcome:
         """Run one task. Redis errors propagate (the loop waits for Redis; the task stays pending)."""
         job = self.jobs.get(task.job_id)
-        if job is None or JobStatus(job["status"]).final:
+        if job is None or job.final:
             return Outcome("done", "the job was deleted or has ended")
         if task.deliveries > self.settings.max_deliveries:
             what = "output frames" if task.kind == OUTPUTS else "clips"
             return Outcome("fail", f"{what} {task.start}-{task.stop - 1} failed {task.deliveries - 1} times "
                                    f"(worker crashes or timeouts)")
-        plan = self.jobs.plan(job)
+        plan = job.plan
         if plan.preset != self.engine.cfg.name:
             return Outcome("fail", f"the job was planned for the {plan.preset!r} model; the workers run "
                                    f"{self.engine.cfg.name!r}")
@@ -140,7 +142,7 @@ class Worker:
             if is_no_space(e):
                 return Outcome("fail", NO_SPACE)
             return Outcome("retry", f"{type(e).__name__}: {e}")
-        except (redis.ConnectionError, redis.TimeoutError):
+        except UNREACHABLE:
             raise
         except Exception as e:  # a bug or a transient fault: redelivered, and the deliveries are bounded
             if self.jobs.get(task.job_id) is None:  # not a bug: a DELETE took the files (see settle)
@@ -148,13 +150,13 @@ class Worker:
             log.exception("task %s of job %s", task.id, task.job_id)
             return Outcome("retry", f"{type(e).__name__}: {e}")
 
-    def _run_clips(self, task: Task, job: dict, plan) -> Outcome:
+    def _run_clips(self, task: Task, job: JobRecord, plan: JobPlan) -> Outcome:
         jobs, job_id = self.jobs, task.job_id
         # The plan fixed at creation: the clip cut and resize the job was accepted with.
         cfg = replace(self.engine.cfg, clip_len=plan.clip_len, overlap=plan.overlap)
         if plan.min_dim is not None:
             cfg = cfg.with_min_dim(plan.min_dim)
-        clips = clip_plan(job["num_frames"], plan.clip_len, plan.overlap)
+        clips = clip_plan(job.num_frames, plan.clip_len, plan.overlap)
         todo = [k for k in range(task.start, task.stop) if not self.storage.exists(job_id, files.clip_file(k))]
         timer = StageTimer()
         if todo:
@@ -163,10 +165,10 @@ class Worker:
             with timer("decode"):
                 frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, files.VIDEO)), wanted)}
             windows = ((k, [frames[i] for i in clips[k]]) for k in context)
-            processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.get("min_iou")), cfg=cfg,
+            processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.min_iou), cfg=cfg,
                                       pipeline=PipelineOptions.for_worker(self.settings), timer=timer)
             started = time.perf_counter()
-            for clip in processor.run(windows, clips, job["height"], job["width"],
+            for clip in processor.run(windows, clips, job.height, job.width,
                                       cluster=range(todo[0], todo[-1] + 1)):
                 if jobs.get(job_id) is None:
                     return Outcome("done", "the job was deleted while running")
@@ -184,7 +186,7 @@ class Worker:
         self._record(task, timer)
         return Outcome("done")
 
-    def _run_outputs(self, task: Task, job: dict) -> Outcome:
+    def _run_outputs(self, task: Task, job: JobRecord) -> Outcome:
         timer = StageTimer()
         with timer("render"):
             self.coordinator.render(task.job_id, job, task.start, task.stop)
@@ -222,7 +224,7 @@ class Worker:
             for consumer in self.consumers:
                 if consumer not in self._held.values():
                     self.queue.forget_consumer(consumer)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             log.warning("could not deregister from Redis (the sweeper removes idle consumers)")
         self.r.close()
 
@@ -254,7 +256,7 @@ class Worker:
             try:
                 self.step(consumer)
                 backoff = 0.5
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -293,16 +295,16 @@ class Worker:
 
     def _job_ended(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
-        if job is None or not job.get("callback_url"):
+        if job is None or not job.callback_url:
             return
 
         def record(state: dict) -> None:
             try:
                 self.jobs.update(job_id, webhook=state)
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 log.warning("could not record a webhook attempt of job %s", job_id)
 
-        self.notifier.deliver_in_background(job["callback_url"], payload(job), record)
+        self.notifier.deliver_in_background(job.callback_url, payload(job), record)
 
     def _heartbeat(self) -> None:
         period = max(self.settings.visibility_timeout_s / 4, 0.2)
@@ -313,6 +315,6 @@ class Worker:
                     held = list(self._held.items())
                 for task_id, consumer in held:
                     self.queue.touch(consumer, task_id)
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 log.warning("heartbeat failed", exc_info=True)
             self.stopping.wait(period)

@@ -10,6 +10,7 @@ import re
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import redis
@@ -25,7 +26,9 @@ from service.api.ranges import RangedFile, ranged_responses
 from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
-from service.jobs.lifecycle import JobStatus, Limits
+from service.jobs.lifecycle import Limits
+from service.jobs.record import JobRecord, JobStatus
+from service.jobs.redis_clients import REDIS_ERRORS
 from service.jobs.sources import SourcePolicy, check_source, fetch
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
@@ -114,30 +117,30 @@ class JobList(BaseModel):
     items: list[Job]
 
 
-def _view(job: dict[str, Any]) -> Job:
-    jid = job["id"]
+def _view(job: JobRecord) -> Job:
+    jid = job.id
     timings = {}
-    if job.get("started_at"):
-        timings["queued_s"] = job["started_at"] - job["created_at"]
-        timings["running_s"] = job.get("finished_at", time.time()) - job["started_at"]
-    webhook = job.get("webhook") or ({"url": job["callback_url"]} if job.get("callback_url") else None)
+    if job.started_at:
+        timings["queued_s"] = job.started_at - job.created_at
+        timings["running_s"] = (job.finished_at or time.time()) - job.started_at
+    webhook = job.webhook or ({"url": job.callback_url} if job.callback_url else None)
     return Job(
-        id=jid, status=job["status"], created_at=job["created_at"], updated_at=job["updated_at"],
-        progress=Progress(clips_done=min(job["clips_done"], job["num_clips"]), clips_total=job["num_clips"],
-                          frames_done=job["frames_done"], frames_total=job["num_frames"]),
-        video=VideoInfoOut(filename=job.get("filename"), width=job["width"], height=job["height"],
-                           num_frames=job["num_frames"], fps=job.get("fps")),
-        options={"formats": job["formats"], "min_dim": job.get("min_dim"), "preset": job.get("preset")},
-        plan=job["plan"], timings=timings, error=job.get("error"), tracks=job.get("tracks"), webhook=webhook,
-        warning=model_warning(job.get("preset")),
+        id=jid, status=job.status, created_at=job.created_at, updated_at=job.updated_at,
+        progress=Progress(clips_done=min(job.clips_done, job.num_clips), clips_total=job.num_clips,
+                          frames_done=job.frames_done, frames_total=job.num_frames),
+        video=VideoInfoOut(filename=job.filename, width=job.width, height=job.height, num_frames=job.num_frames,
+                           fps=job.fps),
+        options={"formats": job.formats, "min_dim": job.min_dim, "preset": job.preset},
+        plan=asdict(job.plan), timings=timings, error=job.error, tracks=job.tracks, webhook=webhook,
+        warning=model_warning(job.preset),
         links={"self": f"/v1/jobs/{jid}", "result": f"/v1/jobs/{jid}/result", "events": f"/v1/jobs/{jid}/events",
                "overlay": f"/v1/jobs/{jid}/overlay.mp4"},
     )
 
 
-def _own_job(svc: Services, owner: str, job_id: str) -> dict[str, Any]:
+def _own_job(svc: Services, owner: str, job_id: str) -> JobRecord:
     job = svc.jobs.get(job_id)
-    if job is None or job["owner"] != owner:  # another key's job is indistinguishable from none
+    if job is None or job.owner != owner:  # another key's job is indistinguishable from none
         raise Problem(404, f"no job {job_id}")
     return job
 
@@ -196,7 +199,7 @@ async def create_job(
     except BaseException:
         svc.storage.delete_job(staging)
         raise
-    response.headers["Location"] = f"/v1/jobs/{job['id']}"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
     return _view(job)
 
 
@@ -218,11 +221,11 @@ def get_job(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> Job:
     return _view(_own_job(svc, owner, job_id))
 
 
-def _finished(svc: Services, owner: str, job_id: str) -> dict[str, Any]:
+def _finished(svc: Services, owner: str, job_id: str) -> JobRecord:
     job = _own_job(svc, owner, job_id)
-    if job["status"] != JobStatus.SUCCEEDED:
-        raise Problem(409, f"job {job_id} is {job['status']}; results exist once it has succeeded",
-                      status_of_job=job["status"])
+    if job.status != JobStatus.SUCCEEDED:
+        raise Problem(409, f"job {job_id} is {job.status.value}; results exist once it has succeeded",
+                      status_of_job=job.status.value)
     return job
 
 
@@ -264,8 +267,8 @@ def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
         tracks.append({"id": e.get("track_id"), "category_id": e["category_id"],
                        "category": e.get("category_name"), "score": e["score"],
                        "segmentations": e["segmentations"], "boxes": boxes})
-    return Response(json.dumps({"job": job_id, "num_frames": job["num_frames"], "width": job["width"],
-                                "height": job["height"], "tracks": tracks}), media_type="application/json")
+    return Response(json.dumps({"job": job_id, "num_frames": job.num_frames, "width": job.width,
+                                "height": job.height, "tracks": tracks}), media_type="application/json")
 
 
 @router.get("/{job_id}/overlay.mp4", response_class=RangedFile, responses={
@@ -318,8 +321,7 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
             svc.open_streams -= 1
 
     try:
-        raw = await ar.hget(keys.job(job_id), "owner")
-        if raw is None or json.loads(raw) != owner:
+        if await svc.jobs.owner_async(ar, job_id) != owner:
             raise Problem(404, f"no job {job_id}")
     except BaseException:
         release()
@@ -339,17 +341,16 @@ async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owne
                 if res:
                     idle_since = loop.time()
                     continue
-                status = await ar.hget(keys.job(job_id), "status")
-                if status is None or JobStatus(json.loads(status)).final:
-                    final = json.loads(status) if status is not None else "deleted"
-                    yield _sse(None, "end", json.dumps({"status": final}))
+                status = await svc.jobs.status_async(ar, job_id)
+                if status is None or status.final:
+                    yield _sse(None, "end", json.dumps({"status": status.value if status else "deleted"}))
                     return
                 if loop.time() - idle_since >= s.sse_keepalive_s:
                     idle_since = loop.time()
                     yield ": keep-alive\n\n"
         except redis.exceptions.MaxConnectionsError:
             yield _sse(None, "error", json.dumps({"detail": "the API's Redis connections are all in use; reconnect"}))
-        except redis.RedisError:
+        except REDIS_ERRORS:
             yield _sse(None, "error", json.dumps({"detail": "the job store (Redis) is unreachable; reconnect"}))
         finally:
             release()

@@ -630,7 +630,10 @@ def _ping_redis(redis, url: str) -> None:
 
         sync_client(url, socket_timeout=3, socket_connect_timeout=3).ping()
     except (redis.RedisError, redis.exceptions.RedisClusterException, ValueError) as e:
-        raise UsageError(f"Redis at {url} does not answer ({e}): start Redis or set STEMSEG_REDIS_URL") from None
+        from service.jobs.redis_url import redacted_url
+
+        raise UsageError(f"Redis at {redacted_url(url)} does not answer ({e}): start Redis or set "
+                         "STEMSEG_REDIS_URL") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

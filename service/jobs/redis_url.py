@@ -41,12 +41,12 @@ def _nodes(netloc: str, url: str) -> tuple[tuple[str, int], ...]:
     for part in hosts.split(","):
         host, colon, port = part.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{_shown(url)}: list the nodes as HOST:PORT[,HOST:PORT...]")
+            raise ValueError(f"{redacted_url(url)}: list the nodes as HOST:PORT[,HOST:PORT...]")
         out.append((host.strip("[]"), int(port)))
     return tuple(out)
 
 
-def _shown(url: str) -> str:
+def redacted_url(url: str) -> str:
     """The URL without its password, for messages."""
     scheme, _, rest = url.partition("://")
     creds, at, hosts = rest.rpartition("@")
@@ -58,7 +58,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     kind = _SCHEMES.get(scheme)
     if kind is None:
-        raise ValueError(f"{_shown(url)}: the Redis URL must start with one of "
+        raise ValueError(f"{redacted_url(url)}: the Redis URL must start with one of "
                          f"{', '.join(s + '://' for s in _SCHEMES)}")
     if kind == SINGLE:
         return RedisTarget(SINGLE, url)
@@ -70,8 +70,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     path = [p for p in parts.path.split("/") if p]
     if kind == CLUSTER:
         if path:
-            raise ValueError(f"{_shown(url)}: a Redis Cluster has database 0 only; give no path")
+            raise ValueError(f"{redacted_url(url)}: a Redis Cluster has database 0 only; give no path")
         return RedisTarget(CLUSTER, url, **common)
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError(f"{_shown(url)}: a Sentinel URL ends in /SERVICE or /SERVICE/DB")
+        raise ValueError(f"{redacted_url(url)}: a Sentinel URL ends in /SERVICE or /SERVICE/DB")
     return RedisTarget(SENTINEL, url, service=unquote(path[0]), db=int(path[1]) if len(path) == 2 else 0, **common)

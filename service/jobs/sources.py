@@ -122,7 +122,8 @@ def check_source(url: str, policy: SourcePolicy) -> str | None:
     return None
 
 
-def _usable(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list) -> bool:
+def usable_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list) -> bool:
+    """Public (and not multicast), or inside one of `nets` (STEMSEG_SOURCE_PRIVATE_NETS)."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if any(ip in net for net in nets if net.version == ip.version):
@@ -154,7 +155,7 @@ def _address(host: str, port: int, nets: list, timeout_s: float) -> str:
             raise SourceRefused(f"the source's host {host} could not be resolved")
         candidates = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in result]
     for ip in candidates:
-        if _usable(ip, nets):
+        if usable_address(ip, nets):
             return str(ip)
     raise SourceRefused(f"the source's host {host} resolves only to private, loopback or reserved addresses, "
                         "which are not allowed (STEMSEG_SOURCE_PRIVATE_NETS)")
@@ -299,5 +300,13 @@ def _timed_out(whole: bool, timeout_s: float, idle_s: float) -> str:
     return f"the source sent nothing for {idle_s:g} s (STEMSEG_SOURCE_IDLE_TIMEOUT_S)"
 
 
-__all__ = ["SourcePolicy", "SourceRefused", "SourceTooLarge", "SourceUnavailable", "check_source", "fetch",
-           "parse_nets"]
+__all__ = [
+    "SourcePolicy",
+    "SourceRefused",
+    "SourceTooLarge",
+    "SourceUnavailable",
+    "check_source",
+    "fetch",
+    "parse_nets",
+    "usable_address",
+]

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from service.jobs.sources import _usable
+from service.jobs.sources import usable_address
 from service.jobs.webhooks import allowed_target, parse_allowed
 from service.video.live import NETWORK_SCHEMES
 
@@ -63,7 +63,7 @@ def check_stream_url(url: str, hosts: list[str], private_nets: list, resolve: Re
             addresses = []
         if not addresses:
             return f"url's host {host} could not be resolved"
-    if not all(_usable(ip, private_nets) for ip in addresses):
+    if not all(usable_address(ip, private_nets) for ip in addresses):
         return (f"url's host {host} resolves to a private, loopback or reserved address, which is not allowed "
                 "(STEMSEG_SOURCE_PRIVATE_NETS)")
     return None

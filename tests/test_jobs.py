@@ -377,3 +377,28 @@ def test_worker_runs_the_sweeper(worker) -> None:
     worker.step()
     assert list(worker.storage.jobs()) == []
     assert worker.r.ttl(worker.jobs.keys.sweep) > 0  # the lease: one worker sweeps per interval
+
+
+def test_an_output_task_done_while_the_stitcher_holds_the_lease_still_finishes(worker, tmp_path: Path) -> None:
+    # A worker with several slots: the stitcher queues the output tasks and, before it releases
+    # the lease, another slot renders the (only) range and finds the lease held. The job must
+    # still finish: the holder looks again once it has released the lease.
+    video = tmp_path / "v.mp4"
+    make_video(video, 12, 64, 48)
+    job_id = _admit(worker, video)
+    coordinator = worker.coordinator
+    real = coordinator._hand_out_outputs
+    ran: list[str] = []
+
+    def hand_out_then_render_meanwhile(*args, **kwargs) -> None:
+        real(*args, **kwargs)
+        task = worker.queue.take(worker.consumers[0], block_ms=100)  # the output task, lease still held
+        assert task is not None and task.kind == "outputs"
+        worker.settle(task, worker.execute(task))
+        ran.append(task.kind)
+        assert not worker.jobs.get(job_id).final  # it could not finish: the lease is held
+
+    coordinator._hand_out_outputs = hand_out_then_render_meanwhile
+    job = _drain(worker, job_id)
+    assert ran == ["outputs"]
+    assert job.status == JobStatus.SUCCEEDED, job

@@ -17,7 +17,9 @@ finishing step. The order of events:
    cost), then calls `range_rendered`; the one that finds every range done finishes the job
    under the lease: parts joined (remux and concatenation, no per-pixel work), the output
    committed atomically, and the job marked succeeded with its tracks announced in the same
-   Redis step, fenced by the lease's token so no second worker can finish it.
+   Redis step, fenced by the lease's token so no second worker can finish it. An output task
+   that finds the lease held (the stitcher that queued it, still releasing) leaves the finishing
+   to the holder, which looks again once it has released it.
 
 Every step is idempotent, so a task redelivered after a crash (SIGKILL mid-render included)
 repeats its work and the job ends with the same files.
@@ -87,6 +89,11 @@ class JobCoordinator:
                 self._stitch(job_id, lease)
             job = self.jobs.get(job_id)
             if job is None or job.final:
+                return
+            if job.outputs_queued:
+                # An output task that ended while this worker held the lease left the finishing
+                # to the holder (range_rendered does not wait): look now that it is released.
+                self.range_rendered(job_id)
                 return
             nxt = job.stitched
             if nxt >= job.num_clips or not self.storage.exists(job_id, files.clip_file(nxt)):

@@ -1,8 +1,9 @@
 """RFC 9457 problem details for every error the API returns, and their OpenAPI description.
 
 Faults map to statuses here, in one place: a client's unusable input (`ClientError`) -> 400,
-Redis unreachable -> 503 with Retry-After, a full disk -> 507, the server's own setup (any other
-`UserError`) and anything unexpected -> 500 without details. No detail names a server path.
+Redis or the job store (S3) unreachable or refusing -> 503 with Retry-After, a full disk -> 507,
+the server's own setup (any other `UserError`) and anything unexpected -> 500 without details.
+No detail names a server path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.routing import Match
 from service.errors import ClientError, UserError
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
 from service.jobs.sources import SourceRefused, SourceTooLarge, SourceUnavailable
-from service.jobs.storage import NoSpace
+from service.jobs.storage import NoSpace, StoreUnavailable
 from service.video import VideoError
 
 PROBLEM = "application/problem+json"
@@ -172,6 +173,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NoSpace)
     async def _no_space(request: Request, exc: NoSpace) -> JSONResponse:
         return problem_response(request, 507, "Insufficient Storage", "no space left on the server's disk")
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The message names the failure (unreachable, refused, full), never a bucket or key.
+        log.warning("job store: %s", exc)
+        return problem_response(request, 503, "Service Unavailable", f"the job store is unavailable: {exc}",
+                                {"Retry-After": retry_after})
 
     @app.exception_handler(redis.exceptions.MaxConnectionsError)
     async def _pool_full(request: Request, exc: Exception) -> JSONResponse:

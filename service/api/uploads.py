@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from service.api.problems import Problem
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 
 # Multipart framing and small fields around the file: allowed on top of the size limit.
 _MULTIPART_SLACK = 64 * 1024
@@ -131,7 +131,7 @@ def is_json(request: Request) -> bool:
     return media.decode("latin-1").lower() == "application/json"
 
 
-async def receive(request: Request, storage: LocalStorage, staging: str, limit: int, idle_s: float) -> str | None:
+async def receive(request: Request, storage: Storage, staging: str, limit: int, idle_s: float) -> str | None:
     """Stream the upload into `staging`/video; returns the client's file name (if any)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:

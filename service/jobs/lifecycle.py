@@ -40,7 +40,7 @@ from service.jobs.keys import Keys, valid_job_id
 from service.jobs.probing import probe_upload
 from service.jobs.queue import GROUP, OUTPUTS, TaskQueue
 from service.jobs.record import JobPlan, JobRecord, JobStatus, counter, decode_value, encode_fields
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
 from service.video import VideoError, VideoInfo
@@ -173,7 +173,7 @@ return 1
 
 
 class Jobs:
-    def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: LocalStorage,
+    def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: Storage,
                  visibility_timeout_s: float = 60.0) -> None:
         self.r, self.ttl, self.storage = r, ttl_s, storage
         self.keys = Keys(prefix)

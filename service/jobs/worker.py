@@ -39,11 +39,12 @@ from service.config import Settings, get_settings
 from service.jobs import files
 from service.jobs.coordinator import JobCoordinator
 from service.jobs.encoding import clip_to_bytes
+from service.jobs.file_cache import FileCache
 from service.jobs.lifecycle import Jobs
 from service.jobs.queue import OUTPUTS, Task
 from service.jobs.record import JobPlan, JobRecord
 from service.jobs.redis_clients import REDIS_ERRORS, UNREACHABLE, sync_client
-from service.jobs.storage import LocalStorage, NoSpace, is_no_space
+from service.jobs.storage import NoSpace, StoreUnavailable, is_no_space, open_storage
 from service.jobs.webhooks import Notifier, payload
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, build_engine
@@ -52,7 +53,6 @@ from service.pipeline.runner import ClipProcessor, PipelineOptions, SegmenterOpt
 from service.pipeline.timing import StageTimer
 from service.video import VideoError, read_frames
 from service.video.decode import configure_cache as configure_video_cache
-from service.video.decode import forget as forget_video
 from service.video.decode import release_reader
 
 log = logging.getLogger("stemseg.worker")
@@ -103,7 +103,9 @@ class Worker:
             self.engine = load_service_engine(s)
         self.r = redis_client(s)
         configure_video_cache(s.probe_cache_bytes)
-        self.storage = LocalStorage(s.data_dir)
+        self.storage = open_storage(s)
+        # With an object store, this worker's copies of job videos (downloaded once per job, not per task).
+        self.cache = FileCache.of(self.storage, s.cache_bytes)
         self.jobs = Jobs(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
         self.jobs.on_end = self._job_ended
         self.queue = self.jobs.queue
@@ -111,7 +113,8 @@ class Worker:
                                  s.webhook_host_list)
         self.coordinator = JobCoordinator(self.r, self.jobs, self.storage, self.engine.cfg,
                                           render_frames=s.render_frames_per_task, lock_ttl_s=s.lock_ttl_s,
-                                          max_pixels=s.max_frame_pixels, record=self.jobs.record)
+                                          max_pixels=s.max_frame_pixels, record=self.jobs.record,
+                                          videos=self.cache)
         self._beat_key = self.jobs.keys.worker(self.name)
         self._heart = threading.Thread(target=self._heartbeat, daemon=True)
         self._heart.start()
@@ -138,6 +141,14 @@ class Worker:
             return Outcome("fail", f"video: {e.about('the video')}")
         except NoSpace:
             return Outcome("fail", NO_SPACE)
+        except StoreUnavailable as e:
+            # Down or failing: the task is redelivered (the job completes once the store is back,
+            # or fails after max_deliveries); refused (403, quota): no retry helps.
+            return Outcome("fail" if e.lasting else "retry", f"job store: {e}")
+        except FileNotFoundError as e:
+            if not self.storage.shared_paths and self.jobs.get(task.job_id) is not None:
+                return Outcome("fail", f"job store: the job's {e} is missing from the store")
+            return Outcome("retry", f"{type(e).__name__}: {e}")
         except OSError as e:
             if is_no_space(e):
                 return Outcome("fail", NO_SPACE)
@@ -162,8 +173,8 @@ class Worker:
         if todo:
             context = context_range(clips, todo[0], todo[-1] + 1)
             wanted = sorted({f for k in context for f in clips[k]})
-            with timer("decode"):
-                frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, files.VIDEO)), wanted)}
+            with timer("decode"), self.cache.local(job_id, files.VIDEO) as video:
+                frames = {f.index: f for f in read_frames(str(video), wanted)}
             windows = ((k, [frames[i] for i in clips[k]]) for k in context)
             processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.min_iou), cfg=cfg,
                                       pipeline=PipelineOptions.for_worker(self.settings), timer=timer)
@@ -199,7 +210,13 @@ class Worker:
         self.jobs.record(task.job_id, {
             "kind": task.kind, "worker": self.name, "start": task.start, "stop": task.stop,
             "queued": task.queued_at, "taken": task.taken_at, "end": time.time(), "deliveries": task.deliveries,
-            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()}})
+            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()}, **self._store_reads()})
+
+    def _store_reads(self) -> dict[str, int]:
+        """What this task read from an object store: every byte, and those of video copies."""
+        if self.storage.shared_paths:
+            return {}
+        return {"store_bytes_read": self.storage.bytes_read.take(), "video_bytes_fetched": self.cache.take_fetched()}
 
     def settle(self, task: Task, outcome: Outcome) -> None:
         """Act on a task's outcome; then, if its job is gone, delete what this task wrote."""
@@ -215,7 +232,7 @@ class Worker:
             self.queue.done(task.id)
         if self.jobs.get(task.job_id) is None:
             self.storage.delete_job(task.job_id)
-            forget_video(self.storage.path(task.job_id, files.VIDEO))
+            self.cache.forget(task.job_id)
 
     def finalize(self) -> None:
         self.stopping.set()
@@ -276,6 +293,7 @@ class Worker:
             return
         with self._lock:
             self._held[task.id] = consumer
+        self._store_reads()  # counted from here: this task's reads only
         try:
             self.settle(task, self.execute(task))
         finally:

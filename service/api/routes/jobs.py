@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
+from service.api.stored import stored_file
 from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
@@ -243,23 +244,27 @@ _MOTS_RANGES = ranged_responses("text/plain", "")
 def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                format: Annotated[str, Query(pattern="^(json|davis|mots)$")] = "json") -> Response:
     job = _finished(svc, owner, job_id)
-    out = svc.storage.path(job_id, files.OUT)
     if format == "davis":
-        if not (out / NAMES["davis"]).is_dir():
-            raise Problem(409, "this job was not asked for the davis format")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-            for png in sorted((out / NAMES["davis"]).glob("*.png")):
-                z.write(png, f"davis/{png.name}")
+        # With an object store the PNGs are fetched first (a LIST and a GET each).
+        with svc.storage.fetch(job_id, f"{files.OUT}/{NAMES['davis']}") as davis:
+            if not davis.is_dir() or not any(davis.iterdir()):
+                raise Problem(409, "this job was not asked for the davis format")
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+                for png in sorted(davis.glob("*.png")):
+                    z.write(png, f"davis/{png.name}")
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-davis.zip"'})
     if format == "mots":
-        if not (out / NAMES["mots"]).is_file():
-            raise Problem(409, "this job was not asked for the mots format")
-        return RangedFile(out / NAMES["mots"], media_type="text/plain")
-    if not (out / NAMES["ytvis"]).is_file():
-        raise Problem(409, "this job was not asked for the ytvis format, which the JSON result is made from")
-    entries = json.loads((out / NAMES["ytvis"]).read_text())
+        try:
+            return stored_file(svc, job_id, f"{files.OUT}/{NAMES['mots']}", media_type="text/plain")
+        except FileNotFoundError:
+            raise Problem(409, "this job was not asked for the mots format") from None
+    try:
+        entries = json.loads(svc.storage.read(job_id, f"{files.OUT}/{NAMES['ytvis']}"))
+    except FileNotFoundError:
+        raise Problem(409, "this job was not asked for the ytvis format, which the JSON result is made from"
+                      ) from None
     tracks = []
     for e in entries:
         boxes = [None if rle is None else mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()}
@@ -275,10 +280,10 @@ def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
     **ranged_responses("video/mp4", "The video with masks drawn"), **responses(401, 404, 409, 422, 503)})
 def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     _finished(svc, owner, job_id)
-    path = svc.storage.path(job_id, files.OUT) / NAMES["overlay"]
-    if not path.is_file():
-        raise Problem(409, "this job was not asked for the overlay format")
-    return RangedFile(path, media_type="video/mp4")
+    try:
+        return stored_file(svc, job_id, f"{files.OUT}/{NAMES['overlay']}", media_type="video/mp4")
+    except FileNotFoundError:
+        raise Problem(409, "this job was not asked for the overlay format") from None
 
 
 # One server-sent event (OpenAPI 3.2's itemSchema); `data` is JSON text; lines starting with

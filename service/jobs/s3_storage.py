@@ -186,7 +186,8 @@ class S3Storage:
                 # seconds, not a request hanging for minutes.
                 self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=Config(
                     connect_timeout=self.timeout_s, read_timeout=self.timeout_s,
-                    retries={"max_attempts": self.attempts, "mode": "standard"}, max_pool_connections=32))
+                    retries={"max_attempts": self.attempts, "mode": "standard"}, max_pool_connections=32,
+                    signature_version="s3v4"))  # SigV4: presigned URLs with response headers verify everywhere
             return self._client
 
     def _transfer(self):
@@ -344,10 +345,14 @@ class S3Storage:
 
     def _delete_under(self, prefix: str) -> None:
         keys = [o["Key"] for o in self._list(prefix)]
+        # Then the folders, deepest first: stores backed by a file system (SeaweedFS) keep empty
+        # ones and list them as prefixes; on S3 itself these deletes of absent keys are no-ops.
+        folders = {prefix} | {k[:i + 1] for k in keys for i in range(len(prefix), len(k)) if k[i] == "/"}
+        batch = keys + sorted(folders, key=lambda f: -f.count("/"))
         with self._errors(prefix):
-            for i in range(0, len(keys), 1000):
+            for i in range(0, len(batch), 1000):
                 self.client.delete_objects(Bucket=self.bucket, Delete={
-                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+                    "Objects": [{"Key": k} for k in batch[i:i + 1000]], "Quiet": True})
             for u in self._uploads(prefix):
                 try:
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])

@@ -5,8 +5,10 @@ tracks, bytes read from the store per worker, a store outage mid-job and a store
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import signal
+import socket
 import threading
 import time
 import uuid
@@ -17,8 +19,13 @@ import httpx
 import numpy as np
 import pytest
 from s3_server import ACCESS_KEY, S3Server, weed
+from service_env import REDIS_URL, ServiceEnv
+from test_service import _check_ranges
+from videos import make_video
 
 from service.jobs.file_cache import FileCache
+from service.jobs.keys import Keys
+from service.jobs.lifecycle import Jobs
 from service.jobs.s3_storage import S3Storage, parse_storage_url
 from service.jobs.storage import LocalStorage, StoreUnavailable
 
@@ -44,8 +51,6 @@ def new_bucket(s3: S3Server) -> str:
 
 
 def s3_storage(s3: S3Server, bucket: str, prefix: str = "tenant/a", **kw) -> S3Storage:
-    import os
-
     os.environ.update({k: v for k, v in s3.env().items() if k.startswith("AWS_")})
     return S3Storage(bucket, prefix, endpoint_url=s3.endpoint, part_bytes=5 * MiB, **kw)
 
@@ -159,8 +164,6 @@ def test_s3_layout_presigned_urls_and_an_upload_aborted_mid_stream(s3: S3Server)
 def test_a_failing_store_is_store_unavailable_and_never_names_the_bucket(s3: S3Server, tmp_path: Path) -> None:
     import pickle
 
-    import socket
-
     bucket = new_bucket(s3)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -237,4 +240,228 @@ def test_worker_cache_downloads_once_bounded_lru_and_keeps_what_is_in_use(s3: S3
     local.write(JOB, "video", b"v")
     with FileCache.of(local, 0).local(JOB, "video") as p:
         assert p == local.path(JOB, "video")
-    _ = io  # noqa: F841 - (kept for the service tests below)
+
+
+def test_the_sweeper_deletes_objects_without_a_record(s3: S3Server, redis_prefix: str) -> None:
+    from service.jobs.redis_clients import sync_client
+
+    bucket = new_bucket(s3)
+    storage = s3_storage(s3, bucket)
+    r = sync_client(REDIS_URL)
+    try:
+        jobs = Jobs(r, redis_prefix, 60, storage)
+        alive = jobs.new_id()
+        r.hset(jobs.keys.job(alive), "status", "running")
+        expired = jobs.new_id()
+        for job_id in (alive, expired, "upload-" + jobs.new_id()):
+            storage.write(job_id, "video", b"v")
+            storage.write(job_id, "out/stemseg-output.json", b"{}")
+        s3.client().create_multipart_upload(Bucket=bucket, Key="tenant/a/jobs/upload-half/video")
+        assert jobs.sweep(grace_s=3600, consumer_idle_s=3600)["job_dirs"] == 0  # all too young
+        assert jobs.sweep(grace_s=0, consumer_idle_s=3600)["job_dirs"] == 3
+        keys, uploads = bucket_contents(s3, bucket)
+        assert sorted(keys) == sorted(f"tenant/a/jobs/{alive}/{n}" for n in ("video", "out/stemseg-output.json"))
+        assert uploads == [] and list(storage.jobs()) == [alive]
+    finally:
+        r.close()
+
+
+# -- the service with no shared directory ----------------------------------------------------------
+def _own_dirs(env: ServiceEnv, name: str) -> dict[str, str]:
+    """A process's own, empty data directory and TMPDIR: nothing it writes is seen by another."""
+    root = env.tmp / name
+    (root / "data").mkdir(parents=True)
+    (root / "tmp").mkdir()
+    return {"STEMSEG_DATA_DIR": str(root / "data"), "TMPDIR": str(root / "tmp")}
+
+
+def _s3_env(tmp_path: Path, weights: Path, s3: S3Server, bucket: str, **settings: str) -> ServiceEnv:
+    return ServiceEnv(tmp_path, weights, STEMSEG_STORAGE_URL=f"s3://{bucket}/svc", STEMSEG_S3_PART_BYTES=str(5 * MiB),
+                      STEMSEG_S3_TIMEOUT_S="2", STEMSEG_S3_ATTEMPTS="2", **s3.env(), **settings)
+
+
+def _upload(base: str, path: Path, formats: str = "ytvis,davis,mots,overlay") -> httpx.Response:
+    with path.open("rb") as f:
+        return httpx.post(f"{base}/v1/jobs", files={"file": (path.name, f, "video/mp4")}, params={"formats": formats},
+                          timeout=60)
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24").astype(np.int16) for f in c.decode(video=0)]
+
+
+@pytest.mark.slow
+def test_api_and_two_workers_sharing_no_directory_give_the_cli_outputs(tmp_path: Path, small_weights: Path,
+                                                                        s3: S3Server) -> None:
+    from PIL import Image
+
+    from service.cli import main
+    from service.outputs.names import NAMES, davis_frame
+
+    n = 32
+    video = tmp_path / "v.mp4"
+    make_video(video, n, 160, 120)
+    bucket = new_bucket(s3)
+    env = _s3_env(tmp_path, small_weights, s3, bucket, STEMSEG_RENDER_FRAMES_PER_TASK="8")
+    dirs = {name: _own_dirs(env, name) for name in ("api", "redirect", "w1", "w2")}
+    try:
+        base = env.start_api(**dirs["api"])
+        workers = [env.start_worker(**dirs["w1"]), env.start_worker(**dirs["w2"])]
+        r = _upload(base, video)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        job = env.wait(job_id, timeout=300)
+        assert job["status"] == "succeeded", job
+        assert all(w.poll() is None for w in workers)
+
+        # The outputs, downloaded file by file, are the CLI's.
+        listing = httpx.get(f"{base}/v1/jobs/{job_id}/files").json()
+        got = tmp_path / "got"
+        for f in listing["files"]:
+            body = httpx.get(f"{base}{f['url']}", timeout=60)
+            assert body.status_code == 200 and len(body.content) == f["size"], f
+            (got / f["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (got / f["path"]).write_bytes(body.content)
+        cli = tmp_path / "cli"
+        assert main(["segment", str(video), "--weights", str(small_weights), "--out", str(cli), "--device", "cpu",
+                     "--no-progress"]) == 0
+        for fmt in ("ytvis", "mots"):
+            assert (got / NAMES[fmt]).read_bytes() == (cli / NAMES[fmt]).read_bytes(), fmt
+        for f in range(n):
+            assert np.array_equal(np.asarray(Image.open(got / "davis" / davis_frame(f))),
+                                  np.asarray(Image.open(cli / "davis" / davis_frame(f))))
+        ours, theirs = _frames(got / NAMES["overlay"]), _frames(cli / NAMES["overlay"])
+        assert len(ours) == len(theirs) == n and all(np.abs(a - b).mean() < 4 for a, b in zip(ours, theirs))
+        tracks = httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=60).json()["tracks"]
+        assert [(t["category_id"], t["segmentations"]) for t in tracks] == [
+            (c["category_id"], c["segmentations"]) for c in json.loads((cli / NAMES["ytvis"]).read_text())]
+        davis = httpx.get(f"{base}/v1/jobs/{job_id}/result", params={"format": "davis"}, timeout=60)
+        assert davis.status_code == 200 and davis.headers["content-type"] == "application/zip"
+        _check_ranges(f"{base}/v1/jobs/{job_id}/overlay.mp4", (got / NAMES["overlay"]).read_bytes())
+        _check_ranges(f"{base}/v1/jobs/{job_id}/result?format=mots", (got / NAMES["mots"]).read_bytes())
+
+        # Bytes each worker read from the store: the video at most once per worker, not per task.
+        timeline = [json.loads(e) for e in env.redis.lrange(Keys(env.prefix).timeline(job_id), 0, -1)]
+        tasks = [e for e in timeline if e["kind"] in ("clips", "outputs")]
+        per_worker: dict[str, dict[str, int]] = {}
+        for e in tasks:
+            w = per_worker.setdefault(e["worker"], {"tasks": 0, "video": 0, "all": 0})
+            w["tasks"] += 1
+            w["video"] += e["video_bytes_fetched"]
+            w["all"] += e["store_bytes_read"]
+        size = video.stat().st_size
+        print(f"\nvideo {size} bytes, {len(tasks)} tasks; per worker: {per_worker}")
+        assert len(tasks) >= 6
+        for w in per_worker.values():
+            assert w["video"] <= 1.5 * size, (w, size)
+        assert sum(w["video"] for w in per_worker.values()) <= 2 * size  # once per worker at most
+
+        # Nothing was written to any process's own directories: the store holds everything.
+        for d in dirs.values():
+            assert not any(Path(d["STEMSEG_DATA_DIR"]).rglob("*")), d
+        keys, uploads = bucket_contents(s3, bucket)
+        assert uploads == [] and all(k.startswith(f"svc/jobs/{job_id}/") for k in keys)
+        assert f"svc/jobs/{job_id}/out/stemseg-output.json" in keys and not any("/render/" in k for k in keys)
+
+        # An API set to redirect answers 307 to a presigned URL of the object.
+        other = env.start_api(STEMSEG_RESULTS_REDIRECT="1", **dirs["redirect"])
+        moved = httpx.get(f"{other}/v1/jobs/{job_id}/overlay.mp4")
+        assert moved.status_code == 307 and moved.headers["location"].startswith(s3.endpoint)
+        assert httpx.get(moved.headers["location"]).content == (got / NAMES["overlay"]).read_bytes()
+
+        # DELETE takes the job's objects.
+        assert httpx.delete(f"{base}/v1/jobs/{job_id}").status_code == 204
+        assert bucket_contents(s3, bucket) == ([], [])
+    finally:
+        env.close()
+
+
+def test_an_upload_cut_off_mid_stream_leaves_nothing_in_the_bucket(tmp_path: Path, lite_weights: Path,
+                                                                   s3: S3Server) -> None:
+    bucket = new_bucket(s3)
+    env = _s3_env(tmp_path, lite_weights, s3, bucket, STEMSEG_MAX_UPLOAD_BYTES=str(12 * MiB))
+    try:
+        base = env.start_api(**_own_dirs(env, "api"))
+
+        def body() -> Iterator[bytes]:
+            for _ in range(20):
+                yield b"\0" * MiB
+
+        r = httpx.post(f"{base}/v1/jobs", content=body(), headers={"content-type": "application/octet-stream"},
+                       timeout=60)
+        assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+        # A client that goes away after 11 MiB (two parts stored) of an upload under the limit.
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as c:
+            c.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                      f"Content-Length: {12 * MiB - 1}\r\n\r\n".encode())
+            for _ in range(11):
+                c.sendall(b"\0" * MiB)
+            deadline = time.monotonic() + 30
+            while not bucket_contents(s3, bucket)[1]:  # the multipart upload is under way
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        deadline = time.monotonic() + 30
+        while bucket_contents(s3, bucket) != ([], []):
+            assert time.monotonic() < deadline, bucket_contents(s3, bucket)
+            time.sleep(0.2)
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+def test_store_down_mid_job_503s_then_the_job_completes_and_a_refusing_store_fails_the_job(
+        tmp_path: Path, small_weights: Path) -> None:
+    s3 = S3Server(tmp_path / "own-s3")  # its own: stopped and started here
+    bucket = new_bucket(s3)
+    env = _s3_env(tmp_path, small_weights, s3, bucket, STEMSEG_MAX_DELIVERIES="30")
+    try:
+        base = env.start_api(**_own_dirs(env, "api"))
+        workers = [env.start_worker(**_own_dirs(env, "w1")), env.start_worker(**_own_dirs(env, "w2"))]
+        short, long = tmp_path / "short.mp4", tmp_path / "long.mp4"
+        make_video(short, 8, 64, 48)
+        make_video(long, 48, 64, 48)
+        done = _upload(base, short, "ytvis,overlay").json()["id"]
+        assert env.wait(done, timeout=180)["status"] == "succeeded"
+        r = _upload(base, long, "ytvis,overlay")
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 180
+        while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["clips_done"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s3.stop()
+        try:
+            for url in (f"/v1/jobs/{done}/result", f"/v1/jobs/{done}/overlay.mp4", f"/v1/jobs/{done}/files"):
+                down = httpx.get(f"{base}{url}", timeout=30)
+                assert down.status_code == 503, (url, down.text)
+                assert down.headers["content-type"] == "application/problem+json" and "retry-after" in down.headers
+                assert bucket not in down.text and "/svc" not in down.text, down.text
+            refused = _upload(base, short)
+            assert refused.status_code == 503 and "job store" in refused.json()["detail"], refused.text
+            time.sleep(4)  # over a visibility timeout: tasks fail against the dead store and are redelivered
+            assert httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] in ("queued", "running")
+            assert all(w.poll() is None for w in workers)
+        finally:
+            s3.start()
+        job = env.wait(job_id, timeout=300)
+        assert job["status"] == "succeeded", job
+        assert all(w.poll() is None for w in workers)
+        assert httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=60).status_code == 200
+
+        # A worker the store refuses (a wrong secret: 403) fails the job with the reason, and lives.
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+            w.wait(30)
+        refused_worker = env.start_worker(AWS_SECRET_ACCESS_KEY="not-the-secret", **_own_dirs(env, "w3"))
+        r = _upload(base, short, "ytvis")
+        assert r.status_code == 202, r.text
+        job = env.wait(r.json()["id"], timeout=180)
+        assert job["status"] == "failed" and "job store: the object store refused access" in job["error"], job
+        assert refused_worker.poll() is None
+    finally:
+        env.close()
+        s3.close()

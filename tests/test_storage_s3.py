@@ -465,3 +465,41 @@ def test_store_down_mid_job_503s_then_the_job_completes_and_a_refusing_store_fai
     finally:
         env.close()
         s3.close()
+
+
+def test_in_process_worker_on_s3_runs_a_job_and_fails_one_whose_video_is_gone(s3: S3Server, small_weights: Path,
+                                                                              tmp_path: Path) -> None:
+    from service_env import in_process_worker
+
+    from service.jobs.lifecycle import Limits
+
+    bucket = new_bucket(s3)
+    s3_storage(s3, bucket)  # the AWS_* variables
+    with in_process_worker(small_weights, tmp_path / "data", "w-s3", storage_url=f"s3://{bucket}/w",
+                           s3_endpoint_url=s3.endpoint) as w:
+        video = tmp_path / "v.mp4"
+        make_video(video, 13, 64, 48)
+
+        def admit() -> str:
+            staging = "upload-" + uuid.uuid4().hex
+            w.storage.write(staging, "video", video.read_bytes())
+            return w.jobs.admit(staging, "", model=w.engine.cfg, min_dim=None, clips_per_task=2,
+                                limits=Limits(10**9, 10**6, 1e9), quota=0,
+                                fields={"formats": ["ytvis", "mots"], "filename": "v.mp4"}).id
+
+        def drain(job_id: str):
+            for _ in range(30):
+                job = w.jobs.get(job_id)
+                if job.final:
+                    return job
+                w.step()
+            return w.jobs.get(job_id)
+
+        ok = admit()  # probed in a child process with its own client, moved under the job id
+        assert drain(ok).status == "succeeded"
+        assert json.loads(w.storage.read(ok, "out/stemseg-output.json"))["formats"] == ["ytvis", "mots"]
+        gone = admit()
+        s3.client().delete_object(Bucket=bucket, Key=f"w/jobs/{gone}/video")
+        job = drain(gone)
+        assert job.status == "failed" and job.error == "job store: the job's video is missing from the store", job
+        assert not (tmp_path / "data").exists()  # nothing in the data directory

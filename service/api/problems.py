@@ -82,12 +82,15 @@ def responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, 
 
 
 def _scrub(text: str, request: Request) -> str:
-    """Belt and braces: no detail may name the data directory."""
+    """Belt and braces: no detail may name the data directory or the job store's bucket."""
     settings = getattr(request.app.state, "settings", None)
     if settings is not None:
         for root in {str(settings.data_dir.resolve()), str(settings.data_dir)}:
             if root and root != ".":
                 text = text.replace(root, "<data>")
+        if settings.storage_url:
+            bucket_and_prefix = settings.storage_url.removeprefix("s3://").rstrip("/")
+            text = text.replace(settings.storage_url, "<store>").replace(bucket_and_prefix, "<store>")
     return text
 
 

@@ -38,7 +38,6 @@ class FileCache:
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._fetched = threading.local()
         if not storage.shared_paths:
-            shutil.rmtree(self.root, ignore_errors=True)  # a previous process's copies, same pid
             self.root.mkdir(parents=True, exist_ok=True)
 
     @classmethod
@@ -46,7 +45,7 @@ class FileCache:
         """This process's cache for `storage`, in its own scratch space (service.jobs.storage)."""
         if storage.shared_paths:
             return cls(storage, Path(), max_bytes)  # never written: the store's own files are used
-        return cls(storage, scratch_root() / "cache", max_bytes)
+        return cls(storage, scratch_root() / f"cache-{uuid.uuid4().hex[:8]}", max_bytes)
 
     def _path(self, job_id: str, name: str) -> Path:
         return self.root / check_job_name(job_id) / name
@@ -127,6 +126,13 @@ class FileCache:
             for key in [k for k in self._entries if k[0] == job_id and k not in self._pins]:
                 del self._entries[key]
                 self._remove(key)
+
+    def close(self) -> None:
+        """Delete every copy (the worker is stopping)."""
+        if not self.storage.shared_paths:
+            with self._lock:
+                self._entries.clear()
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def cached_bytes(self) -> int:
         with self._lock:

@@ -11,7 +11,13 @@ Redis outages: every Redis error in the loop is caught, the worker waits (expone
 up to 10 s) and carries on; a task it held stays pending in Redis and is taken over after the
 visibility timeout, by this worker or another, and its clip results already on disk are
 reused. The worker also runs the sweeper (`Jobs.sweep`) every `sweep_interval_s`, one worker
-at a time under a Redis lease: workers are the processes that always have the data directory.
+at a time under a Redis lease: workers are the processes that always reach the job store.
+
+Job store outages (service.jobs.storage.StoreUnavailable, an S3 store down or refusing): a task
+that meets one is left for redelivery (a store that is down comes back) or, when the store
+refuses (access denied, quota), fails its job with the reason; the worker itself carries on.
+With an object store a job's video is read through this worker's FileCache: downloaded once,
+decoded locally by every task of the job this worker takes.
 
 A task is a run of consecutive clips (`clips_per_task`), not a single clip: a clip's
 foreground depends on its neighbours' heads, so a lone clip would recompute the backbone and
@@ -236,6 +242,7 @@ class Worker:
 
     def finalize(self) -> None:
         self.stopping.set()
+        self.cache.close()
         try:
             self.r.delete(self._beat_key)
             for consumer in self.consumers:

@@ -80,7 +80,8 @@ class RangedObject(Response):
                                               {"Content-Range": f"bytes */{self.size}"})(scope, receive, send)
             if len(spans) == 1:
                 (start, stop), status = spans[0], 206
-        body = self.storage.iter_range(self.job_id, self.name, start, stop) if scope["method"] != "HEAD" else iter(())
+        head_only = scope["method"] == "HEAD"
+        body = (b for b in ()) if head_only else self.storage.iter_range(self.job_id, self.name, start, stop)
         try:
             first = await run_in_threadpool(next, body, b"")
         except FileNotFoundError:
@@ -96,13 +97,15 @@ class RangedObject(Response):
         if scope["method"] == "HEAD":
             return await send({"type": "http.response.body", "body": b""})
         sent = len(first)
-        await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
             while chunk := await run_in_threadpool(next, body, b""):
                 sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (StoreUnavailable, FileNotFoundError):
             return  # the head is out: returning unfinished makes the server cut the connection
+        finally:
+            await run_in_threadpool(body.close)  # the store's connection back to its pool, client gone or not
         if sent == stop - start:
             await send({"type": "http.response.body", "body": b""})
 

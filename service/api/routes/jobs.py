@@ -198,7 +198,10 @@ async def create_job(
             limits=Limits.from_settings(s), quota=s.max_active_jobs,
             fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
     except BaseException:
-        svc.storage.delete_job(staging)
+        if svc.storage.shared_paths:
+            svc.storage.delete_job(staging)
+        else:  # requests to the store: off the event loop
+            await run_in_threadpool(svc.storage.delete_job, staging)
         raise
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return _view(job)

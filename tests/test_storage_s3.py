@@ -503,3 +503,34 @@ def test_in_process_worker_on_s3_runs_a_job_and_fails_one_whose_video_is_gone(s3
         job = drain(gone)
         assert job.status == "failed" and job.error == "job store: the job's video is missing from the store", job
         assert not (tmp_path / "data").exists()  # nothing in the data directory
+
+
+def test_a_hung_store_stalls_only_the_requests_that_need_it(tmp_path: Path, lite_weights: Path) -> None:
+    """A store that accepts connections and never answers: the upload gets 503 after the timeout,
+    and meanwhile the API answers everything else at once (store calls never run on its event loop)."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel completes connections; nobody ever reads or answers
+        env = ServiceEnv(tmp_path, lite_weights, STEMSEG_STORAGE_URL="s3://hung-bucket/x",
+                         STEMSEG_S3_ENDPOINT_URL=f"http://127.0.0.1:{hung.getsockname()[1]}",
+                         STEMSEG_S3_TIMEOUT_S="3", STEMSEG_S3_ATTEMPTS="1", AWS_ACCESS_KEY_ID="k",
+                         AWS_SECRET_ACCESS_KEY="s", AWS_REGION="us-east-1")
+        try:
+            base = env.start_api(**_own_dirs(env, "api"))
+            answer: list[httpx.Response] = []
+            video = tmp_path / "v.mp4"
+            make_video(video, 8, 64, 48)
+            upload = threading.Thread(target=lambda: answer.append(_upload(base, video, "ytvis")))
+            started = time.monotonic()
+            upload.start()
+            time.sleep(0.5)
+            for _ in range(5):
+                t = time.monotonic()
+                assert httpx.get(f"{base}/v1/jobs", timeout=10).status_code == 200
+                assert time.monotonic() - t < 1.0, "the event loop was held by a store call"
+            upload.join(60)
+            assert answer and answer[0].status_code == 503, answer
+            assert time.monotonic() - started >= 3 and "hung-bucket" not in answer[0].text
+            assert "timed out" in answer[0].json()["detail"] or "could not be reached" in answer[0].json()["detail"]
+        finally:
+            env.close()

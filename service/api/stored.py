@@ -25,6 +25,11 @@ from service.api.problems import problem_response
 from service.api.ranges import RangedFile
 from service.jobs.storage import Storage, StoreUnavailable
 
+# OpenAPI: the answer of a result route when STEMSEG_RESULTS_REDIRECT is set.
+REDIRECT = {307: {"description": "With STEMSEG_RESULTS_REDIRECT (an object store): the file is at the "
+                                 "presigned URL in Location, valid STEMSEG_RESULTS_URL_TTL_S seconds",
+                  "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}}}}
+
 
 def _disposition(filename: str) -> str:
     quoted = quote(filename)

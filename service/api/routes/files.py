@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from service.api.deps import JobIdPath, OwnerDep, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.routes.jobs import _finished
-from service.api.stored import stored_file
+from service.api.stored import REDIRECT, stored_file
 from service.jobs import files
 from service.outputs.write import MANIFEST
 
@@ -56,7 +56,7 @@ def list_files(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> OutputFo
     200: {"description": "One file of the output folder", "content": {
         media: {"schema": {"type": "string", "format": "binary"}}
         for media in ("application/json", "image/png", "text/plain; charset=utf-8", "video/mp4")}},
-    **responses(401, 404, 409, 410, 422, 503)})
+    **REDIRECT, **responses(401, 404, 409, 410, 422, 503)})
 def get_file(job_id: JobIdPath, name: Annotated[str, PathParam(max_length=300)], svc: ServicesDep,
              owner: OwnerDep) -> Response:
     _finished(svc, owner, job_id)

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
-from service.api.stored import stored_file
+from service.api.stored import REDIRECT, stored_file
 from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
@@ -242,7 +242,7 @@ _MOTS_RANGES = ranged_responses("text/plain", "")
                       "application/zip": {"schema": {"type": "string", "format": "binary"}},
                       "text/plain": {"schema": {"type": "string"}}}},
     206: {**_MOTS_RANGES[206], "description": "format=mots with a Range header: that byte range"},
-    400: _MOTS_RANGES[400], 416: _MOTS_RANGES[416],
+    400: _MOTS_RANGES[400], 416: _MOTS_RANGES[416], **REDIRECT,
     **responses(401, 404, 409, 422, 503)})
 def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                format: Annotated[str, Query(pattern="^(json|davis|mots)$")] = "json") -> Response:
@@ -280,7 +280,7 @@ def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
 
 
 @router.get("/{job_id}/overlay.mp4", response_class=RangedFile, responses={
-    **ranged_responses("video/mp4", "The video with masks drawn"), **responses(401, 404, 409, 422, 503)})
+    **ranged_responses("video/mp4", "The video with masks drawn"), **REDIRECT, **responses(401, 404, 409, 422, 503)})
 def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     _finished(svc, owner, job_id)
     try:

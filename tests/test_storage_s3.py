@@ -534,3 +534,47 @@ def test_a_hung_store_stalls_only_the_requests_that_need_it(tmp_path: Path, lite
             assert "timed out" in answer[0].json()["detail"] or "could not be reached" in answer[0].json()["detail"]
         finally:
             env.close()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_with_no_shared_directory_loses_nothing(tmp_path: Path, small_weights: Path,
+                                                                        s3: S3Server) -> None:
+    from service.cli import main
+
+    video = tmp_path / "v.mp4"
+    make_video(video, 40, 64, 48)
+    bucket = new_bucket(s3)
+    env = _s3_env(tmp_path, small_weights, s3, bucket, STEMSEG_RENDER_FRAMES_PER_TASK="10")
+    try:
+        base = env.start_api(**_own_dirs(env, "api"))
+        workers = {p.pid: p for p in (env.start_worker(**_own_dirs(env, "w1")),
+                                      env.start_worker(**_own_dirs(env, "w2")))}
+        r = _upload(base, video, "ytvis,mots")
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        stream = Keys(env.prefix).tasks
+        deadline = time.monotonic() + 180
+        while True:  # the first task taken: its worker is killed in the middle of it
+            pending = env.redis.xpending_range(stream, "workers", "-", "+", 10) if env.redis.exists(stream) else []
+            if pending:
+                break
+            assert time.monotonic() < deadline, "no task was ever taken"
+            time.sleep(0.005)
+        victim = int(pending[0]["consumer"].decode().rsplit("-", 1)[1])
+        os.kill(victim, signal.SIGKILL)
+        workers[victim].wait(10)
+        job = env.wait(job_id, timeout=300)
+        assert job["status"] == "succeeded", job
+        assert [w.poll() for pid, w in workers.items() if pid != victim] == [None]
+        timeline = [json.loads(e) for e in env.redis.lrange(Keys(env.prefix).timeline(job_id), 0, -1)]
+        assert any(e.get("deliveries", 1) >= 2 for e in timeline), "the killed worker's task was redelivered"
+        cli = tmp_path / "cli"
+        assert main(["segment", str(video), "--weights", str(small_weights), "--out", str(cli), "--device", "cpu",
+                     "--no-progress", "--format", "ytvis"]) == 0
+        tracks = httpx.get(f"{base}/v1/jobs/{job_id}/result", timeout=60).json()["tracks"]
+        assert [(t["category_id"], t["segmentations"]) for t in tracks] == [
+            (c["category_id"], c["segmentations"]) for c in json.loads((cli / "results.json").read_text())]
+        assert httpx.delete(f"{base}/v1/jobs/{job_id}").status_code == 204
+        assert bucket_contents(s3, bucket) == ([], [])
+    finally:
+        env.close()

@@ -19,7 +19,6 @@ FileNotFoundError on both.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import time
 import uuid
@@ -237,9 +236,10 @@ def open_storage(settings: Settings) -> Storage:
 
 
 def scratch_root() -> Path:
-    """Where a process keeps its local copies of objects: its own TMPDIR (nothing shared)."""
+    """Where a process keeps its local copies of objects: under its own TMPDIR (nothing shared with
+    other machines), each use in a fresh temporary file or directory of its own that it removes."""
     import tempfile
 
-    root = Path(tempfile.gettempdir()) / f"stemseg-{os.getpid()}"
+    root = Path(tempfile.gettempdir()) / "stemseg"
     root.mkdir(parents=True, exist_ok=True)
     return root

@@ -16,9 +16,10 @@ Everything that changes a job's state goes through `Jobs`, so each invariant has
   record (job slot), then, in one script on the shared slot, the owner's quota check, the
   listing, the state set and its tasks; over quota, the record is deleted again. Workers read
   the plan and never re-plan.
-* Files: a job's directory belongs to its record. Whoever deletes the record deletes the
-  files; a worker whose in-flight task ends on a deleted job deletes what it wrote; the
-  sweeper (`sweep`) deletes every directory without a record, as a backstop.
+* Files: a job's folder (a directory, or its objects in an S3 store: service.jobs.storage)
+  belongs to its record. Whoever deletes the record deletes the files; a worker whose in-flight
+  task ends on a deleted job deletes what it wrote; the sweeper (`sweep`) deletes every folder
+  without a record, as a backstop (with S3, unfinished multipart uploads included).
 
 Imports neither the worker nor torch: the API process uses this module.
 """

@@ -445,6 +445,8 @@ def test_store_down_mid_job_503s_then_the_job_completes_and_a_refusing_store_fai
             time.sleep(4)  # over a visibility timeout: tasks fail against the dead store and are redelivered
             assert httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] in ("queued", "running")
             assert all(w.poll() is None for w in workers)
+            why = json.loads(env.redis.hget(Keys(env.prefix).job(job_id), "retry_reason") or b"null")
+            assert why and why.startswith("job store: the object store could not be reached"), why
         finally:
             s3.start()
         job = env.wait(job_id, timeout=300)

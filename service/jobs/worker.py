@@ -132,8 +132,8 @@ class Worker:
             return Outcome("done", "the job was deleted or has ended")
         if task.deliveries > self.settings.max_deliveries:
             what = "output frames" if task.kind == OUTPUTS else "clips"
-            return Outcome("fail", f"{what} {task.start}-{task.stop - 1} failed {task.deliveries - 1} times "
-                                   f"(worker crashes or timeouts)")
+            why = f"; the last error: {job.retry_reason}" if job.retry_reason else " (worker crashes or timeouts)"
+            return Outcome("fail", f"{what} {task.start}-{task.stop - 1} failed {task.deliveries - 1} times{why}")
         plan = job.plan
         if plan.preset != self.engine.cfg.name:
             return Outcome("fail", f"the job was planned for the {plan.preset!r} model; the workers run "
@@ -234,6 +234,7 @@ class Worker:
             self.jobs.fail(task.job_id, outcome.reason)
         if outcome.kind == "retry":
             log.warning("task %s of job %s will be retried: %s", task.id, task.job_id, outcome.reason)
+            self.jobs.update(task.job_id, retry_reason=outcome.reason)  # named if the retries run out
         else:
             self.queue.done(task.id)
         if self.jobs.get(task.job_id) is None:

@@ -371,6 +371,24 @@ def test_api_and_two_workers_sharing_no_directory_give_the_cli_outputs(tmp_path:
         moved = httpx.get(f"{other}/v1/jobs/{job_id}/overlay.mp4")
         assert moved.status_code == 307 and moved.headers["location"].startswith(s3.endpoint)
         assert httpx.get(moved.headers["location"]).content == (got / NAMES["overlay"]).read_bytes()
+        # The Python client follows it (without its API key) for downloads and results, sync and async.
+        import asyncio
+
+        from service.client import AsyncClient, Client
+
+        with Client(other) as client:
+            job = client.job(job_id)
+            job.download(tmp_path / "via-redirect")
+            assert job.result("mots") == (got / NAMES["mots"]).read_text()
+
+        async def download_async() -> None:
+            async with AsyncClient(other) as client:
+                await (await client.job(job_id)).download(tmp_path / "via-redirect-async")
+
+        asyncio.run(download_async())
+        for folder in ("via-redirect", "via-redirect-async"):
+            for f in listing["files"]:
+                assert (tmp_path / folder / f["path"]).read_bytes() == (got / f["path"]).read_bytes(), (folder, f)
 
         # DELETE takes the job's objects.
         assert httpx.delete(f"{base}/v1/jobs/{job_id}").status_code == 204

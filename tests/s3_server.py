@@ -74,6 +74,14 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
                             aws_secret_access_key=secret, region_name="us-east-1")
 
+    def new_bucket(self) -> str:
+        """A bucket no other test uses."""
+        import uuid
+
+        name = f"t-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
     def env(self) -> dict[str, str]:
         """What a process needs to reach it through the standard AWS chain."""
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1",

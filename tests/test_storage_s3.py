@@ -35,19 +35,13 @@ MiB = 1024**2
 JOB = "a" * 32
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    try:
-        yield server
-    finally:
-        server.close()
+@pytest.fixture
+def s3(s3_server: S3Server) -> S3Server:
+    return s3_server  # one SeaweedFS for the session (tests/conftest.py); a bucket per test
 
 
 def new_bucket(s3: S3Server) -> str:
-    name = f"jobs-{uuid.uuid4().hex[:12]}"
-    s3.client().create_bucket(Bucket=name)
-    return name
+    return s3.new_bucket()
 
 
 def s3_storage(s3: S3Server, bucket: str, prefix: str = "tenant/a", **kw) -> S3Storage:

@@ -229,6 +229,26 @@ def test_worker_cache_downloads_once_bounded_lru_and_keeps_what_is_in_use(s3: S3
     with small.local("1" * 32, "video") as p:
         assert p.is_file()
     assert not p.exists() and small.cached_bytes() == 0
+    # Caches of dead processes (a worker killed and restarted in its pod) are deleted at start.
+    import tempfile
+
+    from service.jobs.file_cache import _process_tag
+    from service.jobs.storage import scratch_root
+
+    tempfile.tempdir, saved = str(tmp_path / "tmp"), tempfile.tempdir
+    try:
+        (tmp_path / "tmp").mkdir()
+        stale = scratch_root() / "cache-1-1-gone"  # pid 1 runs, but started at another time
+        live = scratch_root() / f"cache-{_process_tag(os.getpid())}-other"
+        for d in (stale, live):
+            d.mkdir()
+            (d / "x").write_bytes(b"x")
+        mine = FileCache.of(store, 10)
+        assert not stale.exists() and live.exists() and mine.root.parent == scratch_root()
+        mine.close()
+        assert not mine.root.exists()
+    finally:
+        tempfile.tempdir = saved
     # With shared paths the store's own file is used.
     local = LocalStorage(tmp_path / "data")
     local.write(JOB, "video", b"v")

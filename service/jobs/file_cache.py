@@ -14,6 +14,7 @@ itself is used and nothing is copied.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import uuid
@@ -29,6 +30,31 @@ from service.video.decode import forget as forget_video
 log = logging.getLogger("stemseg.cache")
 
 
+def _process_tag(pid: int) -> str:
+    """PID and start time (Linux /proc; "0" elsewhere): unlike a PID alone, never reused by a
+    later process, such as the same worker restarted in its container."""
+    try:
+        started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    return f"{pid}-{started}"
+
+
+def _alive(name: str) -> bool:
+    """Whether the process that made cache folder `name` (cache-PID-START-TAG) still runs."""
+    parts = name.split("-")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    pid, started = int(parts[1]), parts[2]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return started == "0" or _process_tag(pid) == f"{pid}-{started}"
+
+
 class FileCache:
     def __init__(self, storage: Storage, root: Path, max_bytes: int) -> None:
         self.storage, self.root, self.max_bytes = storage, Path(root), max_bytes
@@ -42,10 +68,16 @@ class FileCache:
 
     @classmethod
     def of(cls, storage: Storage, max_bytes: int) -> FileCache:
-        """This process's cache for `storage`, in its own scratch space (service.jobs.storage)."""
+        """This process's cache for `storage`, in its own scratch space (service.jobs.storage).
+        The caches of dead processes there are deleted first: a worker killed and restarted in
+        the same pod (whose emptyDir outlives it) would otherwise leave a full cache per crash."""
         if storage.shared_paths:
             return cls(storage, Path(), max_bytes)  # never written: the store's own files are used
-        return cls(storage, scratch_root() / f"cache-{uuid.uuid4().hex[:8]}", max_bytes)
+        root = scratch_root()
+        for old in root.glob("cache-*"):
+            if not _alive(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+        return cls(storage, root / f"cache-{_process_tag(os.getpid())}-{uuid.uuid4().hex[:8]}", max_bytes)
 
     def _path(self, job_id: str, name: str) -> Path:
         return self.root / check_job_name(job_id) / name

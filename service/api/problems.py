@@ -62,8 +62,8 @@ _DESCRIPTIONS = {
     413: "The upload, its frame count or its duration is over a limit", 415: "Unsupported media type",
     422: "Invalid parameters", 429: "Rate limit or job quota reached; see Retry-After",
     416: "The range starts past the end of the file",
-    503: "Redis is unreachable, its connections are all in use, or too many event streams are open; "
-         "see Retry-After",
+    503: "Redis or the job store (S3) is unreachable or refusing, Redis's connections are all in use, or too "
+         "many event streams are open; see Retry-After",
     507: "No space left on the server's disk",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}

@@ -15,6 +15,30 @@ from pathlib import Path
 import httpx
 
 REDIS_URL = os.environ.get("STEMSEG_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# "s3": every ServiceEnv keeps its jobs in a bucket of its own on one SeaweedFS started for the run,
+# so the service tests run on the object store unchanged (README, Tests); "local": a directory.
+TEST_STORAGE = os.environ.get("STEMSEG_TEST_STORAGE", "local")
+_S3: list = []
+
+
+def storage_settings() -> dict[str, str]:
+    """The settings that choose the store STEMSEG_TEST_STORAGE names: none for a directory; for
+    "s3", a new bucket on the run's SeaweedFS (started at first use, stopped at exit)."""
+    if TEST_STORAGE == "local":
+        return {}
+    if TEST_STORAGE != "s3":
+        raise ValueError(f"STEMSEG_TEST_STORAGE={TEST_STORAGE!r}: choose local or s3")
+    if not _S3:
+        import atexit
+        import tempfile
+
+        from s3_server import S3Server
+
+        _S3.append(S3Server(Path(tempfile.mkdtemp(prefix="stemseg-test-s3-"))))
+        atexit.register(_S3[0].close)
+    bucket = f"env-{uuid.uuid4().hex[:12]}"
+    _S3[0].client().create_bucket(Bucket=bucket)
+    return {"STEMSEG_STORAGE_URL": f"s3://{bucket}/t", **_S3[0].env()}
 
 
 def new_prefix() -> str:
@@ -46,6 +70,8 @@ class ServiceEnv:
     def __init__(self, tmp: Path, weights: Path, **settings: str) -> None:
         from service.jobs.redis_clients import sync_client
 
+        if "STEMSEG_STORAGE_URL" not in settings:
+            settings = {**storage_settings(), **settings}
         self.prefix = new_prefix()
         self.data = tmp / "data"
         self.redis_url = settings.get("STEMSEG_REDIS_URL", REDIS_URL)
@@ -58,6 +84,24 @@ class ServiceEnv:
         self.logs: list[Path] = []  # each process's stdout and stderr, for tests that read the logs
         self.redis = sync_client(self.redis_url)
         self.base = ""
+
+    def stored(self, job_id: str) -> dict[str, bytes]:
+        """Every file the service holds for a job, by its name under the job, from whichever store
+        it keeps them in (the data directory, or the bucket of STEMSEG_STORAGE_URL)."""
+        url = self.env.get("STEMSEG_STORAGE_URL")
+        if not url:
+            root = self.data / "jobs" / job_id
+            return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        import boto3
+
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        client = boto3.client("s3", endpoint_url=self.env["STEMSEG_S3_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+        under = f"{prefix.strip('/')}/jobs/{job_id}/".lstrip("/")
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=under)
+                for o in page.get("Contents", [])]
+        return {k[len(under):]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in sorted(keys)}
 
     def start_api(self, **env: str) -> str:
         """Start an API process (`env`: settings of its own); returns its base URL, the latest in `base`."""

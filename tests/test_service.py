@@ -124,10 +124,10 @@ def test_cancel_deletes_job_and_files(env: ServiceEnv, tmp_path: Path) -> None:
     make_video(video, 13, 64, 48)
     env.start_api()
     job_id = _upload(env, video).json()["id"]  # no worker: stays queued
-    assert (env.data / "jobs" / job_id).is_dir()
+    assert "video" in env.stored(job_id)
     assert httpx.delete(f"{env.base}/v1/jobs/{job_id}").status_code == 204
     assert httpx.get(f"{env.base}/v1/jobs/{job_id}").status_code == 404
-    assert not (env.data / "jobs" / job_id).exists()
+    assert env.stored(job_id) == {}
     keys = Keys(env.prefix)
     assert env.redis.xlen(keys.tasks) > 0  # the cancelled job's tasks are still queued
     env.start_worker()

@@ -40,7 +40,7 @@ STREAM = "stream"  # the kind of a stream's queue entry
 TRANSITIONS: dict[StreamStatus, frozenset[StreamStatus]] = {
     StreamStatus.RUNNING: frozenset({StreamStatus.QUEUED}),
     StreamStatus.STOPPING: frozenset({StreamStatus.RUNNING}),
-    StreamStatus.STOPPED: frozenset({StreamStatus.QUEUED, StreamStatus.RUNNING, StreamStatus.STOPPING}),
+    StreamStatus.STOPPED: frozenset({StreamStatus.QUEUED, StreamStatus.STOPPING}),
     StreamStatus.ENDED: frozenset({StreamStatus.RUNNING}),
     StreamStatus.FAILED: frozenset({StreamStatus.QUEUED, StreamStatus.RUNNING, StreamStatus.STOPPING}),
 }

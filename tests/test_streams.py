@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from service_env import REDIS_URL, ServiceEnv, drop_prefix, free_port, new_prefix
 from videos import make_video
 
+from service.client import Client
 from service.config import SHIPPED_WEIGHTS
 
 ROOT = Path(__file__).resolve().parent
@@ -177,9 +178,12 @@ def test_delete_stops_a_running_stream_and_keeps_what_was_written(env: ServiceEn
 def test_max_duration_is_honoured(env: ServiceEnv, port: int, videos) -> None:
     env.start_api()
     env.start_worker()
-    with _source(videos["long"], port, 400 / FPS):
-        sid = _create(env, port, "long.ts", formats=["ytvis"], max_duration_s=1.5).json()["id"]
-        rec = _wait(env, sid, _ended)
+    with _source(videos["long"], port, 400 / FPS), Client(env.base, api_key="k1") as client:
+        stream = client.stream(f"http://127.0.0.1:{port}/long.ts", formats=["ytvis"], max_duration_s=1.5)
+        events = list(stream.events())  # the Python client follows the events until `end`
+        rec = stream.refresh().data
+    assert events[-1].type == "end" and events[-1].data == {"status": "ended"}
+    assert sum(1 for e in events if e.type == "frame") == rec["progress"]["frames_seen"] > 0
     assert rec["status"] == "ended" and rec["ended_by"] == "max_duration_s", rec
     # Frames arrive at the source's pace: 1.5 s of a 25 fps stream (give or take the start's burst).
     assert 25 <= rec["progress"]["frames_read"] <= 60
@@ -219,6 +223,36 @@ def test_a_killed_worker_is_taken_over_after_the_visibility_timeout_with_a_gap(e
     first = {t["id"] for f in frames if f["tenure"] == 1 for t in f["tracks"]}
     second = {t["id"] for f in frames if f["tenure"] == 2 for t in f["tracks"]}
     assert first and second and min(second) > max(first)  # new track ids after the gap
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_by_sigterm_writes_its_part_and_hands_the_stream_on(env: ServiceEnv, port: int,
+                                                                             videos) -> None:
+    env.start_api()
+    first = env.start_worker()
+    with _source(videos["long"], port, 400 / FPS):
+        sid = _create(env, port, "long.ts", formats=["ytvis", "davis"]).json()["id"]
+        before = _wait(env, sid, lambda rec: rec["progress"]["frames_seen"] >= 16 or _ended(rec))
+        assert before["status"] == "running", before
+        first.terminate()
+        assert first.wait(60) == 0
+        rec = _get(env, sid)
+        assert rec["status"] == "running" and rec["gaps"][-1]["cause"] == "worker stopped"
+        [part] = rec["outputs"]  # the stopped worker's frames, written before it exited
+        assert part["tenure"] == 1 and part["frames"] == rec["progress"]["frames_seen"] == rec["gaps"][-1][
+            "after_frame"]
+        env.start_worker()
+        rec = _wait(env, sid, lambda rec: rec["tenure"] == 2 and rec["progress"]["frames_seen"] > part["frames"] + 16
+                    or _ended(rec))
+        assert httpx.delete(f"{env.base}/v1/streams/{sid}", headers=K1).status_code == 202
+        rec = _wait(env, sid, _ended, timeout=60)
+    assert rec["status"] == "stopped" and [g["cause"] for g in rec["gaps"]] == ["worker stopped"]
+    one, two = rec["outputs"]
+    assert (one["tenure"], two["tenure"]) == (1, 2) and two["first_frame"] == one["frames"]
+    assert one["frames"] + two["frames"] == rec["progress"]["frames_seen"]
+    root = env.data / "jobs" / f"stream-{sid}"
+    for part in (one, two):
+        assert len(list((root / part["path"] / "davis").iterdir())) == part["frames"]
 
 
 # ---------------------------------------------------------------------------------------------

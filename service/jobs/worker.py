@@ -308,20 +308,20 @@ class Worker:
         with self._lock:
             self._held_streams[task.id] = consumer
         try:
-            try:
-                done = self.stream_runner.execute(task, consumer)
-            except UNREACHABLE:
-                raise
-            except Exception as e:  # a bug: the stream fails with it, rather than crash every worker in turn
-                log.exception("stream %s", task.job_id)
-                self.streams.transition(task.job_id, StreamStatus.FAILED, ended_by="failed",
-                                        error=f"{type(e).__name__}: {e}")
-                done = True
-            if done:
-                self.streams.queue.done(task.id)
-        finally:
+            done = self.stream_runner.execute(task, consumer)
+        except UNREACHABLE:
+            raise
+        except Exception as e:  # a bug: the stream fails with it, rather than crash every worker in turn
+            log.exception("stream %s", task.job_id)
+            self.streams.transition(task.job_id, StreamStatus.FAILED, ended_by="failed",
+                                    error=f"{type(e).__name__}: {e}")
+            done = True
+        if done:
+            self.streams.queue.done(task.id)
             with self._lock:
                 self._held_streams.pop(task.id, None)
+        # Not done (this worker is stopping): the entry stays pending under this slot's consumer,
+        # which finalize therefore keeps, for the next worker to take after the visibility timeout.
 
     def _maybe_sweep(self) -> None:
         s = self.settings

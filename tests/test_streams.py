@@ -333,3 +333,34 @@ def test_streams_per_key_are_limited(tmp_path: Path) -> None:
         assert client.post("/v1/streams", json=body, headers=K1).status_code == 201
         assert client.get(f"/v1/streams/{sid}", headers=K1).json()["status"] == "stopped"
         assert client.get("/v1/streams/not-an-id", headers=K1).status_code == 404
+
+
+def test_the_state_machine_never_leaves_a_final_state_and_frees_the_owners_place(tmp_path: Path,
+                                                                                 redis_prefix: str) -> None:
+    from service.jobs.redis_clients import sync_client
+    from service.jobs.storage import LocalStorage
+    from service.jobs.stream_record import StreamStatus
+    from service.jobs.streams import StreamLimit, Streams
+
+    r = sync_client(REDIS_URL)
+    streams = Streams(r, redis_prefix, 60, LocalStorage(tmp_path))
+    a = streams.create("o", "http://127.0.0.1:9/a.ts", ["ytvis"], 10.0, "lite", 1)
+    with pytest.raises(StreamLimit):
+        streams.create("o", "http://127.0.0.1:9/b.ts", ["ytvis"], 10.0, "lite", 1)
+    assert not streams.transition(a.id, StreamStatus.ENDED)  # queued cannot end: it never ran
+    assert not streams.transition(a.id, StreamStatus.STOPPING)
+    assert streams.transition(a.id, StreamStatus.RUNNING)
+    assert streams.stop(a.id).status == StreamStatus.STOPPING  # a running one is asked to stop
+    assert [s.id for s in streams.unfinished()] == [a.id]
+    assert streams.transition(a.id, StreamStatus.STOPPED)
+    for status in (StreamStatus.RUNNING, StreamStatus.ENDED, StreamStatus.FAILED, StreamStatus.STOPPING):
+        assert not streams.transition(a.id, status)
+    rec = streams.get(a.id)
+    assert rec.status == StreamStatus.STOPPED and rec.ended_by == "deleted" and rec.finished_at
+    assert 0 < r.ttl(streams.keys.stream(a.id)) <= 60
+    assert streams.unfinished() == []
+    b = streams.create("o", "http://127.0.0.1:9/b.ts", ["ytvis"], 10.0, "lite", 1)  # its place is free again
+    assert streams.queue.depth() == 2  # a's entry is acknowledged by the worker that finds it ended
+    with pytest.raises(ValueError, match="state machine"):
+        streams.update(b.id, status="running")
+    r.close()

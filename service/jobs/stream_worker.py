@@ -39,7 +39,7 @@ from service.video.live import LiveOptions, LiveReader, LiveSourceError, recorde
 
 log = logging.getLogger("stemseg.streams")
 
-_PUBLISH_S = 0.25  # frame events and counters are written in batches this far apart
+_RECORD_S = 0.25  # the record's counters are written this far apart (frame events at once)
 _FPS_WINDOW_S = 5.0  # frames/s is measured over this much of the recent past
 
 
@@ -66,7 +66,8 @@ class _Tenure:
         if frame.track_ids:
             self.next_track_id = max(self.next_track_id, max(frame.track_ids) + 1)
 
-    def flush(self, streams: Streams, reader: LiveReader, arrivals: list[float]) -> None:
+    def flush(self, streams: Streams, reader: LiveReader, arrivals: list[float], record: bool = True) -> None:
+        """Publish the pending events; with `record`, the counters too."""
         now_mono, now = time.monotonic(), time.time()
         events = self.pending
         for (_, data), arrival in zip(events, arrivals):
@@ -82,13 +83,19 @@ class _Tenure:
         new_gaps = [data for kind, data in events if kind == "gap"]
         self.gaps_seen = len(stats.gaps)
         self.published += sum(1 for kind, _ in events if kind == "frame")
+        self.pending = []
+        rec = self.rec
+        if new_gaps:
+            rec.gaps = [*rec.gaps, *new_gaps]
+        if not (record or new_gaps):
+            streams.events(rec.id, events, frames_seen=self.frame_base + self.published,
+                           next_track_id=self.next_track_id)
+            return
         self.recent.append((now_mono, self.published))
         while self.recent and now_mono - self.recent[0][0] > _FPS_WINDOW_S:
             self.recent.popleft()
         first_t, first_n = self.recent[0]
         fps = (self.published - first_n) / (now_mono - first_t) if now_mono > first_t else None
-        streams.events(self.rec.id, events)
-        rec = self.rec
         fields: dict[str, Any] = {
             "frames_seen": self.frame_base + self.published,
             "frames_read": self._base("frames_read") + stats.frames_read,
@@ -98,12 +105,8 @@ class _Tenure:
             "latency_s": None if self.last_latency is None else round(self.last_latency, 4),
             "frames_per_second": None if fps is None else round(fps, 3),
             "latency_counts": self.counts, "latency_sum_s": round(self.latency_sum, 6),
-            "next_track_id": self.next_track_id}
-        if new_gaps:
-            rec.gaps = [*rec.gaps, *new_gaps]
-            fields["gaps"] = rec.gaps
-        streams.update(rec.id, **fields)
-        self.pending = []
+            "next_track_id": self.next_track_id, "gaps": rec.gaps}
+        streams.events(rec.id, events, **fields)
 
     def _base(self, name: str) -> int:
         return getattr(self.rec, name)
@@ -183,24 +186,24 @@ class StreamRunner:
             watcher.start()
             session = LiveSession(reader, self.engine, first_track_id=rec.next_track_id)
             tenure = _Tenure(rec, dict(self.engine.cfg.classes))
-            arrivals: list[float] = []
             last = time.monotonic()
             reader.start()
             try:
                 for frame in session.propagate():
+                    # Each frame's event goes out as soon as its tracks are final.
                     tenure.add(frame, rec.tenure)
-                    arrivals.append(frame.arrival)
-                    if time.monotonic() - last >= _PUBLISH_S:
-                        tenure.flush(streams, reader, arrivals)
-                        arrivals, last = [], time.monotonic()
+                    due = time.monotonic() - last >= _RECORD_S
+                    tenure.flush(streams, reader, [frame.arrival], record=due)
+                    if due:
+                        last = time.monotonic()
             except LiveSourceError as e:
                 reader.close()
-                tenure.flush(streams, reader, arrivals)
+                tenure.flush(streams, reader, [])
                 streams.transition(rec.id, StreamStatus.FAILED, error=str(e), ended_by="failed")
                 return True
             finally:
                 reader.close()
-            tenure.flush(streams, reader, arrivals)
+            tenure.flush(streams, reader, [])
             result = session.result()
             tracks: list[dict] = []
             if result.num_frames:

@@ -189,15 +189,21 @@ class Streams:
         fields["updated_at"] = time.time()
         self._write(keys=[self.keys.stream(stream_id)], args=["set", *encode_fields(fields)])
 
-    def events(self, stream_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
-        """Append events in one round trip (capped as a job's: a late reader sees the newest)."""
-        if not events:
+    def events(self, stream_id: str, events: list[tuple[str, dict[str, Any]]], **fields: Any) -> None:
+        """Append events (capped as a job's: a late reader sees the newest) and write `fields`
+        of the record, in one transaction on the stream's slot: a worker killed in between
+        cannot leave frame events the record's `frames_seen` does not count (the takeover
+        numbers its frames from there)."""
+        if not events and not fields:
             return
         key = self.keys.stream_events(stream_id)
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)
         for kind, data in events:
             pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN, approximate=True)
         pipe.expire(key, self.ttl)
+        if fields:
+            fields["updated_at"] = time.time()
+            self._write(keys=[self.keys.stream(stream_id)], args=["set", *encode_fields(fields)], client=pipe)
         pipe.execute()
 
     # -- expiry ------------------------------------------------------------------------------

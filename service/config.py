@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     @field_validator("webhook_hosts", "source_hosts", "stream_hosts")
     @classmethod
     def _host_lists(cls, v: str) -> str:
-        from service.jobs.webhooks import parse_allowed  # standard library only
+        from service.jobs.targets import parse_allowed  # standard library only
 
         parse_allowed([h for h in v.split(",")])
         return v

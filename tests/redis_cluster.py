@@ -1,6 +1,7 @@
-"""A real Redis Cluster for tests: three masters (`redis-server --cluster-enabled yes`) on free
-ports in a temporary directory, joined with `redis-cli --cluster create`, each with an
-append-only file so one can be stopped and started again with its data."""
+"""Real Redis servers for tests: `start_server` (one redis-server, waited for until it answers),
+and a Redis Cluster of three masters (`redis-server --cluster-enabled yes`) on free ports in a
+temporary directory, joined with `redis-cli --cluster create`, each with an append-only file so
+one can be stopped and started again with its data."""
 
 from __future__ import annotations
 
@@ -26,6 +27,32 @@ def cluster_port() -> int:
         return port
 
 
+def start_server(port: int, log: Path, *args: str, conf: Path | None = None,
+                 timeout_s: float = 10) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:`port` with no snapshots (`args` add to that; `conf`: a config
+    file first, e.g. a Sentinel's, with `--sentinel` among `args`), its output appended to `log`;
+    returns once it answers PING, or raises with the log's tail."""
+    command = ["redis-server", *([str(conf)] if conf else []), "--port", str(port), "--bind", "127.0.0.1",
+               "--save", "", *args]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    client = redis.Redis(host="127.0.0.1", port=port)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise RuntimeError(f"redis-server on port {port} did not answer: "
+                                       f"{log.read_text(errors='replace')[-2000:]}") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
 class LocalCluster:
     def __init__(self, workdir: Path, masters: int = 3) -> None:
         self.dir = workdir
@@ -39,22 +66,10 @@ class LocalCluster:
     def start_node(self, port: int) -> None:
         node_dir = self.dir / str(port)
         node_dir.mkdir(parents=True, exist_ok=True)
-        self.procs[port] = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir),
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=(node_dir / "server.log").open("ab"), stderr=subprocess.STDOUT)
-        client = redis.Redis(host="127.0.0.1", port=port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError((node_dir / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.05)
-        client.close()
+        self.procs[port] = start_server(
+            port, node_dir / "server.log", "--dir", str(node_dir), "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+            "--appendonly", "yes", "--appendfsync", "always")
 
     def stop_node(self, port: int) -> None:
         p = self.procs.pop(port)

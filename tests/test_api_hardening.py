@@ -21,7 +21,8 @@ from service_env import ServiceEnv
 from videos import make_video
 
 from service.config import Settings
-from service.jobs.webhooks import check_callback_url, parse_allowed
+from service.jobs.targets import parse_allowed
+from service.jobs.webhooks import check_callback_url
 
 PROBLEM = "application/problem+json"
 

@@ -165,12 +165,14 @@ def test_async_client_submits_follows_and_downloads(service: ServiceEnv, video: 
 
 
 def test_429_is_retried_after_retry_after(tmp_path: Path, weights: Path, video: Path) -> None:
-    # A window of 4 s: the first upload's admission (a probe in a child process) must fit in it
-    # with room to spare on a loaded machine, or the second lands in a fresh window.
+    # Windows are fixed (epoch // 4 s): the first upload starts just after a window opens, so its
+    # admission (a probe in a child process) fits in it on a loaded machine and the second upload
+    # is counted in the same window.
     env = ServiceEnv(tmp_path, weights, STEMSEG_RATE_LIMIT_JOBS="1", STEMSEG_RATE_WINDOW_S="4")
     try:
         env.start_api()  # no worker: the jobs stay queued
         with Client(env.base, retries=0) as client:
+            time.sleep(4 - time.time() % 4 + 0.05)
             client.submit(video)
             with pytest.raises(RateLimited) as e:
                 client.submit(video)

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from redis_cluster import start_server
 from service_env import REDIS_URL, ServiceEnv, free_port
 from videos import make_video
 
@@ -27,21 +28,8 @@ class PrivateRedis:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        self.proc = start_server(self.port, self.dir / "server.log", "--dir", str(self.dir),
+                                 "--appendonly", "yes", "--appendfsync", "always")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-from redis_cluster import LocalCluster, cluster_port
+from redis_cluster import LocalCluster, cluster_port, start_server
 from service_env import ServiceEnv
 from videos import make_video
 
@@ -160,38 +159,17 @@ def test_master_restarted_mid_job_api_503_then_job_completes(tmp_path: Path, sma
         cluster.close()
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _wait_ping(port: int) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    client.close()
-
-
 def test_job_behind_sentinel(tmp_path: Path, small_weights: Path) -> None:
     """`redis+sentinel://`: the API and the worker ask a real Sentinel (`redis-server --sentinel`)
     where the master is."""
     master, sentinel = cluster_port(), cluster_port()
-    procs = [_start(["redis-server", "--port", str(master), "--bind", "127.0.0.1", "--save", "",
-                     "--dir", str(tmp_path)], tmp_path / "master.log")]
+    procs = [start_server(master, tmp_path / "master.log", "--dir", str(tmp_path))]
     conf = tmp_path / "sentinel.conf"
     conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor stemseg 127.0.0.1 {master} 1\n"
                     "sentinel down-after-milliseconds stemseg 2000\n")
     env = _env(tmp_path, small_weights, f"redis+sentinel://127.0.0.1:{sentinel}/stemseg/0")
     try:
-        _wait_ping(master)
-        procs.append(_start(["redis-server", str(conf), "--sentinel"], tmp_path / "sentinel.log"))
-        _wait_ping(sentinel)
+        procs.append(start_server(sentinel, tmp_path / "sentinel.log", "--sentinel", conf=conf))
         video = tmp_path / "clip.mp4"
         make_video(video, 21, 64, 48)
         env.start_api()
@@ -219,20 +197,16 @@ def test_sentinel_failover_mid_job_the_job_completes_on_the_promoted_replica(tmp
     master, replica, sentinel = cluster_port(), cluster_port(), cluster_port()
     (tmp_path / "m").mkdir()
     (tmp_path / "r").mkdir()
-    procs = {"master": _start(["redis-server", "--port", str(master), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "yes", "--dir", str(tmp_path / "m")], tmp_path / "master.log"),
-             "replica": _start(["redis-server", "--port", str(replica), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "yes", "--dir", str(tmp_path / "r"),
-                                "--replicaof", "127.0.0.1", str(master)], tmp_path / "replica.log")}
+    procs = {"master": start_server(master, tmp_path / "master.log", "--appendonly", "yes",
+                                    "--dir", str(tmp_path / "m")),
+             "replica": start_server(replica, tmp_path / "replica.log", "--appendonly", "yes",
+                                     "--dir", str(tmp_path / "r"), "--replicaof", "127.0.0.1", str(master))}
     conf = tmp_path / "sentinel.conf"
     conf.write_text(f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor stemseg 127.0.0.1 {master} 1\n"
                     "sentinel down-after-milliseconds stemseg 1000\nsentinel failover-timeout stemseg 5000\n")
     env = _env(tmp_path, small_weights, f"redis+sentinel://127.0.0.1:{sentinel}/stemseg/0")
     try:
-        _wait_ping(master)
-        _wait_ping(replica)
-        procs["sentinel"] = _start(["redis-server", str(conf), "--sentinel"], tmp_path / "sentinel.log")
-        _wait_ping(sentinel)
+        procs["sentinel"] = start_server(sentinel, tmp_path / "sentinel.log", "--sentinel", conf=conf)
         video = tmp_path / "v.mp4"
         make_video(video, 45, 64, 48)
         env.start_api()

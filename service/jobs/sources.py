@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 from service.config import Settings
 from service.errors import ClientError, UserError
 from service.jobs.deadline import cut_at
-from service.jobs.webhooks import allowed_target, parse_allowed
+from service.jobs.targets import check_target, split_url, usable_address
 
 _SCHEMES = {"http": 80, "https": 443}
 _CHUNK = 1 << 20
@@ -95,15 +95,9 @@ def parse_nets(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 def check_source(url: str, policy: SourcePolicy) -> str | None:
     """Why `url` may not be fetched, from the URL alone (None: it may be, as far as that goes)."""
-    if len(url) > 2048:
-        return "source is longer than 2048 characters"
-    if any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url):
-        return "source must not contain whitespace, control or non-ASCII characters (percent-encode them)"
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port
-    except ValueError:
-        return "source is not a valid URL"
+    parts = split_url(url, "source")
+    if isinstance(parts, str):
+        return parts
     if parts.scheme == "s3":
         bucket, key = parts.netloc, parts.path.lstrip("/")
         if not bucket or not key or parts.query or parts.fragment:
@@ -111,24 +105,7 @@ def check_source(url: str, policy: SourcePolicy) -> str | None:
         if bucket not in policy.buckets:
             return f"source's bucket {bucket} is not allowed (STEMSEG_SOURCE_BUCKETS)"
         return None
-    if parts.scheme not in _SCHEMES or not host:
-        return "source must be an http:// or https:// URL with a host"
-    if parts.username or parts.password:
-        return "source must not carry credentials in the URL"
-    shown = allowed_target(host, port if port is not None else _SCHEMES[parts.scheme], _SCHEMES[parts.scheme],
-                           parse_allowed(policy.hosts))
-    if shown is not None:
-        return f"source's host and port {shown} are not allowed (STEMSEG_SOURCE_HOSTS)"
-    return None
-
-
-def usable_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list) -> bool:
-    """Public (and not multicast), or inside one of `nets` (STEMSEG_SOURCE_PRIVATE_NETS)."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in nets if net.version == ip.version):
-        return True
-    return ip.is_global and not ip.is_multicast
+    return check_target(parts, "source", _SCHEMES, policy.hosts, "STEMSEG_SOURCE_HOSTS")
 
 
 def _address(host: str, port: int, nets: list, timeout_s: float) -> str:
@@ -308,5 +285,4 @@ __all__ = [
     "check_source",
     "fetch",
     "parse_nets",
-    "usable_address",
 ]

@@ -15,10 +15,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
-from service.jobs.sources import usable_address
-from service.jobs.webhooks import allowed_target, parse_allowed
+from service.jobs.targets import check_target, parse_allowed, split_url, usable_address
 from service.video.live import NETWORK_SCHEMES
 
 # Ports a URL without one connects to; a scheme missing here must give its port.
@@ -35,25 +33,15 @@ def check_stream_url(url: str, hosts: list[str], private_nets: list, resolve: Re
     allowed = parse_allowed(hosts)
     if not allowed:
         return "live streams are not enabled on this service (STEMSEG_STREAM_HOSTS lists no hosts)"
-    if len(url) > 2048:
-        return "url is longer than 2048 characters"
-    if any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url):
-        return "url must not contain whitespace, control or non-ASCII characters (percent-encode them)"
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port
-    except ValueError:
-        return "url is not a valid URL"
-    scheme = parts.scheme.lower()
-    if scheme not in NETWORK_SCHEMES or not host:
-        return f"url must be a {'://, '.join(NETWORK_SCHEMES)}:// URL with a host"
-    default = DEFAULT_PORTS.get(scheme)
-    if port is None and default is None:
-        return f"a {scheme}:// url must give its port"
-    port = port if port is not None else default
-    shown = allowed_target(host, port, default or -1, allowed)
-    if shown is not None:
-        return f"url's host and port {shown} are not allowed (STEMSEG_STREAM_HOSTS)"
+    parts = split_url(url, "url")
+    if isinstance(parts, str):
+        return parts
+    why = check_target(parts, "url", {s: DEFAULT_PORTS.get(s) for s in NETWORK_SCHEMES}, hosts, "STEMSEG_STREAM_HOSTS",
+                       credentials=True)
+    if why:
+        return why
+    host = parts.hostname or ""
+    port = parts.port if parts.port is not None else DEFAULT_PORTS[parts.scheme.lower()]
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:

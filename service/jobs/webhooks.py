@@ -8,7 +8,7 @@ exponential backoff up to `webhook_attempts` times; every attempt is recorded on
 (`webhook.attempts`) as its status code, "connection failed", "timed out" or, for a target the
 allow-list no longer names (it is checked again at delivery), "not allowed"; `webhook_timeout_s`
 bounds a whole attempt, not each socket read. Targets are listed as host:port
-(`parse_allowed`). Delivery runs in a thread of the worker that ended the job: if that
+(service.jobs.targets). Delivery runs in a thread of the worker that ended the job: if that
 worker dies mid-retry, the remaining attempts are lost (the job's state is still right).
 """
 
@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
-import ipaddress
 import json
 import logging
-import re
 import ssl
 import threading
 import time
@@ -29,6 +27,7 @@ from urllib.parse import urlsplit
 
 from service.jobs.deadline import cut_at
 from service.jobs.record import JobRecord
+from service.jobs.targets import check_target, split_url
 
 log = logging.getLogger("stemseg.webhooks")
 
@@ -45,88 +44,14 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return f"sha256={mac.hexdigest()}"
 
 
-def _canonical_host(host: str) -> str:
-    host = host.strip().lower().removeprefix("[").removesuffix("]")
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host.rstrip(".")
-
-
-_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?")
-
-
-def _port(text: str, entry: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
-        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
-    return int(text)
-
-
-def parse_allowed(entries: list[str]) -> set[tuple[str, int | None]]:
-    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port); port None: the URL's scheme's
-    default port only. An entry that is none of these raises ValueError naming it: nothing is
-    guessed (a bare `::1:8080` could be an address or an address and a port)."""
-    out: set[tuple[str, int | None]] = set()
-    for raw in entries:
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        port = None
-        if entry.startswith("["):
-            host, bracket, rest = entry[1:].partition("]")
-            if not bracket or (rest and not rest.startswith(":")):
-                raise ValueError(f"{raw.strip()!r}: write an IPv6 address as [address] or [address]:port")
-            if rest:
-                port = _port(rest[1:], raw.strip())
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"{raw.strip()!r}: {host!r} is not an IPv6 address") from None
-        elif ":" in entry:
-            host, _, p = entry.partition(":")
-            if ":" in p:
-                raise ValueError(f"{raw.strip()!r}: write an IPv6 address in brackets, [address] or [address]:port")
-            port = _port(p, raw.strip())
-        else:
-            host = entry
-        if not entry.startswith("[") and not _HOSTNAME.fullmatch(host):
-            raise ValueError(f"{raw.strip()!r}: {host!r} is not a host name or IPv4 address")
-        out.add((_canonical_host(host), port))
-    return out
-
-
 def check_callback_url(url: str, allowed_hosts: list[str]) -> str | None:
     """Why `url` may not be used as a callback (None: it may). Only http(s) to a listed host and
     port (a host listed alone: its scheme's default port), so the service can be turned neither
     into a proxy into the network it runs in nor into a scanner of a host's ports."""
-    if len(url) > 2048:
-        return "callback_url is longer than 2048 characters"
-    if any(ord(ch) <= 0x20 or ord(ch) >= 0x7F for ch in url):
-        return "callback_url must not contain whitespace, control or non-ASCII characters (percent-encode them)"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:
-        return "callback_url is not a valid URL"
-    if parts.scheme not in _DEFAULT_PORTS or not host:
-        return "callback_url must be an http:// or https:// URL with a host"
-    if parts.username or parts.password:
-        return "callback_url must not carry credentials"
-    default = _DEFAULT_PORTS[parts.scheme]
-    shown = allowed_target(host, port if port is not None else default, default, parse_allowed(allowed_hosts))
-    if shown is None:
-        return None
-    return f"callback_url's host and port {shown} are not allowed (STEMSEG_WEBHOOK_HOSTS)"
-
-
-def allowed_target(host: str, port: int, default_port: int, allowed: set[tuple[str, int | None]]) -> str | None:
-    """None when `parse_allowed`'s set lets (host, port) be connected to (a host listed alone:
-    `default_port` only); otherwise host:port as a message shows it."""
-    host = _canonical_host(host)
-    if (host, port) in allowed or (port == default_port and (host, None) in allowed):
-        return None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    parts = split_url(url, "callback_url")
+    if isinstance(parts, str):
+        return parts
+    return check_target(parts, "callback_url", _DEFAULT_PORTS, allowed_hosts, "STEMSEG_WEBHOOK_HOSTS")
 
 
 def _post(url: str, data: bytes, headers: dict[str, str], deadline_s: float) -> int:

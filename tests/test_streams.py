@@ -158,6 +158,14 @@ def test_delete_stops_a_running_stream_and_keeps_what_was_written(env: ServiceEn
         metrics = httpx.get(f"{env.base}/metrics").text
         assert f'stemseg_stream_frames_seen{{stream="{sid}"}}' in metrics
         assert f'stemseg_stream_latency_seconds_count{{stream="{sid}"}}' in metrics
+        # The worker running the stream takes no file task meanwhile (STEMSEG_WORKER_STREAMS_TAKE_FILES).
+        clip = env.tmp / "clip.mp4"
+        make_video(clip, 9, 64, 48)
+        with clip.open("rb") as f:
+            job = httpx.post(f"{env.base}/v1/jobs", files={"file": ("clip.mp4", f, "video/mp4")}, headers=K1,
+                             params={"formats": "ytvis"}, timeout=60).json()["id"]
+        time.sleep(2)
+        assert httpx.get(f"{env.base}/v1/jobs/{job}", headers=K1).json()["status"] == "queued"
         r = httpx.delete(f"{env.base}/v1/streams/{sid}", headers=K1)
         assert r.status_code == 202 and r.json()["status"] in ("stopping", "stopped"), r.text
         rec = _wait(env, sid, _ended, timeout=60)
@@ -172,6 +180,7 @@ def test_delete_stops_a_running_stream_and_keeps_what_was_written(env: ServiceEn
     assert events[-1] == ("end", {"status": "stopped"})
     assert [d["frame"] for k, d in events if k == "frame"] == list(range(n))
     assert _get(env, sid)["status"] == "stopped"  # kept until it expires
+    assert env.wait(job, headers=K1)["status"] == "succeeded"  # the stream over, the worker takes files again
     assert not list((env.data / "jobs" / f"stream-{sid}").glob(".recording-*"))  # the overlay's copy is gone
 
 

@@ -175,8 +175,8 @@ class StreamRunner:
         reader = LiveReader(rec.url, LiveOptions.from_settings(s), clip_len=self.engine.cfg.clip_len,
                             duration_s=remaining, record_dir=record_dir)
         why: dict[str, str] = {}
-        watcher = threading.Thread(target=self._watch, args=(task, consumer, rec.id, reader, why), daemon=True,
-                                   name=f"stream-watch-{rec.id[:8]}")
+        watcher = threading.Thread(target=self._watch, args=(task, consumer, rec.id, rec.tenure, reader, why),
+                                   daemon=True, name=f"stream-watch-{rec.id[:8]}")
         try:
             try:
                 reader.connect()
@@ -190,6 +190,8 @@ class StreamRunner:
             reader.start()
             try:
                 for frame in session.propagate():
+                    if why.get("stop") == "taken over":
+                        break  # what it would still publish is the new holder's to say
                     # Each frame's event goes out as soon as its tracks are final.
                     tenure.add(frame, rec.tenure)
                     due = time.monotonic() - last >= _RECORD_S
@@ -203,6 +205,9 @@ class StreamRunner:
                 return True
             finally:
                 reader.close()
+            if why.get("stop") == "taken over":
+                log.warning("stream %s was taken over by another worker; this one stops", rec.id)
+                return False
             tenure.flush(streams, reader, [])
             result = session.result()
             tracks: list[dict] = []
@@ -232,6 +237,8 @@ class StreamRunner:
         now = streams.get(rec.id)
         if now is None or now.final:
             return True
+        if why.get("stop") == "taken over":
+            return False  # the entry is the other worker's now: neither acknowledged nor ended here
         if now.status == StreamStatus.STOPPING or why.get("stop") == "deleted":
             streams.transition(rec.id, StreamStatus.STOPPED, events=events)
             return True
@@ -246,20 +253,27 @@ class StreamRunner:
                            ended_by="max_duration_s" if ended == "duration" else ended)
         return True
 
-    def _watch(self, task: Task, consumer: str, stream_id: str, reader: LiveReader, why: dict[str, str]) -> None:
+    def _watch(self, task: Task, consumer: str, stream_id: str, tenure: int, reader: LiveReader,
+               why: dict[str, str]) -> None:
         """Renew the lease and look at the record until the tenure ends; stop the reader when the
-        stream is deleted or the worker stops."""
+        stream is deleted, another worker has taken it over, or this worker stops."""
         period = min(0.5, max(self.settings.visibility_timeout_s / 4, 0.1))
         while "done" not in why:
             try:
-                self.streams.queue.touch(consumer, task.id)
                 status = self.streams.get(stream_id)
                 if status is None or status.status in (StreamStatus.STOPPING, StreamStatus.STOPPED):
                     why.setdefault("stop", "deleted")
                     reader.stop("deleted")
+                elif status.tenure != tenure:
+                    # Another worker took it over (this one's lease lapsed: Redis out of reach
+                    # longer than the visibility timeout): it is that worker's stream now.
+                    why.setdefault("stop", "taken over")
+                    reader.stop("taken over")
                 elif self.stopping.is_set():
                     why.setdefault("stop", "worker stopping")
                     reader.stop("worker stopping")
+                if why.get("stop") != "taken over":  # a claim now would take the entry from its new holder
+                    self.streams.queue.touch(consumer, task.id)
             except Exception:
                 log.warning("stream %s: could not renew its lease or read its record", stream_id, exc_info=True)
             time.sleep(period)

@@ -176,6 +176,16 @@ def test_delete_stops_a_running_stream_and_keeps_what_was_written(env: ServiceEn
     assert len(list((out / "davis").iterdir())) == n and (out / "overlay.mp4").stat().st_size > 0
     assert all(len(e["segmentations"]) == n for e in json.loads((out / "results.json").read_text()))
     assert json.loads((out / "stemseg-output.json").read_text())["files"]
+    # ... and served file by file, as a job's output folder.
+    [listed] = httpx.get(f"{env.base}/v1/streams/{sid}/files", headers=K1).json()["outputs"]
+    assert listed["tenure"] == 1 and listed["formats"] == ["ytvis", "davis", "overlay"]
+    assert len(listed["files"]) == n + 3  # PNGs, results.json, overlay.mp4, the manifest
+    for f in listed["files"][-3:]:
+        r = httpx.get(f"{env.base}{f['url']}", headers=K1)
+        assert r.status_code == 200 and r.content == (out / f["path"]).read_bytes(), f
+    assert httpx.get(f"{env.base}{listed['files'][0]['url']}", headers=K2).status_code == 404
+    for bad in ("segments/0001/../../../../etc/passwd", "segments/0001/nothing.png", "stemseg-output.json"):
+        assert httpx.get(f"{env.base}/v1/streams/{sid}/files/{bad}", headers=K1).status_code == 404, bad
     events = _events(env, sid)
     assert events[-1] == ("end", {"status": "stopped"})
     assert [d["frame"] for k, d in events if k == "frame"] == list(range(n))

@@ -4,16 +4,19 @@ Thin: a stream's life is `service.jobs.streams.Streams`'s, which source a client
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import OwnerDep, Services, ServicesDep, StreamIdPath
 from service.api.events import event_stream
 from service.api.problems import Problem, responses
+from service.api.routes.files import OutputFile
 from service.api.uploads import is_json, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs.sources import parse_nets
@@ -21,6 +24,7 @@ from service.jobs.stream_record import StreamRecord, StreamStatus
 from service.jobs.stream_sources import check_stream_url
 from service.jobs.streams import StreamLimit
 from service.model.presets import model_warning
+from service.outputs.write import MANIFEST
 from service.video.live import redact
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
@@ -84,7 +88,8 @@ def _view(rec: StreamRecord) -> LiveStream:
                                 frames_per_second=rec.frames_per_second),
         tenure=rec.tenure, gaps=rec.gaps, outputs=rec.outputs, ended_by=rec.ended_by, error=rec.error,
         warning=model_warning(rec.preset),
-        links={"self": f"/v1/streams/{sid}", "events": f"/v1/streams/{sid}/events"})
+        links={"self": f"/v1/streams/{sid}", "events": f"/v1/streams/{sid}/events",
+               "files": f"/v1/streams/{sid}/files"})
 
 
 def _own_stream(svc: Services, owner: str, stream_id: str) -> StreamRecord:
@@ -170,3 +175,58 @@ def delete_stream(stream_id: StreamIdPath, svc: ServicesDep, owner: OwnerDep) ->
     if rec is None:
         raise Problem(404, f"no stream {stream_id}")
     return _view(rec)
+
+
+class StreamOutput(BaseModel):
+    tenure: int
+    path: str
+    formats: list[str]
+    files: list[OutputFile]
+
+
+class StreamOutputs(BaseModel):
+    outputs: list[StreamOutput]
+
+
+def _outputs(svc: Services, rec: StreamRecord) -> list[tuple[dict[str, Any], list[str], list[str]]]:
+    """Each written output folder of the stream: its record entry, formats and files (manifest first
+    read, then listed), as the CLI wrote it."""
+    found = []
+    for entry in rec.outputs:
+        folder = svc.storage.path(rec.directory, entry["path"])
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError) as e:  # recorded once written: its files were lost
+            raise Problem(410, "this stream's output files are gone from the server") from e
+        found.append((entry, list(manifest["formats"]), [*manifest["files"], MANIFEST]))
+    return found
+
+
+@router.get("/{stream_id}/files", response_model=StreamOutputs, responses=responses(401, 404, 410, 422, 503))
+def list_stream_files(stream_id: StreamIdPath, svc: ServicesDep, owner: OwnerDep) -> StreamOutputs:
+    """The output folders written so far (one per worker's run of the stream, once it ended), file by
+    file: each the folder `stemseg segment` writes, its manifest (`stemseg-output.json`) included."""
+    rec = _own_stream(svc, owner, stream_id)
+    outputs = []
+    for entry, formats, names in _outputs(svc, rec):
+        folder = svc.storage.path(rec.directory, entry["path"])
+        outputs.append(StreamOutput(tenure=entry["tenure"], path=entry["path"], formats=formats, files=[
+            OutputFile(path=n, size=(folder / n).stat().st_size,
+                       url=f"/v1/streams/{stream_id}/files/{entry['path']}/{n}") for n in names]))
+    return StreamOutputs(outputs=outputs)
+
+
+@router.get("/{stream_id}/files/{name:path}", response_class=FileResponse, responses={
+    200: {"description": "One file of an output folder", "content": {
+        media: {"schema": {"type": "string", "format": "binary"}}
+        for media in ("application/json", "image/png", "text/plain; charset=utf-8", "video/mp4")}},
+    **responses(401, 404, 410, 422, 503)})
+def get_stream_file(stream_id: StreamIdPath, name: Annotated[str, PathParam(max_length=300)], svc: ServicesDep,
+                    owner: OwnerDep) -> FileResponse:
+    rec = _own_stream(svc, owner, stream_id)
+    for entry, _, names in _outputs(svc, rec):
+        prefix = entry["path"] + "/"
+        # Only what a manifest lists: no path of the caller's choosing is opened.
+        if name.startswith(prefix) and name[len(prefix):] in names:
+            return FileResponse(svc.storage.path(rec.directory, name), filename=name.rsplit("/", 1)[-1])
+    raise Problem(404, f"the stream's outputs have no file {name!r}")

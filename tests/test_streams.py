@@ -383,3 +383,40 @@ def test_the_state_machine_never_leaves_a_final_state_and_frees_the_owners_place
     with pytest.raises(ValueError, match="state machine"):
         streams.update(b.id, status="running")
     r.close()
+
+
+def test_workers_lost_in_a_row_without_progress_fail_the_stream(tmp_path: Path) -> None:
+    """Takeovers are bounded by crashes without progress (STEMSEG_MAX_DELIVERIES), not by their number."""
+    from service_env import in_process_worker
+
+    from service.jobs.stream_record import StreamStatus
+
+    port = free_port()  # nothing listens there
+    with in_process_worker(SHIPPED_WEIGHTS, tmp_path / "data", "w1", max_deliveries=3, worker_streams=1,
+                           live_open_timeout_s=2) as w:
+        streams, consumer = w.streams, w.stream_consumers[0]
+
+        def taken_over(gaps: list[dict]) -> object:
+            rec = streams.create("", f"http://127.0.0.1:{port}/x.ts", ["ytvis"], 60.0, w.engine.cfg.name, 0)
+            assert streams.transition(rec.id, StreamStatus.RUNNING)
+            streams.update(rec.id, gaps=gaps, tenure=len(gaps) + 1, frames_seen=90)
+            task = streams.queue.take(consumer, block_ms=100)
+            assert task is not None and task.job_id == rec.id
+            assert w.stream_runner.execute(task, consumer) is True
+            streams.queue.done(task.id)
+            return streams.get(rec.id)
+
+        # Tenure 1 published frames 0-89; tenures 2 and 3 were lost at frame 90, and so was 4 (the
+        # record's): three in a row without a frame.
+        gaps = [{"after_frame": 90, "cause": "worker lost", "at": float(t), "tenure": t} for t in (1, 2, 3)]
+        failed = taken_over(gaps)
+        assert failed.status == StreamStatus.FAILED and "3 workers in a row" in failed.error
+        assert failed.gaps == gaps  # no takeover recorded
+        # Tenure 2 made progress (40 -> 90): two in a row only, so it is taken over (and fails to
+        # open the source, which is another failure).
+        gaps = [{"after_frame": 40, "cause": "worker lost", "at": 1.0, "tenure": 1},
+                {"after_frame": 90, "cause": "worker lost", "at": 2.0, "tenure": 2},
+                {"after_frame": 90, "cause": "worker lost", "at": 3.0, "tenure": 3}]
+        other = taken_over(gaps)
+        assert other.status == StreamStatus.FAILED and "cannot open" in other.error, other.error
+        assert len(other.gaps) == 4 and other.gaps[-1]["tenure"] == 4 and other.tenure == 5

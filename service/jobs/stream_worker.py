@@ -112,6 +112,20 @@ class _Tenure:
         return getattr(self.rec, name)
 
 
+def _lost_without_progress(rec: StreamRecord) -> int:
+    """Workers lost in a row without publishing a frame, the one just lost (the record's tenure)
+    first: a tenure made no progress when it ended at the frame it started from."""
+    starts = [0] + [g["after_frame"] for g in rec.gaps]  # where each tenure started, the last the current
+    ends = [g["after_frame"] for g in rec.gaps] + [rec.frames_seen]
+    causes = [g["cause"] for g in rec.gaps] + ["worker lost"]
+    n = 0
+    for start, end, cause in zip(reversed(starts), reversed(ends), reversed(causes)):
+        if cause != "worker lost" or end != start:
+            break
+        n += 1
+    return n
+
+
 class StreamRunner:
     """Runs stream tasks for one worker (see the module docstring); `running` counts its streams."""
 
@@ -131,10 +145,6 @@ class StreamRunner:
         if rec.status == StreamStatus.STOPPING:  # deleted while its worker was lost
             self.streams.transition(rec.id, StreamStatus.STOPPED)
             return True
-        if task.deliveries > self.settings.max_deliveries:
-            self.streams.transition(rec.id, StreamStatus.FAILED, error=f"the stream was taken over "
-                                    f"{task.deliveries - 1} times (worker crashes)", ended_by="failed")
-            return True
         if rec.preset != self.engine.cfg.name:
             self.streams.transition(rec.id, StreamStatus.FAILED, ended_by="failed", error=(
                 f"the stream was created for the {rec.preset!r} model; the workers run {self.engine.cfg.name!r}"))
@@ -143,6 +153,13 @@ class StreamRunner:
         # Running, with no gap left by a worker that stopped cleanly: its worker is gone, a takeover.
         if rec.status == StreamStatus.RUNNING and not (rec.gaps and rec.gaps[-1]["cause"] == "worker stopped"
                                                        and rec.gaps[-1]["tenure"] == rec.tenure):
+            lost = _lost_without_progress(rec)
+            # Deliveries bound crashes without progress only: a stream that runs for days outlives
+            # any number of workers restarted or lost while it made progress.
+            if lost >= self.settings.max_deliveries:
+                self.streams.transition(rec.id, StreamStatus.FAILED, ended_by="failed", error=(
+                    f"{lost} workers in a row were lost on this stream without publishing a frame (worker crashes)"))
+                return True
             gap = {"after_frame": rec.frames_seen, "cause": "worker lost", "at": time.time(), "tenure": rec.tenure}
         rec = self.streams.take_over(rec.id, self.name, gap)
         if rec is None:

@@ -29,6 +29,7 @@ from typing import Any
 
 from service.config import Settings
 from service.jobs.queue import Task
+from service.jobs.redis_clients import REDIS_ERRORS
 from service.jobs.storage import LocalStorage
 from service.jobs.stream_record import LATENCY_BUCKETS, StreamRecord, StreamStatus
 from service.jobs.streams import Streams
@@ -57,6 +58,7 @@ class _Tenure:
         self.recent: deque[tuple[float, int]] = deque()
         self.last_latency: float | None = None
         self.gaps_seen = 0
+        self.unpublished_since: float | None = None
 
     def add(self, frame: LiveFrameTracks, tenure: int) -> None:
         data = frame.to_json(self.names)
@@ -88,8 +90,8 @@ class _Tenure:
         if new_gaps:
             rec.gaps = [*rec.gaps, *new_gaps]
         if not (record or new_gaps):
-            streams.events(rec.id, events, frames_seen=self.frame_base + self.published,
-                           next_track_id=self.next_track_id)
+            self._publish(streams, events, frames_seen=self.frame_base + self.published,
+                          next_track_id=self.next_track_id)
             return
         self.recent.append((now_mono, self.published))
         while self.recent and now_mono - self.recent[0][0] > _FPS_WINDOW_S:
@@ -106,7 +108,20 @@ class _Tenure:
             "frames_per_second": None if fps is None else round(fps, 3),
             "latency_counts": self.counts, "latency_sum_s": round(self.latency_sum, 6),
             "next_track_id": self.next_track_id, "gaps": rec.gaps}
-        streams.events(rec.id, events, **fields)
+        self._publish(streams, events, **fields)
+
+    def _publish(self, streams: Streams, events: list[tuple[str, dict]], **fields: Any) -> None:
+        """Events and counters into Redis; with Redis out of reach the stream goes on and what it
+        would have published meanwhile is dropped (the lease lapses too if the outage outlasts the
+        visibility timeout: another worker then takes the stream over, and this one stops)."""
+        try:
+            streams.events(self.rec.id, events, **fields)
+            self.unpublished_since = None
+        except REDIS_ERRORS as e:
+            if self.unpublished_since is None:
+                self.unpublished_since = time.monotonic()
+                log.warning("stream %s: Redis out of reach (%s); its events are dropped until it is back",
+                            self.rec.id, e)
 
     def _base(self, name: str) -> int:
         return getattr(self.rec, name)

@@ -274,6 +274,40 @@ def test_a_worker_stopped_by_sigterm_writes_its_part_and_hands_the_stream_on(env
         assert len(list((root / part["path"] / "davis").iterdir())) == part["frames"]
 
 
+@pytest.mark.slow
+def test_a_worker_whose_stream_was_taken_over_stops_without_ending_it(env: ServiceEnv, port: int, videos) -> None:
+    """What a worker cut off from Redis past the visibility timeout finds when it is back: another
+    tenure in the record (made here by hand). It stops publishing, writes and acknowledges nothing."""
+    from service.jobs.redis_clients import sync_client
+    from service.jobs.storage import LocalStorage
+    from service.jobs.streams import Streams
+
+    env.start_api()
+    env.start_worker()
+    r = sync_client(env.redis_url)
+    streams = Streams(r, env.prefix, 3600, LocalStorage(env.data))
+    with _source(videos["long"], port, 400 / FPS):
+        sid = _create(env, port, "long.ts", formats=["ytvis"]).json()["id"]
+        before = _wait(env, sid, lambda rec: rec["progress"]["frames_seen"] >= 16 or _ended(rec))
+        assert before["status"] == "running", before
+        streams.take_over(sid, "elsewhere", None)  # tenure 2, whose worker is then lost
+        # The first worker stops; after the visibility timeout its own free slot takes the stream
+        # over from the lost tenure 2, as any worker would.
+        rec = _wait(env, sid, lambda rec: rec["tenure"] == 3 and rec["progress"]["frames_seen"] > before[
+            "progress"]["frames_seen"] + 16 or _ended(rec))
+        assert rec["status"] == "running", rec
+        assert httpx.delete(f"{env.base}/v1/streams/{sid}", headers=K1).status_code == 202
+        rec = _wait(env, sid, _ended, timeout=60)
+    r.close()
+    assert rec["status"] == "stopped"
+    assert [(g["cause"], g["tenure"]) for g in rec["gaps"]] == [("worker lost", 2)]
+    assert [o["tenure"] for o in rec["outputs"]] == [3]  # the superseded tenure wrote nothing
+    frames = [d for k, d in _events(env, sid) if k == "frame"]
+    assert [f["frame"] for f in frames] == list(range(len(frames))) == list(range(rec["progress"]["frames_seen"]))
+    assert {f["tenure"] for f in frames} == {1, 3}
+    assert "was taken over by another worker" in env.log_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # Admission, in process (no worker: the streams stay queued).
 

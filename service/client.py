@@ -216,6 +216,15 @@ def _source_body(url: str, formats, callback_url: str | None, min_dim: int | Non
     return body
 
 
+def _stream_body(url: str, formats: Sequence[str] | None, max_duration_s: float | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"url": url}
+    if formats is not None:
+        body["formats"] = list(formats)
+    if max_duration_s is not None:
+        body["max_duration_s"] = max_duration_s
+    return body
+
+
 def _upload_params(formats, callback_url: str | None, min_dim: int | None) -> dict[str, str]:
     params = _formats_param(formats)
     if callback_url:
@@ -389,12 +398,8 @@ class Client:
                max_duration_s: float | None = None) -> LiveStream:
         """Have the service segment a live source (its host listed in the service's
         STEMSEG_STREAM_HOSTS) until it ends, is stopped or max_duration_s passes."""
-        body: dict[str, Any] = {"url": url}
-        if formats is not None:
-            body["formats"] = list(formats)
-        if max_duration_s is not None:
-            body["max_duration_s"] = max_duration_s
-        return LiveStream(self, self.request("POST", "/v1/streams", json=body).json())
+        return LiveStream(self, self.request("POST", "/v1/streams", json=_stream_body(url, formats,
+                                                                                      max_duration_s)).json())
 
     def jobs(self, offset: int = 0, limit: int = 20) -> list[Job]:
         """This API key's jobs, newest first."""
@@ -626,6 +631,12 @@ class AsyncClient:
         body = _source_body(url, formats, callback_url, min_dim)
         return AsyncJob(self, (await self.request("POST", "/v1/jobs", json=body)).json())
 
+    async def stream(self, url: str, formats: Sequence[str] | None = None, *,
+                     max_duration_s: float | None = None) -> AsyncLiveStream:
+        """`Client.stream` for asyncio."""
+        return AsyncLiveStream(self, (await self.request("POST", "/v1/streams",
+                                                         json=_stream_body(url, formats, max_duration_s))).json())
+
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self.request("GET", f"/v1/jobs/{job_id}")).json())
 
@@ -655,42 +666,10 @@ class AsyncJob:
         self.data = (await self.client.request("GET", f"/v1/jobs/{self.id}")).json()
         return self
 
-    async def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
-                     keepalives: bool = False) -> AsyncIterator[Event]:
-        failures = 0
-        while True:
-            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-            try:
-                async with self.client._http.stream("GET", f"/v1/jobs/{self.id}/events", headers=headers,
-                                                    timeout=httpx.Timeout(60.0, read=None)) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        error = error_from(response)
-                        if response.status_code not in RETRY_STATUSES:
-                            raise error
-                        raise _Dropped(error)
-                    parser = _SSEParser()
-                    async for line in response.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None or (event is KEEPALIVE and not keepalives):
-                            continue
-                        failures = 0
-                        if event.id:
-                            last_event_id = event.id
-                        yield event
-                        if event.type == "end":
-                            return
-            except (httpx.TransportError, _Dropped) as e:
-                error = e.error if isinstance(e, _Dropped) else None
-                wait = self.client._retry.delay(failures, error) if failures < max_reconnects else None
-                if wait is None:
-                    raise error if error is not None else e
-            else:
-                wait = self.client._retry.delay(failures, None) if failures < max_reconnects else None
-                if wait is None:
-                    raise ConnectionError(f"the event stream of job {self.id} keeps ending without an end event")
-            failures += 1
-            await asyncio.sleep(wait)
+    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+               keepalives: bool = False) -> AsyncIterator[Event]:
+        return _afollow(self.client, f"/v1/jobs/{self.id}/events", f"job {self.id}", last_event_id,
+                        max_reconnects, keepalives)
 
     async def wait(self, timeout: float | None = None, *, progress: Callable[[int, int], None] | None = None,
                    raise_on_failure: bool = True) -> AsyncJob:
@@ -754,6 +733,73 @@ class AsyncJob:
         await self.client.request("DELETE", f"/v1/jobs/{self.id}")
 
 
-__all__ = ["KEEPALIVE", "AsyncClient", "AsyncJob", "BadRequest", "Client", "Conflict", "Event", "Gone",
-           "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "LiveStream", "NotFound", "RateLimited",
+async def _afollow(client: AsyncClient, path: str, what: str, last_event_id: str | None, max_reconnects: int,
+                   keepalives: bool) -> AsyncIterator[Event]:
+    """`_follow` for asyncio."""
+    failures = 0
+    while True:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        try:
+            async with client._http.stream("GET", path, headers=headers,
+                                           timeout=httpx.Timeout(60.0, read=None)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    error = error_from(response)
+                    if response.status_code not in RETRY_STATUSES:
+                        raise error
+                    raise _Dropped(error)
+                parser = _SSEParser()
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is None or (event is KEEPALIVE and not keepalives):
+                        continue
+                    failures = 0
+                    if event.id:
+                        last_event_id = event.id
+                    yield event
+                    if event.type == "end":
+                        return
+        except (httpx.TransportError, _Dropped) as e:
+            error = e.error if isinstance(e, _Dropped) else None
+            wait = client._retry.delay(failures, error) if failures < max_reconnects else None
+            if wait is None:
+                raise error if error is not None else e
+        else:
+            wait = client._retry.delay(failures, None) if failures < max_reconnects else None
+            if wait is None:
+                raise ConnectionError(f"the event stream of {what} keeps ending without an end event")
+        failures += 1
+        await asyncio.sleep(wait)
+
+
+class AsyncLiveStream:
+    """`LiveStream` for asyncio."""
+
+    def __init__(self, client: AsyncClient, data: dict[str, Any]) -> None:
+        self.client, self.data = client, data
+        self.id: str = data["id"]
+
+    def __repr__(self) -> str:
+        return f"<AsyncLiveStream {self.id} {self.status}>"
+
+    @property
+    def status(self) -> str:
+        return self.data["status"]
+
+    async def refresh(self) -> AsyncLiveStream:
+        self.data = (await self.client.request("GET", f"/v1/streams/{self.id}")).json()
+        return self
+
+    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+               keepalives: bool = False) -> AsyncIterator[Event]:
+        return _afollow(self.client, f"/v1/streams/{self.id}/events", f"stream {self.id}", last_event_id,
+                        max_reconnects, keepalives)
+
+    async def stop(self) -> AsyncLiveStream:
+        self.data = (await self.client.request("DELETE", f"/v1/streams/{self.id}")).json()
+        return self
+
+
+__all__ = ["KEEPALIVE", "AsyncClient", "AsyncJob", "AsyncLiveStream", "BadRequest", "Client", "Conflict", "Event",
+           "Gone", "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "LiveStream", "NotFound", "RateLimited",
            "ServerError", "ServiceError", "TooLarge", "Unauthorized", "Unavailable", "UnsupportedMedia", "error_from"]

@@ -454,3 +454,37 @@ def test_workers_lost_in_a_row_without_progress_fail_the_stream(tmp_path: Path) 
         other = taken_over(gaps)
         assert other.status == StreamStatus.FAILED and "cannot open" in other.error, other.error
         assert len(other.gaps) == 4 and other.gaps[-1]["tenure"] == 4 and other.tenure == 5
+
+
+def test_the_async_client_creates_follows_and_stops_a_stream(tmp_path: Path) -> None:
+    import asyncio
+
+    from service.api.main import create_app
+    from service.client import AsyncClient, InvalidRequest
+    from service.config import Settings
+    from service.model.presets import get_preset
+
+    port = free_port()
+    s = Settings(redis_url=REDIS_URL, redis_prefix=new_prefix(), data_dir=tmp_path / "data",
+                 stream_hosts=f"127.0.0.1:{port}", source_private_nets="127.0.0.1/32")
+    app = create_app(s, model_cfg=get_preset("lite"))
+
+    async def run() -> None:
+        async with AsyncClient("http://test", transport=httpx.ASGITransport(app)) as client:
+            stream = await client.stream(f"http://u:secret@127.0.0.1:{port}/a.ts", formats=["mots"],
+                                         max_duration_s=30)
+            assert stream.status == "queued" and stream.data["url"] == f"http://u:***@127.0.0.1:{port}/a.ts"
+            assert stream.data["formats"] == ["mots"] and stream.data["max_duration_s"] == 30
+            assert (await stream.stop()).status == "stopped"  # no worker took it: stopped at once
+            events = [e async for e in stream.events()]
+            assert [(e.type, e.data.get("status")) for e in events] == [
+                ("status", "queued"), ("status", "stopped"), ("end", "stopped")]
+            assert (await stream.refresh()).data["ended_by"] == "deleted"
+            with pytest.raises(InvalidRequest, match="not allowed"):
+                await client.stream(f"http://127.0.0.1:{port + 1}/a.ts")
+        await app.state.services.aredis.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        drop_prefix(s.redis_prefix)

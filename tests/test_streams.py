@@ -23,6 +23,10 @@ from videos import make_video
 
 from service.client import Client
 from service.config import SHIPPED_WEIGHTS
+from service.jobs.redis_clients import sync_client
+from service.jobs.storage import LocalStorage
+from service.jobs.stream_record import StreamStatus
+from service.jobs.streams import StreamLimit, Streams
 
 ROOT = Path(__file__).resolve().parent
 FPS = 25
@@ -278,10 +282,6 @@ def test_a_worker_stopped_by_sigterm_writes_its_part_and_hands_the_stream_on(env
 def test_a_worker_whose_stream_was_taken_over_stops_without_ending_it(env: ServiceEnv, port: int, videos) -> None:
     """What a worker cut off from Redis past the visibility timeout finds when it is back: another
     tenure in the record (made here by hand). It stops publishing, writes and acknowledges nothing."""
-    from service.jobs.redis_clients import sync_client
-    from service.jobs.storage import LocalStorage
-    from service.jobs.streams import Streams
-
     env.start_api()
     env.start_worker()
     r = sync_client(env.redis_url)
@@ -389,14 +389,18 @@ def test_streams_per_key_are_limited(tmp_path: Path) -> None:
 
 
 def test_the_state_machine_never_leaves_a_final_state_and_frees_the_owners_place(tmp_path: Path,
-                                                                                 redis_prefix: str) -> None:
-    from service.jobs.redis_clients import sync_client
-    from service.jobs.storage import LocalStorage
-    from service.jobs.stream_record import StreamStatus
-    from service.jobs.streams import StreamLimit, Streams
+                                                                                 store_url: str) -> None:
+    """On one Redis and on a Redis Cluster (every script and transaction within one slot)."""
+    prefix = new_prefix()
+    r = sync_client(store_url)
+    try:
+        _state_machine(Streams(r, prefix, 60, LocalStorage(tmp_path)), r)
+    finally:
+        r.close()
+        drop_prefix(prefix, store_url)
 
-    r = sync_client(REDIS_URL)
-    streams = Streams(r, redis_prefix, 60, LocalStorage(tmp_path))
+
+def _state_machine(streams: Streams, r) -> None:
     a = streams.create("o", "http://127.0.0.1:9/a.ts", ["ytvis"], 10.0, "lite", 1)
     with pytest.raises(StreamLimit):
         streams.create("o", "http://127.0.0.1:9/b.ts", ["ytvis"], 10.0, "lite", 1)
@@ -416,14 +420,21 @@ def test_the_state_machine_never_leaves_a_final_state_and_frees_the_owners_place
     assert streams.queue.depth() == 2  # a's entry is acknowledged by the worker that finds it ended
     with pytest.raises(ValueError, match="state machine"):
         streams.update(b.id, status="running")
-    r.close()
+    # Events and counters in one step, on streams that hash to other slots too.
+    for rec in (b, *(streams.create(f"o{i}", "http://127.0.0.1:9/c.ts", ["ytvis"], 10.0, "lite", 1)
+                     for i in range(5))):
+        streams.events(rec.id, [("frame", {"frame": 0}), ("frame", {"frame": 1})], frames_seen=2, next_track_id=3)
+        got = streams.get(rec.id)
+        assert (got.frames_seen, got.next_track_id) == (2, 3)
+        assert [e[1][b"type"] for e in r.xrange(streams.keys.stream_events(rec.id))] == [b"status", b"frame", b"frame"]
+    streams.r.delete(streams.keys.stream(b.id))
+    streams.events(b.id, [("frame", {"frame": 2})], frames_seen=3)  # gone: nothing is resurrected
+    assert not r.exists(streams.keys.stream(b.id))
 
 
 def test_workers_lost_in_a_row_without_progress_fail_the_stream(tmp_path: Path) -> None:
     """Takeovers are bounded by crashes without progress (STEMSEG_MAX_DELIVERIES), not by their number."""
     from service_env import in_process_worker
-
-    from service.jobs.stream_record import StreamStatus
 
     port = free_port()  # nothing listens there
     with in_process_worker(SHIPPED_WEIGHTS, tmp_path / "data", "w1", max_deliveries=3, worker_streams=1,

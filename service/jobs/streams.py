@@ -58,6 +58,21 @@ return 1
 """
 
 
+# Stream slot. KEYS: the record, its events. ARGV: events TTL, events max length, number of
+# events, then each event's type and data, then field/value pairs of the record (JSON values).
+# Only while the record exists (an expired stream is never resurrected).
+_PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + 2 * n, 2 do
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+if n > 0 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
+for i = 4 + 2 * n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
 class StreamLimit(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"this API key already has {limit} unfinished live streams, the most allowed "
@@ -74,6 +89,7 @@ class Streams:
         self._transition = r.register_script(TRANSITION_SCRIPT)
         self._write = r.register_script(WRITE_IF_EXISTS_SCRIPT)
         self._admit = r.register_script(_ADMIT)
+        self._publish = r.register_script(_PUBLISH)
 
     # -- reading -----------------------------------------------------------------------------
     def get(self, stream_id: str) -> StreamRecord | None:
@@ -191,20 +207,18 @@ class Streams:
 
     def events(self, stream_id: str, events: list[tuple[str, dict[str, Any]]], **fields: Any) -> None:
         """Append events (capped as a job's: a late reader sees the newest) and write `fields`
-        of the record, in one transaction on the stream's slot: a worker killed in between
-        cannot leave frame events the record's `frames_seen` does not count (the takeover
-        numbers its frames from there)."""
+        of the record, in one script on the stream's slot: a worker killed in between cannot
+        leave frame events the record's `frames_seen` does not count (a takeover numbers its
+        frames from there). Nothing is written for a stream whose record is gone."""
         if not events and not fields:
             return
-        key = self.keys.stream_events(stream_id)
-        pipe = self.r.pipeline(transaction=True)
-        for kind, data in events:
-            pipe.xadd(key, {"type": kind, "data": json.dumps(data)}, maxlen=EVENTS_MAXLEN, approximate=True)
-        pipe.expire(key, self.ttl)
         if fields:
             fields["updated_at"] = time.time()
-            self._write(keys=[self.keys.stream(stream_id)], args=["set", *encode_fields(fields)], client=pipe)
-        pipe.execute()
+        args: list[Any] = [self.ttl, EVENTS_MAXLEN, len(events)]
+        for kind, data in events:
+            args += [kind, json.dumps(data)]
+        self._publish(keys=[self.keys.stream(stream_id), self.keys.stream_events(stream_id)],
+                      args=[*args, *encode_fields(fields)])
 
     # -- expiry ------------------------------------------------------------------------------
     def sweep(self, grace_s: float) -> dict[str, int]:

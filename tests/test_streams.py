@@ -149,7 +149,7 @@ def test_a_stream_runs_to_its_end_with_the_files_tracks(env: ServiceEnv, port: i
             if seg is not None:
                 assert seg["counts"] in {t["rle"]["counts"] for t in frames[f]["tracks"]}
     metrics = httpx.get(f"{env.base}/metrics").text
-    assert "stemseg_streams{" in metrics
+    assert 'stemseg_streams{state="running"} 0.0' in metrics and "stemseg_stream_queue_depth 0.0" in metrics
 
 
 def test_delete_stops_a_running_stream_and_keeps_what_was_written(env: ServiceEnv, port: int, videos) -> None:

@@ -46,6 +46,8 @@ def _metrics(svc) -> bytes:
     Gauge("stemseg_clip_latency_seconds", "Mean seconds per clip", registry=reg).set(seconds / count if count else 0)
     Gauge("stemseg_frames_per_second", "Frames finished per worker-second", registry=reg).set(
         frames / seconds if seconds else 0)
+    Gauge("stemseg_stream_queue_depth", "Live streams waiting for a worker's stream slot or held by one",
+          registry=reg).set(svc.streams.queue.depth())
     _stream_metrics(reg, svc.streams.unfinished())
     return generate_latest(reg)
 

@@ -59,7 +59,7 @@ COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY model_export/ model_export/
 RUN pip install --no-cache-dir -c .ci/constraints.txt -c docker/gpu-constraints.txt \
-        --extra-index-url "${NVIDIA_INDEX_URL}" '.[server,gpu]' \
+        --extra-index-url "${NVIDIA_INDEX_URL}" '.[server,gpu,s3]' \
     && python -c "import torch, av, tensorrt, onnxruntime, service.cli; assert torch.version.cuda, torch.__version__"
 
 ENV STEMSEG_DATA_DIR=/data \

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -36,6 +37,37 @@ import httpx
 
 FINAL = ("succeeded", "failed", "cancelled")
 CHUNK = 1 << 20
+
+
+def _store_location(response: httpx.Response) -> str | None:
+    """Where a result lives when the service answers 307 to a presigned URL of its object store
+    (STEMSEG_RESULTS_REDIRECT). Followed by a request of its own, without this client's headers:
+    the API key is for the API, never for the store's host."""
+    if response.status_code in (307, 308) and response.headers.get("location"):
+        return response.headers["location"]
+    return None
+
+
+@contextmanager
+def _get_stream(http: httpx.Client, url: str) -> Iterator[httpx.Response]:
+    with http.stream("GET", url) as response:
+        location = _store_location(response)
+        if location is None:
+            yield response
+            return
+    with httpx.stream("GET", location, timeout=http.timeout) as response:
+        yield response
+
+
+@asynccontextmanager
+async def _aget_stream(http: httpx.AsyncClient, url: str) -> AsyncIterator[httpx.Response]:
+    async with http.stream("GET", url) as response:
+        location = _store_location(response)
+        if location is None:
+            yield response
+            return
+    async with httpx.AsyncClient(timeout=http.timeout) as plain, plain.stream("GET", location) as response:
+        yield response
 # Statuses worth retrying: the server says when (Retry-After), nothing was done.
 RETRY_STATUSES = (429, 503)
 
@@ -354,6 +386,8 @@ class Client:
                     source.rewind()
                     kwargs["content"] = source.chunks(progress)
                 response = self._http.request(method, path, **kwargs)
+                if method == "GET" and (location := _store_location(response)) is not None:
+                    response = httpx.get(location, timeout=self._http.timeout)
             except httpx.TransportError:
                 # An upload may have been received: never resent after a lost answer.
                 if method not in ("GET", "DELETE", "HEAD") or (wait := self._retry.delay(attempt, None)) is None:
@@ -475,7 +509,7 @@ class Job:
         listing = self.files()
 
         def fetch(url: str, target: Path) -> None:
-            with self.client._http.stream("GET", url) as response:
+            with _get_stream(self.client._http, url) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise error_from(response)
@@ -600,6 +634,9 @@ class AsyncClient:
                     source.rewind()
                     kwargs["content"] = source.achunks(progress)
                 response = await self._http.request(method, path, **kwargs)
+                if method == "GET" and (location := _store_location(response)) is not None:
+                    async with httpx.AsyncClient(timeout=self._http.timeout) as plain:
+                        response = await plain.get(location)
             except httpx.TransportError:
                 if method not in ("GET", "DELETE", "HEAD") or (wait := self._retry.delay(attempt, None)) is None:
                     raise
@@ -711,7 +748,7 @@ class AsyncJob:
             fetched: dict[str, Path] = {}
             for i, f in enumerate(listing["files"]):
                 part = Path(staging) / str(i)
-                async with self.client._http.stream("GET", f["url"]) as response:
+                async with _aget_stream(self.client._http, f["url"]) as response:
                     if response.status_code >= 400:
                         await response.aread()
                         raise error_from(response)

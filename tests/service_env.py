@@ -59,29 +59,30 @@ class ServiceEnv:
         self.redis = sync_client(self.redis_url)
         self.base = ""
 
-    def start_api(self) -> None:
+    def start_api(self, **env: str) -> str:
+        """Start an API process (`env`: settings of its own); returns its base URL, the latest in `base`."""
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.procs.append(self._spawn("serve", "--port", str(port)))
+        self.procs.append(self._spawn("serve", "--port", str(port), env=env))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
+                    return self.base
             except httpx.HTTPError:
                 time.sleep(0.2)
         raise RuntimeError("the API did not come up")
 
-    def start_worker(self) -> subprocess.Popen:
-        p = self._spawn("worker")
+    def start_worker(self, **env: str) -> subprocess.Popen:
+        p = self._spawn("worker", env=env)
         self.procs.append(p)
         return p
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.tmp / f"{args[0]}-{len(self.procs)}.log"
         self.logs.append(log)
         with log.open("wb") as out:
-            return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
+            return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env={**self.env, **(env or {})},
                                     stdout=out, stderr=subprocess.STDOUT)
 
     def log_text(self) -> str:

@@ -276,6 +276,28 @@ def test_api_and_workers_share_data_volume_and_settings():
         assert svc.get("healthcheck"), name
 
 
+def test_the_s3_profile_shares_no_volume_between_api_and_worker():
+    from service.config import Settings
+    from service.jobs.s3_storage import parse_storage_url
+
+    services = load_compose()["services"]
+    fields = {f"STEMSEG_{f.upper()}" for f in Settings.model_fields}
+    for name in ("s3", "s3-bucket", "api-s3", "worker-s3"):
+        assert services[name]["profiles"] == ["s3"], name
+    api, worker = services["api-s3"], services["worker-s3"]
+    named = [{v.split(":", 1)[0] for v in svc["volumes"] if not v.startswith("./")} for svc in (api, worker)]
+    assert named == [set(), set()], "no named volume: nothing shared but Redis and the bucket"
+    for svc in (api, worker):
+        env = env_of(svc)
+        assert "/data" not in volumes_of(svc) and svc["read_only"] is True and svc["tmpfs"] == ["/tmp"]
+        assert parse_storage_url(env["STEMSEG_STORAGE_URL"])[0] == "stemseg-jobs"
+        assert env["STEMSEG_S3_ENDPOINT_URL"] == "http://s3:9000" and env["AWS_ACCESS_KEY_ID"]
+        assert not {k for k in env if k.startswith("STEMSEG_")} - fields
+        assert svc["depends_on"]["s3-bucket"]["condition"] == "service_completed_successfully"
+    assert "stemseg-jobs" in " ".join(services["s3-bucket"]["entrypoint"])
+    assert command_of(api)[:2] == ["stemseg", "serve"] and command_of(worker) == ["stemseg", "worker"]
+
+
 def test_a_host_weights_path_never_reaches_a_container():
     """The README once said `export STEMSEG_WEIGHTS=$PWD/youtube_vis.pth`: a host path, meaningless inside."""
     assert "${STEMSEG_WEIGHTS}" not in COMPOSE.read_text() and "${STEMSEG_WEIGHTS:" not in COMPOSE.read_text()
@@ -505,7 +527,7 @@ def test_ci_lints_with_the_test_environment_before_the_tests():
     assert re.search(r"^ruff==\S+$", (ROOT / ".ci" / "constraints.txt").read_text(), re.MULTILINE)
 
 
-@pytest.mark.parametrize("name,extras", [("api", {"server", "s3"}), ("worker", {"server", "gpu"})])
+@pytest.mark.parametrize("name,extras", [("api", {"server", "s3"}), ("worker", {"server", "gpu", "s3"})])
 def test_dockerfile_installs_the_package_like_ci(name, extras):
     instr = instructions(DOCKERFILES[name])
     runs = [i for i, (k, _) in enumerate(instr) if k == "RUN"]
@@ -564,20 +586,30 @@ def resource_files() -> list[Path]:
     return files
 
 
+def _merge_key(item: dict) -> tuple[str, object]:
+    # Kubernetes' patchMergeKey: volumeMounts merge by mountPath, the other lists we patch by name.
+    return ("mountPath", item["mountPath"]) if "mountPath" in item and "name" not in item else ("name", item["name"])
+
+
 def strategic_merge(base, patch):
     """Kustomize's strategic merge for what our patches use: maps merge; lists of named maps (containers,
-    env, ports, volumes) merge by name; other lists are replaced."""
+    env, ports, volumes; volumeMounts by mountPath) merge by that key, an item `$patch: delete` removing its
+    match; other lists are replaced."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
             out[k] = strategic_merge(base[k], v) if k in base else v
         return out
     if (isinstance(base, list) and isinstance(patch, list) and base and patch
-            and all(isinstance(x, dict) and "name" in x for x in base + patch)):
+            and all(isinstance(x, dict) and ("name" in x or "mountPath" in x) for x in base + patch)):
         out = [dict(x) for x in base]
         for item in patch:
-            i = next((i for i, x in enumerate(out) if x["name"] == item["name"]), None)
-            if i is None:
+            key, value = _merge_key(item)
+            i = next((i for i, x in enumerate(out) if x.get(key) == value), None)
+            if item.get("$patch") == "delete":
+                assert i is not None, f"$patch: delete of {key}={value}, which is not there"
+                del out[i]
+            elif i is None:
                 out.append(item)
             else:
                 out[i] = strategic_merge(out[i], item)
@@ -602,7 +634,10 @@ def render(overlay: str) -> list[dict]:
             hits = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) ==
                     (p["kind"], p["metadata"]["name"])]
             assert len(hits) == 1, f"patch {patch['path']} matches {len(hits)} resources"
-            docs[hits[0]] = strategic_merge(docs[hits[0]], p)
+            if p.get("$patch") == "delete":
+                del docs[hits[0]]
+            else:
+                docs[hits[0]] = strategic_merge(docs[hits[0]], p)
     return docs
 
 
@@ -686,7 +721,8 @@ def container_of(doc: dict) -> dict:
 def env_map(container: dict, docs: list[dict]) -> dict[str, str]:
     out = {}
     for src in container.get("envFrom", []):
-        out.update(by_kind(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
+        if "configMapRef" in src:  # a Secret's keys are not known here (credentials)
+            out.update(by_kind(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
     out.update({e["name"]: e.get("value", "<from>") for e in container.get("env", [])})
     return out
 
@@ -712,8 +748,9 @@ def test_manifest_validates(path):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_validates(overlay):
     docs = render(overlay)
+    shared = not by_kind(docs, "ConfigMap", "stemseg-config")["data"].get("STEMSEG_STORAGE_URL")
     assert {d["kind"] for d in docs} >= {"Deployment", "Service", "PodDisruptionBudget", "ScaledObject",
-                                         "ConfigMap", "PersistentVolumeClaim", "StatefulSet"}
+                                         "ConfigMap", "StatefulSet"} | ({"PersistentVolumeClaim"} if shared else set())
     for doc in docs:
         errors = k8s_errors(doc)
         assert not errors, f"{overlay}: {doc['kind']}/{doc['metadata']['name']}:\n" + "\n".join(errors)
@@ -801,6 +838,7 @@ def test_keda_scales_the_workers_on_the_services_own_queue(overlay):
 def test_probes_resources_and_termination(overlay, tmp_path: Path):
     docs = render(overlay)
     api, worker = by_kind(docs, "Deployment", "stemseg-api"), by_kind(docs, "Deployment", "stemseg-worker")
+    object_store = bool(by_kind(docs, "ConfigMap", "stemseg-config")["data"].get("STEMSEG_STORAGE_URL"))
     a = container_of(api)
     assert a["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert a["startupProbe"]["httpGet"]["path"] == "/healthz"
@@ -827,9 +865,21 @@ def test_probes_resources_and_termination(overlay, tmp_path: Path):
         assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         volumes = {v["name"]: v for v in pod_spec(d)["volumes"]}
-        assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "stemseg-data"
         assert "emptyDir" in volumes[mounts["/tmp"]]
-    assert "ReadWriteMany" in by_kind(docs, "PersistentVolumeClaim", "stemseg-data")["spec"]["accessModes"]
+        if object_store:  # nothing shared: no claim, no /data; /tmp has room for the copies of videos
+            assert "/data" not in mounts and not any("persistentVolumeClaim" in v for v in volumes.values())
+            assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"]
+            assert any(s.get("secretRef", {}).get("optional") for s in c["envFrom"]), "credentials: optional Secret"
+        else:
+            assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == "stemseg-data"
+    claims = [x for x in docs if x["kind"] == "PersistentVolumeClaim" and x["metadata"]["name"] == "stemseg-data"]
+    if object_store:
+        from service.jobs.s3_storage import parse_storage_url
+
+        assert not claims
+        assert parse_storage_url(by_kind(docs, "ConfigMap", "stemseg-config")["data"]["STEMSEG_STORAGE_URL"])
+    else:
+        assert "ReadWriteMany" in claims[0]["spec"]["accessModes"]
     gpu = worker["spec"]["template"]["spec"]["containers"][0]["resources"]
     if overlay == "gpu":
         assert gpu["requests"]["nvidia.com/gpu"] == gpu["limits"]["nvidia.com/gpu"] == 1

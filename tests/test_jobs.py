@@ -21,6 +21,7 @@ from service.jobs.keys import Keys, valid_job_id
 from service.jobs.lifecycle import JobPlan, Jobs, JobStatus, Limits, QuotaExceeded, RateLimited, Refused
 from service.jobs.record import JobRecord
 from service.jobs.redis_clients import sync_client
+from service.jobs.s3_storage import S3Storage
 from service.jobs.storage import LocalStorage
 from service.model.presets import get_preset
 
@@ -35,10 +36,19 @@ def r(store_url: str):
 
 
 @pytest.fixture
-def jobs(r, tmp_path: Path, store_url: str) -> Iterator[Jobs]:
+def jobs(request: pytest.FixtureRequest, r, tmp_path: Path, store_url: str) -> Iterator[Jobs]:
+    """Jobs on the data directory, or (tests marked `ON_BOTH_STORES`) on each job store in turn."""
     prefix = new_prefix()
-    yield Jobs(r, prefix, 1000, LocalStorage(tmp_path / "data"), visibility_timeout_s=3)
+    if getattr(request, "param", "local") == "s3":
+        storage = S3Storage.from_settings(Settings(**request.getfixturevalue("s3_settings")))
+    else:
+        storage = LocalStorage(tmp_path / "data")
+    yield Jobs(r, prefix, 1000, storage, visibility_timeout_s=3)
     drop_prefix(prefix, store_url)
+
+
+# The lifecycle tests that touch the job's files run on both job stores.
+ON_BOTH_STORES = pytest.mark.parametrize("jobs", ["local", "s3"], indirect=True)
 
 
 def _plan(num_clips: int = 3) -> JobPlan:
@@ -83,6 +93,7 @@ def test_keys_and_ids() -> None:
         assert not valid_job_id(bad), bad
 
 
+@ON_BOTH_STORES
 def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     a, b = _create(jobs, "o1"), _create(jobs, "o1")
     assert jobs.get(a).status == JobStatus.QUEUED and jobs.get(a).plan == _plan()
@@ -108,7 +119,7 @@ def test_state_machine_counts_and_ttl_from_end(jobs: Jobs, r) -> None:
     assert jobs.get(b).error == "bad video"
     assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
     jobs.cancel(a)
-    assert jobs.get(a) is None and not jobs.storage.path(a, "video").parent.exists()
+    assert jobs.get(a) is None and a not in list(jobs.storage.jobs())
     assert jobs.counts() == {"queued": 0, "running": 0, "succeeded": 0, "failed": 1, "cancelled": 0}
     kinds = [e[1][b"type"] for e in r.xrange(jobs.keys.events(b))]
     assert kinds == [b"status", b"status"]  # queued, failed
@@ -139,6 +150,7 @@ def test_quota_rate_limit_and_listing(jobs: Jobs, r) -> None:
     assert total == 2 and ids[1] not in {j.id for j in listed}
 
 
+@ON_BOTH_STORES
 def test_gauges_never_count_expired_jobs_and_sweeper_deletes_orphans(jobs: Jobs, r, tmp_path: Path) -> None:
     a, b = _create(jobs), _create(jobs)
     jobs.start(b)
@@ -196,6 +208,7 @@ def test_change_whose_process_died_between_its_two_steps_is_reconciled(jobs: Job
     assert jobs.sweep(grace_s=3600, consumer_idle_s=3600)["moved_ids"] == 0
 
 
+@ON_BOTH_STORES
 def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path) -> None:
     video = tmp_path / "v.mp4"
     make_video(video, 30, 64, 48)
@@ -226,9 +239,11 @@ def test_admit_refuses_over_limits_and_leaves_nothing(jobs: Jobs, tmp_path: Path
 
 # -- the worker, in process ----------------------------------------------------------------------
 
-@pytest.fixture
-def worker(small_weights: Path, tmp_path: Path, store_url: str):
-    with in_process_worker(small_weights, tmp_path / "data", "w-test", redis_url=store_url) as w:
+@pytest.fixture(params=["local", "s3"])
+def worker(request: pytest.FixtureRequest, small_weights: Path, tmp_path: Path, store_url: str):
+    """An in-process worker on each job store: the data directory, then S3 (a real SeaweedFS)."""
+    store = request.getfixturevalue("s3_settings") if request.param == "s3" else {}
+    with in_process_worker(small_weights, tmp_path / "data", "w-test", redis_url=store_url, **store) as w:
         yield w
 
 
@@ -285,7 +300,7 @@ def test_worker_outcomes_no_space_and_bad_video(worker, tmp_path: Path, monkeypa
 
     job_id = _admit(worker, video)
     # The file goes bad after admission (e.g. a disk error): the job fails naming the video, not a path.
-    worker.storage.path(job_id, "video").write_bytes(b"garbage" * 100)
+    worker.storage.write(job_id, "video", b"garbage" * 100)
     from service.video.decode import clear_cache
     clear_cache()
     job = _drain(worker, job_id)
@@ -307,7 +322,7 @@ def test_deleted_running_job_leaves_no_files(worker, tmp_path: Path, monkeypatch
     monkeypatch.setattr(worker.storage, "write", delete_midway)
     worker.step()
     assert worker.jobs.get(job_id) is None
-    assert not worker.storage.path(job_id, "video").parent.exists()
+    assert job_id not in list(worker.storage.jobs())
     for _ in range(4):  # its other tasks are skipped and leave nothing either
         worker.step()
     assert list(worker.storage.jobs()) == []

@@ -21,7 +21,7 @@ from service.config import Settings
 from service.jobs.keys import JOB_ID, valid_job_id
 from service.jobs.lifecycle import Jobs
 from service.jobs.redis_clients import async_client, sync_client
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage, open_storage
 from service.jobs.streams import Streams
 from service.model.presets import ModelConfig
 
@@ -35,7 +35,7 @@ class Services:
     redis: redis.Redis
     aredis: aredis.Redis  # event streams: waiting on Redis without holding a thread
     jobs: Jobs
-    storage: LocalStorage
+    storage: Storage
     probes: ProbeSlots  # admission's probes: threads of their own, so they never starve other routes
     streams: Streams  # live streams (service.jobs.streams)
     open_streams: int = field(default=0)  # event streams (SSE) open on this process
@@ -53,7 +53,7 @@ class Services:
         # Event streams block in XREAD for EVENTS_BLOCK_MS: their client waits that much longer.
         ar = async_client(settings.redis_url, socket_connect_timeout=t, socket_timeout=t + EVENTS_BLOCK_MS / 1000,
                           retry=AsyncRetry(NoBackoff(), 0), max_connections=async_size)
-        storage = LocalStorage(settings.data_dir)
+        storage = open_storage(settings)
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
         probes = ProbeSlots(settings.max_concurrent_probes, settings.max_probes_per_key, settings.retry_after_s,
                             settings.probe_wait_s)

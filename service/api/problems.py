@@ -1,8 +1,9 @@
 """RFC 9457 problem details for every error the API returns, and their OpenAPI description.
 
 Faults map to statuses here, in one place: a client's unusable input (`ClientError`) -> 400,
-Redis unreachable -> 503 with Retry-After, a full disk -> 507, the server's own setup (any other
-`UserError`) and anything unexpected -> 500 without details. No detail names a server path.
+Redis or the job store (S3) unreachable or refusing -> 503 with Retry-After, a full disk -> 507,
+the server's own setup (any other `UserError`) and anything unexpected -> 500 without details.
+No detail names a server path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.routing import Match
 from service.errors import ClientError, UserError
 from service.jobs.lifecycle import QuotaExceeded, RateLimited, Refused
 from service.jobs.sources import SourceRefused, SourceTooLarge, SourceUnavailable
-from service.jobs.storage import NoSpace
+from service.jobs.storage import NoSpace, StoreUnavailable
 from service.video import VideoError
 
 PROBLEM = "application/problem+json"
@@ -61,8 +62,8 @@ _DESCRIPTIONS = {
     413: "The upload, its frame count or its duration is over a limit", 415: "Unsupported media type",
     422: "Invalid parameters", 429: "Rate limit or job quota reached; see Retry-After",
     416: "The range starts past the end of the file",
-    503: "Redis is unreachable, its connections are all in use, or too many event streams are open; "
-         "see Retry-After",
+    503: "Redis or the job store (S3) is unreachable or refusing, Redis's connections are all in use, or too "
+         "many event streams are open; see Retry-After",
     507: "No space left on the server's disk",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
@@ -81,12 +82,15 @@ def responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, 
 
 
 def _scrub(text: str, request: Request) -> str:
-    """Belt and braces: no detail may name the data directory."""
+    """Belt and braces: no detail may name the data directory or the job store's bucket."""
     settings = getattr(request.app.state, "settings", None)
     if settings is not None:
         for root in {str(settings.data_dir.resolve()), str(settings.data_dir)}:
             if root and root != ".":
                 text = text.replace(root, "<data>")
+        if settings.storage_url:
+            bucket_and_prefix = settings.storage_url.removeprefix("s3://").rstrip("/")
+            text = text.replace(settings.storage_url, "<store>").replace(bucket_and_prefix, "<store>")
     return text
 
 
@@ -172,6 +176,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NoSpace)
     async def _no_space(request: Request, exc: NoSpace) -> JSONResponse:
         return problem_response(request, 507, "Insufficient Storage", "no space left on the server's disk")
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # The message names the failure (unreachable, refused, full), never a bucket or key.
+        log.warning("job store: %s", exc)
+        return problem_response(request, 503, "Service Unavailable", f"the job store is unavailable: {exc}",
+                                {"Retry-After": retry_after})
 
     @app.exception_handler(redis.exceptions.MaxConnectionsError)
     async def _pool_full(request: Request, exc: Exception) -> JSONResponse:

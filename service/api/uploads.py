@@ -6,21 +6,28 @@ the upload is cut the moment it passes the limit (413), whatever the headers cla
 nothing is spooled anywhere else first (multipart is parsed as it streams, by
 python-multipart's push parser). A client that sends nothing for `upload_idle_timeout_s` is
 dropped (408). On any failure the partial file is removed (storage's writer).
+
+With an object store the writer sends a multipart part whenever one fills: a network call, which
+then runs on a worker thread (`_Offload`), so a slow or dead store stalls that upload only, never
+the event loop every other request shares. A shared directory is written in place, as always.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import BinaryIO
 
 from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from service.api.problems import Problem
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 
 # Multipart framing and small fields around the file: allowed on top of the size limit.
 _MULTIPART_SLACK = 64 * 1024
@@ -131,8 +138,32 @@ def is_json(request: Request) -> bool:
     return media.decode("latin-1").lower() == "application/json"
 
 
-async def receive(request: Request, storage: LocalStorage, staging: str, limit: int, idle_s: float) -> str | None:
+class _Offload:
+    """Calls into the store: on a worker thread when it is remote, in place when it is a directory."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.remote = not storage.shared_paths
+
+    async def __call__(self, fn, *args):
+        return await run_in_threadpool(fn, *args) if self.remote else fn(*args)
+
+    @asynccontextmanager
+    async def writer(self, storage: Storage, staging: str) -> AsyncIterator[BinaryIO]:
+        cm = storage.writer(staging, "video")
+        out = await self(cm.__enter__)
+        try:
+            yield out
+        except BaseException:
+            # The writer aborts (a multipart upload: no object, no part) and re-raises what it is given.
+            if not await self(cm.__exit__, *sys.exc_info()):
+                raise
+        else:
+            await self(cm.__exit__, None, None, None)
+
+
+async def receive(request: Request, storage: Storage, staging: str, limit: int, idle_s: float) -> str | None:
     """Stream the upload into `staging`/video; returns the client's file name (if any)."""
+    call = _Offload(storage)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + _MULTIPART_SLACK:
         raise _too_large(limit)
@@ -143,12 +174,12 @@ async def receive(request: Request, storage: LocalStorage, staging: str, limit: 
         boundary = options.get(b"boundary")
         if not boundary:
             raise Problem(400, "multipart/form-data without a boundary")
-        with storage.writer(staging, "video") as out:
+        async with call.writer(storage, staging) as out:
             part = _FilePart(out, limit)
             try:
                 parser = MultipartParser(boundary, part.callbacks())
                 async for chunk in _body(request, limit + _MULTIPART_SLACK, limit, idle_s):
-                    parser.write(chunk)
+                    await call(parser.write, chunk)  # the file's bytes go to the writer from here
                 parser.finalize()
             except (ParseError, ValueError) as e:
                 raise Problem(400, f"malformed multipart body ({type(e).__name__})") from None
@@ -158,14 +189,14 @@ async def receive(request: Request, storage: LocalStorage, staging: str, limit: 
     elif media.startswith(_RAW_TYPES):
         name = clean_filename(request.headers.get("x-filename"))
         size = 0
-        with storage.writer(staging, "video") as out:
+        async with call.writer(storage, staging) as out:
             async for chunk in _body(request, limit, limit, idle_s):
                 size += len(chunk)
-                out.write(chunk)
+                await call(out.write, chunk)
     else:
         raise Problem(415, "send the video as multipart/form-data (field 'file') or as a video/* or "
                            "application/octet-stream body, or a JSON body naming its source")
     if size == 0:
-        storage.delete_job(staging)
+        await call(storage.delete_job, staging)
         raise Problem(422, "the upload is empty")
     return name

@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import redis
 
@@ -44,13 +45,15 @@ from service.jobs.encoding import (
     stitcher_from_bytes,
     stitcher_to_bytes,
 )
+from service.jobs.file_cache import FileCache
 from service.jobs.lease import Lease
 from service.jobs.lifecycle import Jobs
 from service.jobs.record import JobRecord
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 from service.model.presets import ModelConfig
 from service.outputs.labels import Labels
-from service.outputs.render import RangeMasks, assemble, range_done, ranges, render_range
+from service.outputs.names import MANIFEST
+from service.outputs.render import RangeMasks, assemble, part_name, ranges, render_range
 from service.outputs.write import publish_output
 from service.pipeline.clips import clip_plan
 from service.pipeline.runner import first_clip
@@ -66,10 +69,12 @@ class LeaseLost(Exception):
 
 
 class JobCoordinator:
-    def __init__(self, r: redis.Redis, jobs: Jobs, storage: LocalStorage, cfg: ModelConfig, *,
+    def __init__(self, r: redis.Redis, jobs: Jobs, storage: Storage, cfg: ModelConfig, *,
                  render_frames: int = 120, lock_ttl_s: float = 20.0, max_pixels: int | None = None,
-                 record: Callable[[str, dict], None] | None = None) -> None:
+                 record: Callable[[str, dict], None] | None = None, videos: FileCache | None = None) -> None:
         self.r, self.jobs, self.storage, self.cfg = r, jobs, storage, cfg
+        # Local copies of job videos (the overlay decodes them); with shared paths, the files themselves.
+        self.videos = videos or FileCache.of(storage, 0)
         self.render_frames = render_frames
         self.lock_ttl_s = lock_ttl_s
         self.max_pixels = max_pixels
@@ -147,11 +152,16 @@ class JobCoordinator:
         formats = job.formats
         masks = self._range_masks(job_id, job, start, stop)
         frames = None
-        if "overlay" in formats:
-            video = self.storage.path(job_id, files.VIDEO)
-            kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-            frames = (f.image for f in iter_frame_range(video, start, stop, **kwargs))
-        render_range(labels, formats, masks, frames, start, stop, self.storage.path(job_id, files.RENDER))
+        with ExitStack() as stack:
+            if "overlay" in formats:
+                video = stack.enter_context(self.videos.local(job_id, files.VIDEO))
+                kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+                frames = (f.image for f in iter_frame_range(video, start, stop, **kwargs))
+            # Rendered locally, then published with the range's `done` marker last (with shared
+            # paths the scratch folder is the render folder itself and publishing costs nothing).
+            parts = stack.enter_context(self.storage.scratch(job_id, files.RENDER))
+            render_range(labels, formats, masks, frames, start, stop, parts)
+            self.storage.publish(job_id, files.RENDER, parts, last=[part_name("done", start)])
 
     def _range_masks(self, job_id: str, job: JobRecord, start: int, stop: int) -> RangeMasks:
         owner = first_clip(clip_plan(job.num_frames, job.plan.clip_len, job.plan.overlap))
@@ -177,8 +187,17 @@ class JobCoordinator:
         return ranges(job.num_frames, job.render_frames)
 
     def _all_rendered(self, job_id: str, job: JobRecord) -> bool:
-        parts = self.storage.path(job_id, files.RENDER)
-        return all(range_done(parts, a) for a, _ in self._spans(job))
+        return all(self.storage.exists(job_id, f"{files.RENDER}/{part_name('done', a)}") for a, _ in self._spans(job))
+
+    @contextmanager
+    def _out_dir(self, job_id: str) -> Iterator[Path]:
+        """Where the finishing step writes the output folder: the job's own `out` with shared
+        paths, else an absent folder in local scratch space, published once it is complete."""
+        if self.storage.shared_paths:
+            yield self.storage.path(job_id, files.OUT)  # type: ignore[attr-defined]
+            return
+        with self.storage.scratch(job_id, files.OUT) as scratch:
+            yield scratch / files.OUT
 
     def _finish(self, job_id: str, lease: Lease) -> None:
         job = self.jobs.get(job_id)
@@ -186,19 +205,21 @@ class JobCoordinator:
             return
         started = time.time()
         labels = Labels.from_json(self.storage.read(job_id, files.LABELS).decode())
-        parts = self.storage.path(job_id, files.RENDER)
-        out = self.storage.path(job_id, files.OUT)
+        with self.storage.fetch(job_id, files.RENDER) as parts, self._out_dir(job_id) as out:
 
-        def fill(tmp, formats: list[str]) -> None:
-            assemble(labels, formats, parts, self._spans(job), tmp)
-            if not lease.held:  # checked right before the only step that replaces what others see
-                raise LeaseLost(f"the lease of job {job_id} lapsed while finishing")
+            def fill(tmp, formats: list[str]) -> None:
+                assemble(labels, formats, parts, self._spans(job), tmp)
+                if not lease.held:  # checked right before the only step that replaces what others see
+                    raise LeaseLost(f"the lease of job {job_id} lapsed while finishing")
 
-        publish_output(out, job.formats, fill, replace=True)
+            publish_output(out, job.formats, fill, replace=True)
+            # The manifest last: a folder is served only once the job has succeeded, below, and
+            # then every file it lists is already there.
+            self.storage.publish(job_id, files.OUT, out, last=[MANIFEST])
         stitched = (stitcher_from_bytes(self.storage.read(job_id, files.STITCH_STATE)).tracks)
         tracks = [{"id": t.id, "category_id": t.category, "score": t.score,
                    "first_frame": stitched[t.id].first_frame, "last_frame": stitched[t.id].last_frame}
                   for t in labels.tracks]
         if self.jobs.finish(job_id, tracks, fence=lease.fence):
-            shutil.rmtree(parts, ignore_errors=True)
+            self.storage.delete(job_id, files.RENDER)
             self.record(job_id, {"kind": "finish", "start": started, "end": time.time(), "worker": os.getpid()})

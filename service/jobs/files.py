@@ -1,4 +1,5 @@
-"""Every file a job's directory holds, named in one place (as keys.py names its Redis keys).
+"""Every file a job's folder holds (a directory, or a prefix of objects: service.jobs.storage),
+named in one place (as keys.py names its Redis keys).
 
 | name | written by | when |
 | --- | --- | --- |

@@ -16,9 +16,10 @@ Everything that changes a job's state goes through `Jobs`, so each invariant has
   record (job slot), then, in one script on the shared slot, the owner's quota check, the
   listing, the state set and its tasks; over quota, the record is deleted again. Workers read
   the plan and never re-plan.
-* Files: a job's directory belongs to its record. Whoever deletes the record deletes the
-  files; a worker whose in-flight task ends on a deleted job deletes what it wrote; the
-  sweeper (`sweep`) deletes every directory without a record, as a backstop.
+* Files: a job's folder (a directory, or its objects in an S3 store: service.jobs.storage)
+  belongs to its record. Whoever deletes the record deletes the files; a worker whose in-flight
+  task ends on a deleted job deletes what it wrote; the sweeper (`sweep`) deletes every folder
+  without a record, as a backstop (with S3, unfinished multipart uploads included).
 
 Imports neither the worker nor torch: the API process uses this module.
 """
@@ -40,7 +41,7 @@ from service.jobs.keys import Keys, valid_job_id
 from service.jobs.probing import probe_upload
 from service.jobs.queue import GROUP, OUTPUTS, TaskQueue
 from service.jobs.record import JobPlan, JobRecord, JobStatus, counter, decode_value, encode_fields
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 from service.model.presets import ModelConfig
 from service.pipeline.clips import clip_plan
 from service.video import VideoError, VideoInfo
@@ -179,7 +180,7 @@ EVENTS_MAXLEN = _EVENTS_MAXLEN
 
 
 class Jobs:
-    def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: LocalStorage,
+    def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: Storage,
                  visibility_timeout_s: float = 60.0) -> None:
         self.r, self.ttl, self.storage = r, ttl_s, storage
         self.keys = Keys(prefix)

@@ -20,9 +20,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 from service.video import VideoError, VideoInfo
 from service.video.decode import OverLimit, Unindexed, check_indexable
 from service.video.normalise import normalise
@@ -113,12 +114,18 @@ def warm_up() -> None:
     run_in_child(_nothing, deadline_s=60)
 
 
-def readable_upload(storage: LocalStorage, staging: str, max_pixels: int, max_frames: int, budget_s: float,
+def readable_upload(storage: Storage, staging: str, max_pixels: int, max_frames: int, budget_s: float,
                     max_samples: int, max_bytes: int) -> VideoInfo:
     """Probe an upload (in `storage` under `staging`) within the limits; one whose frames cannot
     be placed without decoding from the start is remuxed once into a seekable file
-    (service.video.normalise), so a task's decode cost does not depend on where its clips are."""
-    video = storage.path(staging, "video")
+    (service.video.normalise), so a task's decode cost does not depend on where its clips are.
+    With an object store the upload is read into a local file first (one GET of the video)."""
+    with storage.local(staging, "video") as video:
+        return _readable(storage, staging, video, max_pixels, max_frames, budget_s, max_samples, max_bytes)
+
+
+def _readable(storage: Storage, staging: str, video: Path, max_pixels: int, max_frames: int, budget_s: float,
+              max_samples: int, max_bytes: int) -> VideoInfo:
     started = time.monotonic()
 
     def check(budget: float) -> VideoInfo:
@@ -132,16 +139,20 @@ def readable_upload(storage: LocalStorage, staging: str, max_pixels: int, max_fr
         return check(budget_s)
     except Unindexed:
         pass
-    with storage.writer(staging, "video") as out:
+    with storage.writer(staging, "video", seekable=True) as out:  # the muxer seeks back to its header
         normalise(video, out, max_pixels=max_pixels, max_frames=max_frames, budget_s=left(), max_bytes=max_bytes)
     try:
+        if not storage.shared_paths:  # the local copy is the upload as it was: check what was stored
+            with storage.local(staging, "video") as again:
+                return check_indexable(again, max_pixels=max_pixels, max_frames=max_frames, budget_s=left(),
+                                       max_samples=max_samples)
         return check(left())
     except Unindexed:
         raise VideoError(video, "the video cannot be made seekable (its frames cannot be placed "
                                 "by timestamp even after remuxing)") from None
 
 
-def probe_upload(storage: LocalStorage, staging: str, *, max_pixels: int, max_frames: int, budget_s: float,
+def probe_upload(storage: Storage, staging: str, *, max_pixels: int, max_frames: int, budget_s: float,
                  max_samples: int, max_bytes: int, isolated: bool = True) -> VideoInfo:
     """`readable_upload`, in a child process unless `isolated` is False. The child's end is
     answered as the client's file: killed at the budget it is over STEMSEG_PROBE_BUDGET_S, dead
@@ -149,7 +160,8 @@ def probe_upload(storage: LocalStorage, staging: str, *, max_pixels: int, max_fr
     args = (storage, staging, max_pixels, max_frames, budget_s, max_samples, max_bytes)
     if not isolated:
         return readable_upload(*args)
-    video = storage.path(staging, "video")
+    # What the errors below name (clients see only "the upload"; the log the file when there is one).
+    video = storage.path(staging, "video") if storage.shared_paths else Path(f"{staging}/video")
     try:
         return run_in_child(readable_upload, *args, deadline_s=budget_s + _GRACE_S)
     except ChildTimedOut:

@@ -81,6 +81,7 @@ class JobRecord:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    retry_reason: str | None = None  # why a task of the job was last left for redelivery (a store outage...)
     tracks: int | None = None
     webhook: dict[str, Any] | None = None  # {"url", "delivered", "attempts": [...]}, by the notifier
 

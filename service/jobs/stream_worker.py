@@ -7,7 +7,7 @@ While it runs, a watcher thread renews the queue entry's lease (so no other work
 stream) and reads the record, stopping the reader as soon as a DELETE shows; the slot publishes
 each frame's tracks as a `frame` event and the counters (frames, drops, latency, frames/s) into
 the record, a few times a second. When the tenure ends its outputs are written by the CLI's
-writer (`write_outputs`, the folder `stemseg segment` writes) into the stream's directory,
+writer (`write_outputs`, the folder `stemseg segment` writes) into the stream's folder in the store,
 `segments/NNNN/` (one folder per tenure), and its kept tracks announced as `track` events.
 
 A worker killed mid-stream stops renewing the lease: after the visibility timeout another worker
@@ -21,20 +21,25 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from service.config import Settings
 from service.jobs.queue import Task
 from service.jobs.redis_clients import REDIS_ERRORS
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage, scratch_root
 from service.jobs.stream_record import LATENCY_BUCKETS, StreamRecord, StreamStatus
 from service.jobs.streams import Streams
 from service.model.engines import Engine
 from service.outputs import write_outputs
+from service.outputs.names import MANIFEST
 from service.pipeline.live import LiveFrameTracks, LiveSession
 from service.video.live import LiveOptions, LiveReader, LiveSourceError, recorded_frames
 
@@ -144,7 +149,7 @@ def _lost_without_progress(rec: StreamRecord) -> int:
 class StreamRunner:
     """Runs stream tasks for one worker (see the module docstring); `running` counts its streams."""
 
-    def __init__(self, settings: Settings, engine: Engine, streams: Streams, storage: LocalStorage, name: str,
+    def __init__(self, settings: Settings, engine: Engine, streams: Streams, storage: Storage, name: str,
                  stopping: threading.Event) -> None:
         self.settings, self.engine, self.streams, self.storage = settings, engine, streams, storage
         self.name, self.stopping = name, stopping
@@ -201,9 +206,8 @@ class StreamRunner:
             return True
         directory = rec.directory
         record_dir = None
-        if "overlay" in rec.formats:
-            record_dir = self.storage.path(directory, f".recording-{rec.tenure:04d}")
-            record_dir.mkdir(parents=True, exist_ok=True)
+        if "overlay" in rec.formats:  # the source's packets, copied for the overlay: local, removed at the end
+            record_dir = Path(tempfile.mkdtemp(prefix=f"stream-{rec.id[:8]}-", dir=scratch_root()))
         reader = LiveReader(rec.url, LiveOptions.from_settings(s), clip_len=self.engine.cfg.clip_len,
                             duration_s=remaining, record_dir=record_dir)
         why: dict[str, str] = {}
@@ -244,10 +248,12 @@ class StreamRunner:
             result = session.result()
             tracks: list[dict] = []
             if result.num_frames:
-                out = self.storage.path(directory, "segments") / f"{rec.tenure:04d}"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                write_outputs(result, out, rec.formats, replace=True, max_pixels=s.max_frame_pixels,
-                              frames_for_overlay=lambda: recorded_frames(reader.recordings, s.max_frame_pixels))
+                folder = f"segments/{rec.tenure:04d}"
+                # Written locally (with shared paths: in place), then published, its manifest last.
+                with self._out_dir(directory, folder) as out:
+                    write_outputs(result, out, rec.formats, replace=True, max_pixels=s.max_frame_pixels,
+                                  frames_for_overlay=lambda: recorded_frames(reader.recordings, s.max_frame_pixels))
+                    self.storage.publish(directory, folder, out, last=[MANIFEST])
                 kept = result.kept()
                 tracks = [{"id": t.id, "category_id": t.category(), "category": result.classes.get(t.category()),
                            "score": round(score, 4), "first_frame": tenure.frame_base + t.first_frame,
@@ -256,13 +262,25 @@ class StreamRunner:
                 now = streams.get(rec.id)
                 if now is not None:
                     streams.update(rec.id, outputs=[*now.outputs, {
-                        "tenure": rec.tenure, "path": f"segments/{rec.tenure:04d}", "frames": result.num_frames,
+                        "tenure": rec.tenure, "path": folder, "frames": result.num_frames,
                         "first_frame": tenure.frame_base, "tracks": len(tracks)}])
         finally:
             why.setdefault("done", "yes")
             if record_dir is not None:
                 shutil.rmtree(record_dir, ignore_errors=True)
         return self._end(rec, reader, why, [("track", t) for t in tracks])
+
+    @contextmanager
+    def _out_dir(self, directory: str, folder: str) -> Iterator[Path]:
+        """An absent folder to write an output folder into: `folder` itself with shared paths,
+        else one in local scratch space (as the jobs' finishing step, service.jobs.coordinator)."""
+        if self.storage.shared_paths:
+            out = self.storage.path(directory, folder)  # type: ignore[attr-defined]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            yield out
+            return
+        with self.storage.scratch(directory, folder) as scratch:
+            yield scratch / "out"
 
     def _end(self, rec: StreamRecord, reader: LiveReader, why: dict[str, str], events: list) -> bool:
         streams = self.streams

@@ -30,7 +30,7 @@ from service.jobs.keys import Keys, valid_job_id
 from service.jobs.lifecycle import EVENTS_MAXLEN, TRANSITION_SCRIPT, WRITE_IF_EXISTS_SCRIPT
 from service.jobs.queue import TaskQueue
 from service.jobs.record import decode_value
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import Storage
 from service.jobs.stream_record import StreamRecord, StreamStatus, encode_fields, storage_name
 
 STREAM = "stream"  # the kind of a stream's queue entry
@@ -81,7 +81,7 @@ class StreamLimit(Exception):
 
 
 class Streams:
-    def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: LocalStorage,
+    def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: Storage,
                  visibility_timeout_s: float = 60.0) -> None:
         self.r, self.ttl, self.storage = r, ttl_s, storage
         self.keys = Keys(prefix)

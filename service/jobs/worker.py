@@ -11,7 +11,13 @@ Redis outages: every Redis error in the loop is caught, the worker waits (expone
 up to 10 s) and carries on; a task it held stays pending in Redis and is taken over after the
 visibility timeout, by this worker or another, and its clip results already on disk are
 reused. The worker also runs the sweeper (`Jobs.sweep`) every `sweep_interval_s`, one worker
-at a time under a Redis lease: workers are the processes that always have the data directory.
+at a time under a Redis lease: workers are the processes that always reach the job store.
+
+Job store outages (service.jobs.storage.StoreUnavailable, an S3 store down or refusing): a task
+that meets one is left for redelivery (a store that is down comes back) or, when the store
+refuses (access denied, quota), fails its job with the reason; the worker itself carries on.
+With an object store a job's video is read through this worker's FileCache: downloaded once,
+decoded locally by every task of the job this worker takes.
 
 A task is a run of consecutive clips (`clips_per_task`), not a single clip: a clip's
 foreground depends on its neighbours' heads, so a lone clip would recompute the backbone and
@@ -39,11 +45,12 @@ from service.config import Settings, get_settings
 from service.jobs import files
 from service.jobs.coordinator import JobCoordinator
 from service.jobs.encoding import clip_to_bytes
+from service.jobs.file_cache import FileCache
 from service.jobs.lifecycle import Jobs
 from service.jobs.queue import OUTPUTS, Task
 from service.jobs.record import JobPlan, JobRecord
 from service.jobs.redis_clients import REDIS_ERRORS, UNREACHABLE, sync_client
-from service.jobs.storage import LocalStorage, NoSpace, is_no_space
+from service.jobs.storage import NoSpace, StoreUnavailable, is_no_space, open_storage
 from service.jobs.stream_record import StreamStatus
 from service.jobs.stream_worker import StreamRunner
 from service.jobs.streams import Streams
@@ -55,7 +62,6 @@ from service.pipeline.runner import ClipProcessor, PipelineOptions, SegmenterOpt
 from service.pipeline.timing import StageTimer
 from service.video import VideoError, read_frames
 from service.video.decode import configure_cache as configure_video_cache
-from service.video.decode import forget as forget_video
 from service.video.decode import release_reader
 
 log = logging.getLogger("stemseg.worker")
@@ -109,7 +115,9 @@ class Worker:
             self.engine = load_service_engine(s)
         self.r = redis_client(s)
         configure_video_cache(s.probe_cache_bytes)
-        self.storage = LocalStorage(s.data_dir)
+        self.storage = open_storage(s)
+        # With an object store, this worker's copies of job videos (downloaded once per job, not per task).
+        self.cache = FileCache.of(self.storage, s.cache_bytes)
         self.jobs = Jobs(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
         self.jobs.on_end = self._job_ended
         self.queue = self.jobs.queue
@@ -117,7 +125,8 @@ class Worker:
                                  s.webhook_host_list)
         self.coordinator = JobCoordinator(self.r, self.jobs, self.storage, self.engine.cfg,
                                           render_frames=s.render_frames_per_task, lock_ttl_s=s.lock_ttl_s,
-                                          max_pixels=s.max_frame_pixels, record=self.jobs.record)
+                                          max_pixels=s.max_frame_pixels, record=self.jobs.record,
+                                          videos=self.cache)
         self.streams = Streams(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
         self.stream_runner = StreamRunner(s, self.engine, self.streams, self.storage, self.name, self.stopping)
         self._beat_key = self.jobs.keys.worker(self.name)
@@ -131,8 +140,8 @@ class Worker:
             return Outcome("done", "the job was deleted or has ended")
         if task.deliveries > self.settings.max_deliveries:
             what = "output frames" if task.kind == OUTPUTS else "clips"
-            return Outcome("fail", f"{what} {task.start}-{task.stop - 1} failed {task.deliveries - 1} times "
-                                   f"(worker crashes or timeouts)")
+            why = f"; the last error: {job.retry_reason}" if job.retry_reason else " (worker crashes or timeouts)"
+            return Outcome("fail", f"{what} {task.start}-{task.stop - 1} failed {task.deliveries - 1} times{why}")
         plan = job.plan
         if plan.preset != self.engine.cfg.name:
             return Outcome("fail", f"the job was planned for the {plan.preset!r} model; the workers run "
@@ -146,6 +155,14 @@ class Worker:
             return Outcome("fail", f"video: {e.about('the video')}")
         except NoSpace:
             return Outcome("fail", NO_SPACE)
+        except StoreUnavailable as e:
+            # Down or failing: the task is redelivered (the job completes once the store is back,
+            # or fails after max_deliveries); refused (403, quota): no retry helps.
+            return Outcome("fail" if e.lasting else "retry", f"job store: {e}")
+        except FileNotFoundError as e:
+            if not self.storage.shared_paths and self.jobs.get(task.job_id) is not None:
+                return Outcome("fail", f"job store: the job's {e} is missing from the store")
+            return Outcome("retry", f"{type(e).__name__}: {e}")
         except OSError as e:
             if is_no_space(e):
                 return Outcome("fail", NO_SPACE)
@@ -170,8 +187,8 @@ class Worker:
         if todo:
             context = context_range(clips, todo[0], todo[-1] + 1)
             wanted = sorted({f for k in context for f in clips[k]})
-            with timer("decode"):
-                frames = {f.index: f for f in read_frames(str(self.storage.path(job_id, files.VIDEO)), wanted)}
+            with timer("decode"), self.cache.local(job_id, files.VIDEO) as video:
+                frames = {f.index: f for f in read_frames(str(video), wanted)}
             windows = ((k, [frames[i] for i in clips[k]]) for k in context)
             processor = ClipProcessor(self.engine, options=SegmenterOptions(min_iou=job.min_iou), cfg=cfg,
                                       pipeline=PipelineOptions.for_worker(self.settings), timer=timer)
@@ -207,7 +224,13 @@ class Worker:
         self.jobs.record(task.job_id, {
             "kind": task.kind, "worker": self.name, "start": task.start, "stop": task.stop,
             "queued": task.queued_at, "taken": task.taken_at, "end": time.time(), "deliveries": task.deliveries,
-            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()}})
+            "seconds": {k: round(v, 4) for k, v in timer.seconds.items()}, **self._store_reads()})
+
+    def _store_reads(self) -> dict[str, int]:
+        """What this task read from an object store: every byte, and those of video copies."""
+        if self.storage.shared_paths:
+            return {}
+        return {"store_bytes_read": self.storage.bytes_read.take(), "video_bytes_fetched": self.cache.take_fetched()}
 
     def settle(self, task: Task, outcome: Outcome) -> None:
         """Act on a task's outcome; then, if its job is gone, delete what this task wrote."""
@@ -219,14 +242,16 @@ class Worker:
             self.jobs.fail(task.job_id, outcome.reason)
         if outcome.kind == "retry":
             log.warning("task %s of job %s will be retried: %s", task.id, task.job_id, outcome.reason)
+            self.jobs.update(task.job_id, retry_reason=outcome.reason)  # named if the retries run out
         else:
             self.queue.done(task.id)
         if self.jobs.get(task.job_id) is None:
             self.storage.delete_job(task.job_id)
-            forget_video(self.storage.path(task.job_id, files.VIDEO))
+            self.cache.forget(task.job_id)
 
     def finalize(self) -> None:
         self.stopping.set()
+        self.cache.close()
         try:
             self.r.delete(self._beat_key)
             for consumer in self.consumers:
@@ -293,6 +318,7 @@ class Worker:
             return
         with self._lock:
             self._held[task.id] = consumer
+        self._store_reads()  # counted from here: this task's reads only
         try:
             self.settle(task, self.execute(task))
         finally:

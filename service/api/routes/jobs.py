@@ -20,6 +20,7 @@ from service.api.deps import JobIdPath, OwnerDep, Services, ServicesDep
 from service.api.events import event_stream
 from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
+from service.api.stored import REDIRECT, stored_file
 from service.api.uploads import clean_filename, is_json, receive, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
@@ -193,7 +194,10 @@ async def create_job(
             limits=Limits.from_settings(s), quota=s.max_active_jobs,
             fields={"filename": filename, "formats": wanted, "callback_url": callback_url or None})
     except BaseException:
-        svc.storage.delete_job(staging)
+        if svc.storage.shared_paths:
+            svc.storage.delete_job(staging)
+        else:  # requests to the store: off the event loop
+            await run_in_threadpool(svc.storage.delete_job, staging)
         raise
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return _view(job)
@@ -234,28 +238,32 @@ _MOTS_RANGES = ranged_responses("text/plain", "")
                       "application/zip": {"schema": {"type": "string", "format": "binary"}},
                       "text/plain": {"schema": {"type": "string"}}}},
     206: {**_MOTS_RANGES[206], "description": "format=mots with a Range header: that byte range"},
-    400: _MOTS_RANGES[400], 416: _MOTS_RANGES[416],
+    400: _MOTS_RANGES[400], 416: _MOTS_RANGES[416], **REDIRECT,
     **responses(401, 404, 409, 422, 503)})
 def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
                format: Annotated[str, Query(pattern="^(json|davis|mots)$")] = "json") -> Response:
     job = _finished(svc, owner, job_id)
-    out = svc.storage.path(job_id, files.OUT)
     if format == "davis":
-        if not (out / NAMES["davis"]).is_dir():
-            raise Problem(409, "this job was not asked for the davis format")
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-            for png in sorted((out / NAMES["davis"]).glob("*.png")):
-                z.write(png, f"davis/{png.name}")
+        # With an object store the PNGs are fetched first (a LIST and a GET each).
+        with svc.storage.fetch(job_id, f"{files.OUT}/{NAMES['davis']}") as davis:
+            if not davis.is_dir() or not any(davis.iterdir()):
+                raise Problem(409, "this job was not asked for the davis format")
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+                for png in sorted(davis.glob("*.png")):
+                    z.write(png, f"davis/{png.name}")
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-davis.zip"'})
     if format == "mots":
-        if not (out / NAMES["mots"]).is_file():
-            raise Problem(409, "this job was not asked for the mots format")
-        return RangedFile(out / NAMES["mots"], media_type="text/plain")
-    if not (out / NAMES["ytvis"]).is_file():
-        raise Problem(409, "this job was not asked for the ytvis format, which the JSON result is made from")
-    entries = json.loads((out / NAMES["ytvis"]).read_text())
+        try:
+            return stored_file(svc, job_id, f"{files.OUT}/{NAMES['mots']}", media_type="text/plain")
+        except FileNotFoundError:
+            raise Problem(409, "this job was not asked for the mots format") from None
+    try:
+        entries = json.loads(svc.storage.read(job_id, f"{files.OUT}/{NAMES['ytvis']}"))
+    except FileNotFoundError:
+        raise Problem(409, "this job was not asked for the ytvis format, which the JSON result is made from"
+                      ) from None
     tracks = []
     for e in entries:
         boxes = [None if rle is None else mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()}
@@ -268,13 +276,13 @@ def get_result(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep,
 
 
 @router.get("/{job_id}/overlay.mp4", response_class=RangedFile, responses={
-    **ranged_responses("video/mp4", "The video with masks drawn"), **responses(401, 404, 409, 422, 503)})
+    **ranged_responses("video/mp4", "The video with masks drawn"), **REDIRECT, **responses(401, 404, 409, 422, 503)})
 def get_overlay(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep):
     _finished(svc, owner, job_id)
-    path = svc.storage.path(job_id, files.OUT) / NAMES["overlay"]
-    if not path.is_file():
-        raise Problem(409, "this job was not asked for the overlay format")
-    return RangedFile(path, media_type="video/mp4")
+    try:
+        return stored_file(svc, job_id, f"{files.OUT}/{NAMES['overlay']}", media_type="video/mp4")
+    except FileNotFoundError:
+        raise Problem(409, "this job was not asked for the overlay format") from None
 
 
 # One server-sent event (OpenAPI 3.2's itemSchema); `data` is JSON text; lines starting with

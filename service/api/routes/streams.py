@@ -17,6 +17,7 @@ from service.api.deps import OwnerDep, Services, ServicesDep, StreamIdPath
 from service.api.events import event_stream
 from service.api.problems import Problem, responses
 from service.api.routes.files import OutputFile
+from service.api.stored import REDIRECT, stored_file
 from service.api.uploads import is_json, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs.sources import parse_nets
@@ -188,17 +189,20 @@ class StreamOutputs(BaseModel):
     outputs: list[StreamOutput]
 
 
-def _outputs(svc: Services, rec: StreamRecord) -> list[tuple[dict[str, Any], list[str], list[str]]]:
-    """Each written output folder of the stream: its record entry, formats and files (manifest first
-    read, then listed), as the CLI wrote it."""
+def _outputs(svc: Services, rec: StreamRecord) -> list[tuple[dict[str, Any], list[str], dict[str, int]]]:
+    """Each written output folder of the stream: its record entry, files (as its manifest lists
+    them, the manifest last) and their sizes, as the CLI wrote it."""
     found = []
     for entry in rec.outputs:
-        folder = svc.storage.path(rec.directory, entry["path"])
         try:
-            manifest = json.loads((folder / MANIFEST).read_text())
+            manifest = json.loads(svc.storage.read(rec.directory, f"{entry['path']}/{MANIFEST}"))
         except (OSError, ValueError) as e:  # recorded once written: its files were lost
             raise Problem(410, "this stream's output files are gone from the server") from e
-        found.append((entry, list(manifest["formats"]), [*manifest["files"], MANIFEST]))
+        names = [*manifest["files"], MANIFEST]
+        sizes = svc.storage.sizes(rec.directory, entry["path"])  # one listing, not a request per file
+        if any(n not in sizes for n in names):
+            raise Problem(410, "this stream's output files are gone from the server")
+        found.append((entry, list(manifest["formats"]), names, sizes))
     return found
 
 
@@ -207,26 +211,27 @@ def list_stream_files(stream_id: StreamIdPath, svc: ServicesDep, owner: OwnerDep
     """The output folders written so far (one per worker's run of the stream, once it ended), file by
     file: each the folder `stemseg segment` writes, its manifest (`stemseg-output.json`) included."""
     rec = _own_stream(svc, owner, stream_id)
-    outputs = []
-    for entry, formats, names in _outputs(svc, rec):
-        folder = svc.storage.path(rec.directory, entry["path"])
-        outputs.append(StreamOutput(tenure=entry["tenure"], path=entry["path"], formats=formats, files=[
-            OutputFile(path=n, size=(folder / n).stat().st_size,
-                       url=f"/v1/streams/{stream_id}/files/{entry['path']}/{n}") for n in names]))
-    return StreamOutputs(outputs=outputs)
+    return StreamOutputs(outputs=[
+        StreamOutput(tenure=entry["tenure"], path=entry["path"], formats=formats, files=[
+            OutputFile(path=n, size=sizes[n], url=f"/v1/streams/{stream_id}/files/{entry['path']}/{n}")
+            for n in names])
+        for entry, formats, names, sizes in _outputs(svc, rec)])
 
 
 @router.get("/{stream_id}/files/{name:path}", response_class=FileResponse, responses={
     200: {"description": "One file of an output folder", "content": {
         media: {"schema": {"type": "string", "format": "binary"}}
         for media in ("application/json", "image/png", "text/plain; charset=utf-8", "video/mp4")}},
-    **responses(401, 404, 410, 422, 503)})
+    **REDIRECT, **responses(401, 404, 410, 422, 503)})
 def get_stream_file(stream_id: StreamIdPath, name: Annotated[str, PathParam(max_length=300)], svc: ServicesDep,
-                    owner: OwnerDep) -> FileResponse:
+                    owner: OwnerDep) -> Response:
     rec = _own_stream(svc, owner, stream_id)
-    for entry, _, names in _outputs(svc, rec):
+    for entry, _, names, _ in _outputs(svc, rec):
         prefix = entry["path"] + "/"
         # Only what a manifest lists: no path of the caller's choosing is opened.
         if name.startswith(prefix) and name[len(prefix):] in names:
-            return FileResponse(svc.storage.path(rec.directory, name), filename=name.rsplit("/", 1)[-1])
+            try:
+                return stored_file(svc, rec.directory, name, filename=name.rsplit("/", 1)[-1], ranged=False)
+            except FileNotFoundError:
+                raise Problem(410, "this stream's output files are gone from the server") from None
     raise Problem(404, f"the stream's outputs have no file {name!r}")

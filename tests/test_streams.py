@@ -308,6 +308,38 @@ def test_a_worker_whose_stream_was_taken_over_stops_without_ending_it(env: Servi
     assert "was taken over by another worker" in env.log_text()
 
 
+def test_a_stream_on_an_object_store_serves_its_outputs_from_there(tmp_path: Path, port: int, videos,
+                                                                    s3_settings: dict[str, str]) -> None:
+    """The job store in S3 (a real SeaweedFS): the outputs are published there, nothing is left in
+    the data directory, and the API serves them."""
+    env = ServiceEnv(tmp_path, SHIPPED_WEIGHTS, STEMSEG_STREAM_HOSTS=f"127.0.0.1:{port}",
+                     STEMSEG_SOURCE_PRIVATE_NETS="127.0.0.1/32", STEMSEG_LIVE_RECONNECT_ATTEMPTS="0",
+                     STEMSEG_LIVE_BACKLOG="buffer", STEMSEG_STORAGE_URL=s3_settings["storage_url"],
+                     STEMSEG_S3_ENDPOINT_URL=s3_settings["s3_endpoint_url"])
+    try:
+        env.start_api()
+        env.start_worker()
+        with _source(videos["short"], port, 60 / FPS):
+            sid = _create(env, port, "short.ts", headers={}, formats=["ytvis", "davis", "overlay"]).json()["id"]
+            deadline = time.monotonic() + 120
+            while (rec := httpx.get(f"{env.base}/v1/streams/{sid}").json())["status"] not in ("ended", "failed"):
+                assert time.monotonic() < deadline, rec
+                time.sleep(0.3)
+        assert rec["status"] == "ended" and [o["frames"] for o in rec["outputs"]] == [60], rec
+        [listed] = httpx.get(f"{env.base}/v1/streams/{sid}/files").json()["outputs"]
+        names = [f["path"] for f in listed["files"]]
+        assert len(names) == 60 + 3 and names[-1] == "stemseg-output.json"
+        by_name = {f["path"]: f for f in listed["files"]}
+        results = httpx.get(f"{env.base}{by_name['results.json']['url']}")
+        assert results.status_code == 200 and len(results.content) == by_name["results.json"]["size"]
+        assert all(len(e["segmentations"]) == 60 for e in results.json())
+        overlay = httpx.get(f"{env.base}{by_name['overlay.mp4']['url']}")
+        assert overlay.status_code == 200 and len(overlay.content) == by_name["overlay.mp4"]["size"] > 0
+        assert not (env.data / "jobs" / f"stream-{sid}").exists()  # all of it is in the bucket
+    finally:
+        env.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Admission, in process (no worker: the streams stay queued).
 

@@ -440,6 +440,7 @@ def _state_machine(streams: Streams, r) -> None:
     assert not streams.transition(a.id, StreamStatus.STOPPING)
     assert streams.transition(a.id, StreamStatus.RUNNING)
     assert streams.stop(a.id).status == StreamStatus.STOPPING  # a running one is asked to stop
+    assert streams.stop(a.id).status == StreamStatus.STOPPING  # ... once: its worker moves it on
     assert [s.id for s in streams.unfinished()] == [a.id]
     assert streams.transition(a.id, StreamStatus.STOPPED)
     for status in (StreamStatus.RUNNING, StreamStatus.ENDED, StreamStatus.FAILED, StreamStatus.STOPPING):

@@ -181,8 +181,12 @@ class Streams:
         """DELETE: a queued stream is stopped at once; a running one is asked to stop (its worker
         sees `stopping`, writes the outputs of what it saw and moves it to stopped). What was
         written is kept until the stream expires."""
-        if not self.transition(stream_id, StreamStatus.STOPPED, ended_by="deleted"):
-            self.transition(stream_id, StreamStatus.STOPPING, ended_by="deleted")
+        rec = self.get(stream_id)
+        if rec is None or rec.final or rec.status == StreamStatus.STOPPING:
+            return rec  # a second DELETE changes nothing: the worker is already writing the outputs
+        if rec.status == StreamStatus.QUEUED and self.transition(stream_id, StreamStatus.STOPPED, ended_by="deleted"):
+            return self.get(stream_id)
+        self.transition(stream_id, StreamStatus.STOPPING, ended_by="deleted")  # running (or it just started)
         return self.get(stream_id)
 
     def take_over(self, stream_id: str, worker: str, gap: dict[str, Any] | None) -> StreamRecord | None:

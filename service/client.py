@@ -248,6 +248,15 @@ def _source_body(url: str, formats, callback_url: str | None, min_dim: int | Non
     return body
 
 
+def _stream_body(url: str, formats: Sequence[str] | None, max_duration_s: float | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"url": url}
+    if formats is not None:
+        body["formats"] = list(formats)
+    if max_duration_s is not None:
+        body["max_duration_s"] = max_duration_s
+    return body
+
+
 def _upload_params(formats, callback_url: str | None, min_dim: int | None) -> dict[str, str]:
     params = _formats_param(formats)
     if callback_url:
@@ -419,6 +428,13 @@ class Client:
     def job(self, job_id: str) -> Job:
         return Job(self, self.request("GET", f"/v1/jobs/{job_id}").json())
 
+    def stream(self, url: str, formats: Sequence[str] | None = None, *,
+               max_duration_s: float | None = None) -> LiveStream:
+        """Have the service segment a live source (its host listed in the service's
+        STEMSEG_STREAM_HOSTS) until it ends, is stopped or max_duration_s passes."""
+        return LiveStream(self, self.request("POST", "/v1/streams", json=_stream_body(url, formats,
+                                                                                      max_duration_s)).json())
+
     def jobs(self, offset: int = 0, limit: int = 20) -> list[Job]:
         """This API key's jobs, newest first."""
         page = self.request("GET", "/v1/jobs", params={"offset": offset, "limit": limit}).json()
@@ -452,40 +468,8 @@ class Job:
         """The job's events until `end`, reconnecting with Last-Event-ID after a dropped
         stream (at most max_reconnects times in a row without an event); with keepalives,
         the server's keep-alive comments too (as KEEPALIVE)."""
-        failures = 0
-        while True:
-            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-            try:
-                with self.client._http.stream("GET", f"/v1/jobs/{self.id}/events", headers=headers,
-                                              timeout=httpx.Timeout(60.0, read=None)) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        error = error_from(response)
-                        if response.status_code not in RETRY_STATUSES:
-                            raise error
-                        raise _Dropped(error)
-                    parser = _SSEParser()
-                    for line in response.iter_lines():
-                        event = parser.feed(line)
-                        if event is None or (event is KEEPALIVE and not keepalives):
-                            continue
-                        failures = 0
-                        if event.id:
-                            last_event_id = event.id
-                        yield event
-                        if event.type == "end":
-                            return
-            except (httpx.TransportError, _Dropped) as e:
-                error = e.error if isinstance(e, _Dropped) else None
-                wait = self.client._retry.delay(failures, error) if failures < max_reconnects else None
-                if wait is None:
-                    raise error if error is not None else e
-            else:  # ended without `end` (the server's sse_max_s, or an error event): resume
-                wait = self.client._retry.delay(failures, None) if failures < max_reconnects else None
-                if wait is None:
-                    raise ConnectionError(f"the event stream of job {self.id} keeps ending without an end event")
-            failures += 1
-            time.sleep(wait)
+        return _follow(self.client, f"/v1/jobs/{self.id}/events", f"job {self.id}", last_event_id,
+                       max_reconnects, keepalives)
 
     def wait(self, timeout: float | None = None, *, progress: bool = False, raise_on_failure: bool = True) -> Job:
         """Follow the events until the job ends, then refresh. timeout (seconds) is checked as events
@@ -543,6 +527,77 @@ class Job:
     def delete(self) -> None:
         """Remove the job's record and files (a running job is cancelled first)."""
         self.client.request("DELETE", f"/v1/jobs/{self.id}")
+
+
+def _follow(client: Client, path: str, what: str, last_event_id: str | None, max_reconnects: int,
+            keepalives: bool) -> Iterator[Event]:
+    """Server-sent events at `path` until `end` (a job's or a live stream's), resuming with
+    Last-Event-ID after a dropped stream."""
+    failures = 0
+    while True:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        try:
+            with client._http.stream("GET", path, headers=headers,
+                                     timeout=httpx.Timeout(60.0, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    error = error_from(response)
+                    if response.status_code not in RETRY_STATUSES:
+                        raise error
+                    raise _Dropped(error)
+                parser = _SSEParser()
+                for line in response.iter_lines():
+                    event = parser.feed(line)
+                    if event is None or (event is KEEPALIVE and not keepalives):
+                        continue
+                    failures = 0
+                    if event.id:
+                        last_event_id = event.id
+                    yield event
+                    if event.type == "end":
+                        return
+        except (httpx.TransportError, _Dropped) as e:
+            error = e.error if isinstance(e, _Dropped) else None
+            wait = client._retry.delay(failures, error) if failures < max_reconnects else None
+            if wait is None:
+                raise error if error is not None else e
+        else:  # ended without `end` (the server's sse_max_s, or an error event): resume
+            wait = client._retry.delay(failures, None) if failures < max_reconnects else None
+            if wait is None:
+                raise ConnectionError(f"the event stream of {what} keeps ending without an end event")
+        failures += 1
+        time.sleep(wait)
+
+
+class LiveStream:
+    """A live stream the service segments (POST /v1/streams): `.data` is its JSON as last fetched."""
+
+    def __init__(self, client: Client, data: dict[str, Any]) -> None:
+        self.client, self.data = client, data
+        self.id: str = data["id"]
+
+    def __repr__(self) -> str:
+        return f"<LiveStream {self.id} {self.status}>"
+
+    @property
+    def status(self) -> str:
+        return self.data["status"]
+
+    def refresh(self) -> LiveStream:
+        self.data = self.client.request("GET", f"/v1/streams/{self.id}").json()
+        return self
+
+    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+               keepalives: bool = False) -> Iterator[Event]:
+        """status, frame (each frame's tracks as they are final), gap and track events until `end`,
+        resuming with Last-Event-ID after a dropped connection."""
+        return _follow(self.client, f"/v1/streams/{self.id}/events", f"stream {self.id}", last_event_id,
+                       max_reconnects, keepalives)
+
+    def stop(self) -> LiveStream:
+        """DELETE: the service stops reading and writes the outputs of what it saw (kept until expiry)."""
+        self.data = self.client.request("DELETE", f"/v1/streams/{self.id}").json()
+        return self
 
 
 class _Dropped(Exception):
@@ -613,6 +668,12 @@ class AsyncClient:
         body = _source_body(url, formats, callback_url, min_dim)
         return AsyncJob(self, (await self.request("POST", "/v1/jobs", json=body)).json())
 
+    async def stream(self, url: str, formats: Sequence[str] | None = None, *,
+                     max_duration_s: float | None = None) -> AsyncLiveStream:
+        """`Client.stream` for asyncio."""
+        return AsyncLiveStream(self, (await self.request("POST", "/v1/streams",
+                                                         json=_stream_body(url, formats, max_duration_s))).json())
+
     async def job(self, job_id: str) -> AsyncJob:
         return AsyncJob(self, (await self.request("GET", f"/v1/jobs/{job_id}")).json())
 
@@ -642,42 +703,10 @@ class AsyncJob:
         self.data = (await self.client.request("GET", f"/v1/jobs/{self.id}")).json()
         return self
 
-    async def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
-                     keepalives: bool = False) -> AsyncIterator[Event]:
-        failures = 0
-        while True:
-            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-            try:
-                async with self.client._http.stream("GET", f"/v1/jobs/{self.id}/events", headers=headers,
-                                                    timeout=httpx.Timeout(60.0, read=None)) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        error = error_from(response)
-                        if response.status_code not in RETRY_STATUSES:
-                            raise error
-                        raise _Dropped(error)
-                    parser = _SSEParser()
-                    async for line in response.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None or (event is KEEPALIVE and not keepalives):
-                            continue
-                        failures = 0
-                        if event.id:
-                            last_event_id = event.id
-                        yield event
-                        if event.type == "end":
-                            return
-            except (httpx.TransportError, _Dropped) as e:
-                error = e.error if isinstance(e, _Dropped) else None
-                wait = self.client._retry.delay(failures, error) if failures < max_reconnects else None
-                if wait is None:
-                    raise error if error is not None else e
-            else:
-                wait = self.client._retry.delay(failures, None) if failures < max_reconnects else None
-                if wait is None:
-                    raise ConnectionError(f"the event stream of job {self.id} keeps ending without an end event")
-            failures += 1
-            await asyncio.sleep(wait)
+    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+               keepalives: bool = False) -> AsyncIterator[Event]:
+        return _afollow(self.client, f"/v1/jobs/{self.id}/events", f"job {self.id}", last_event_id,
+                        max_reconnects, keepalives)
 
     async def wait(self, timeout: float | None = None, *, progress: Callable[[int, int], None] | None = None,
                    raise_on_failure: bool = True) -> AsyncJob:
@@ -741,6 +770,73 @@ class AsyncJob:
         await self.client.request("DELETE", f"/v1/jobs/{self.id}")
 
 
-__all__ = ["KEEPALIVE", "AsyncClient", "AsyncJob", "BadRequest", "Client", "Conflict", "Event", "Gone",
-           "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "NotFound", "RateLimited", "ServerError",
-           "ServiceError", "TooLarge", "Unauthorized", "Unavailable", "UnsupportedMedia", "error_from"]
+async def _afollow(client: AsyncClient, path: str, what: str, last_event_id: str | None, max_reconnects: int,
+                   keepalives: bool) -> AsyncIterator[Event]:
+    """`_follow` for asyncio."""
+    failures = 0
+    while True:
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        try:
+            async with client._http.stream("GET", path, headers=headers,
+                                           timeout=httpx.Timeout(60.0, read=None)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    error = error_from(response)
+                    if response.status_code not in RETRY_STATUSES:
+                        raise error
+                    raise _Dropped(error)
+                parser = _SSEParser()
+                async for line in response.aiter_lines():
+                    event = parser.feed(line)
+                    if event is None or (event is KEEPALIVE and not keepalives):
+                        continue
+                    failures = 0
+                    if event.id:
+                        last_event_id = event.id
+                    yield event
+                    if event.type == "end":
+                        return
+        except (httpx.TransportError, _Dropped) as e:
+            error = e.error if isinstance(e, _Dropped) else None
+            wait = client._retry.delay(failures, error) if failures < max_reconnects else None
+            if wait is None:
+                raise error if error is not None else e
+        else:
+            wait = client._retry.delay(failures, None) if failures < max_reconnects else None
+            if wait is None:
+                raise ConnectionError(f"the event stream of {what} keeps ending without an end event")
+        failures += 1
+        await asyncio.sleep(wait)
+
+
+class AsyncLiveStream:
+    """`LiveStream` for asyncio."""
+
+    def __init__(self, client: AsyncClient, data: dict[str, Any]) -> None:
+        self.client, self.data = client, data
+        self.id: str = data["id"]
+
+    def __repr__(self) -> str:
+        return f"<AsyncLiveStream {self.id} {self.status}>"
+
+    @property
+    def status(self) -> str:
+        return self.data["status"]
+
+    async def refresh(self) -> AsyncLiveStream:
+        self.data = (await self.client.request("GET", f"/v1/streams/{self.id}")).json()
+        return self
+
+    def events(self, last_event_id: str | None = None, *, max_reconnects: int = 10,
+               keepalives: bool = False) -> AsyncIterator[Event]:
+        return _afollow(self.client, f"/v1/streams/{self.id}/events", f"stream {self.id}", last_event_id,
+                        max_reconnects, keepalives)
+
+    async def stop(self) -> AsyncLiveStream:
+        self.data = (await self.client.request("DELETE", f"/v1/streams/{self.id}")).json()
+        return self
+
+
+__all__ = ["KEEPALIVE", "AsyncClient", "AsyncJob", "AsyncLiveStream", "BadRequest", "Client", "Conflict", "Event",
+           "Gone", "InsufficientStorage", "InvalidRequest", "Job", "JobFailed", "LiveStream", "NotFound", "RateLimited",
+           "ServerError", "ServiceError", "TooLarge", "Unauthorized", "Unavailable", "UnsupportedMedia", "error_from"]

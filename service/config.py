@@ -272,6 +272,18 @@ class Settings(BaseSettings):
     live_queue_frames: int = Field(32, ge=1, description="... and in frames (1.3 s at 25 fps): what bounds "
                                    "the latency a backlog adds under the drop policy")
 
+    # --- Live streams in the service (service/jobs/streams.py, service/jobs/stream_worker.py) ---
+    max_streams_per_key: int = Field(2, ge=0, description="Unfinished live streams per API key (429 above); "
+                                     "0: no limit")
+    stream_duration_s: float = Field(3600.0, gt=0, description="A live stream's max_duration_s when the request "
+                                     "gives none")
+    stream_max_duration_s: float = Field(24 * 3600.0, gt=0, description="The largest max_duration_s a request "
+                                         "may ask for (422 above)")
+    worker_streams: int = Field(1, ge=0, description="Live streams one worker runs at once (each on a thread of "
+                                "its own, sharing the engine); 0: the worker takes no streams")
+    worker_streams_take_files: bool = Field(False, description="A worker running a live stream also takes file "
+                                            "tasks (off: the stream keeps the worker's engine to itself)")
+
     @property
     def source_bucket_list(self) -> list[str]:
         return [b.strip() for b in self.source_buckets.split(",") if b.strip()]
@@ -279,6 +291,10 @@ class Settings(BaseSettings):
     @property
     def source_host_list(self) -> list[str]:
         return [h.strip().lower() for h in self.source_hosts.split(",") if h.strip()]
+
+    @property
+    def stream_host_list(self) -> list[str]:
+        return [h.strip().lower() for h in self.stream_hosts.split(",") if h.strip()]
 
     @property
     def webhook_host_list(self) -> list[str]:

@@ -27,6 +27,7 @@ from service.api.main import create_app
 from service.config import Settings
 from service.jobs.keys import Keys
 from service.jobs.lifecycle import JobPlan
+from service.jobs.stream_record import StreamStatus
 from service.model.presets import get_preset
 
 # Per operation and mode: about 500 cases in all; raise it for a longer run.
@@ -91,6 +92,15 @@ def test_api_matches_its_openapi(api_schema) -> None:
                      key=lambda op: op.method == "delete")
     for operation in with_id:
         cases += _run(operation, GenerationMode.POSITIVE, failures, path_parameters={"job_id": job_id})
+    # And on a real (failed) live stream.
+    streams = api_schema.app.state.services.streams
+    stream = streams.create("", "http://127.0.0.1:9/x.ts", ["ytvis"], 60.0, "kitti_mots", 0)
+    streams.transition(stream.id, StreamStatus.FAILED, error="seeded for the OpenAPI test")
+    with_stream = sorted((r.ok() for r in api_schema.get_all_operations() if "{stream_id}" in r.ok().path),
+                         key=lambda op: op.method == "delete")
+    assert with_stream
+    for operation in with_stream:
+        cases += _run(operation, GenerationMode.POSITIVE, failures, path_parameters={"stream_id": stream.id})
     print(f"{cases} cases:", sorted(STATUSES.items()))
     assert cases > 300
     assert failures == [], "\n".join(failures[:30])

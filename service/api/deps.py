@@ -22,6 +22,7 @@ from service.jobs.keys import JOB_ID, valid_job_id
 from service.jobs.lifecycle import Jobs
 from service.jobs.redis_clients import async_client, sync_client
 from service.jobs.storage import Storage, open_storage
+from service.jobs.streams import Streams
 from service.model.presets import ModelConfig
 
 EVENTS_BLOCK_MS = 500
@@ -36,7 +37,8 @@ class Services:
     jobs: Jobs
     storage: Storage
     probes: ProbeSlots  # admission's probes: threads of their own, so they never starve other routes
-    open_streams: int = field(default=0)
+    streams: Streams  # live streams (service.jobs.streams)
+    open_streams: int = field(default=0)  # event streams (SSE) open on this process
 
     @classmethod
     def connect(cls, settings: Settings, model: ModelConfig) -> Services:
@@ -55,7 +57,8 @@ class Services:
         jobs = Jobs(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
         probes = ProbeSlots(settings.max_concurrent_probes, settings.max_probes_per_key, settings.retry_after_s,
                             settings.probe_wait_s)
-        return cls(settings, model, r, ar, jobs, storage, probes)
+        streams = Streams(r, settings.redis_prefix, settings.job_ttl_s, storage, settings.visibility_timeout_s)
+        return cls(settings, model, r, ar, jobs, storage, probes, streams)
 
 
 async def services(request: Request) -> Services:
@@ -101,3 +104,14 @@ async def job_id(job_id: Annotated[str, Path(description="the job's id, 32 hex d
 
 
 JobIdPath = Annotated[str, Depends(job_id)]
+
+
+async def stream_id(stream_id: Annotated[str, Path(description="the live stream's id, 32 hex digits",
+                                             json_schema_extra={"pattern": JOB_ID.pattern})]) -> str:
+    """Checked by format before any Redis call: a malformed id is simply no stream (404)."""
+    if not valid_job_id(stream_id):
+        raise Problem(404, "no such stream (a stream id is 32 hex digits)")
+    return stream_id
+
+
+StreamIdPath = Annotated[str, Depends(stream_id)]

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from service.api import problems
 from service.api.deps import Services
-from service.api.routes import files, health, jobs, web
+from service.api.routes import files, health, jobs, streams, web
 from service.config import Settings, get_settings
 from service.jobs import probing
 from service.jobs.model_info import served_model_of
@@ -51,6 +51,7 @@ def create_app(settings: Settings | None = None, model_cfg: ModelConfig | None =
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(files.router)
+    app.include_router(streams.router)
     app.include_router(web.router)
     app.mount(web.STATIC_URL, web.static_files(), name="static")
     return app

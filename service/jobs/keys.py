@@ -22,6 +22,10 @@ are `{P}:...` (the slot of the prefix). A Lua script or MULTI touches keys of on
 | `{P}:worker:NAME` (heartbeat) | a few visibility timeouts |
 | `{P}:stats:clips` (cumulative counters) | none: three fields, monotonic, read by `/metrics` |
 | `{P}:sweep` (the sweeper's lease) | the sweep period |
+| `P:stream:{ID}` (hash, service.jobs.stream_record), `P:stream:{ID}:events` | `job_ttl_s`, from its end |
+| `{P}:streams:owner:OWNER` (the owner's unfinished streams, its limit) | `job_ttl_s` from its last new stream |
+| `{P}:streams:live` (every unfinished stream, the metrics) | none: left as streams end, pruned by the sweeper |
+| `{P}:stream-tasks` (stream) and its group: one entry per unfinished stream | none: acknowledged ones are deleted |
 """
 
 from __future__ import annotations
@@ -88,6 +92,24 @@ class Keys:
     @property
     def clip_stats(self) -> str:
         return f"{self._shared}:stats:clips"
+
+    # -- live streams (service.jobs.streams): a stream's keys share the tag of its id -----------
+    def stream(self, stream_id: str) -> str:
+        return f"{self.prefix}:stream:{{{stream_id}}}"
+
+    def stream_events(self, stream_id: str) -> str:
+        return f"{self.stream(stream_id)}:events"
+
+    def owner_streams(self, owner: str) -> str:
+        return f"{self._shared}:streams:owner:{owner or '-'}"
+
+    @property
+    def live_streams(self) -> str:
+        return f"{self._shared}:streams:live"
+
+    @property
+    def stream_tasks(self) -> str:
+        return f"{self._shared}:stream-tasks"
 
     @property
     def sweep(self) -> str:

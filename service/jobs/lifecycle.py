@@ -173,6 +173,12 @@ return 1
 """
 
 
+# The two one-record scripts serve live streams' records too (service.jobs.streams): they know
+# nothing of jobs but the `status` and `owner` fields, which a stream's record has alike.
+TRANSITION_SCRIPT, WRITE_IF_EXISTS_SCRIPT = _TRANSITION, _WRITE_IF_EXISTS
+EVENTS_MAXLEN = _EVENTS_MAXLEN
+
+
 class Jobs:
     def __init__(self, r: redis.Redis, prefix: str, ttl_s: int, storage: Storage,
                  visibility_timeout_s: float = 60.0) -> None:

@@ -42,9 +42,11 @@ class Task:
 
 
 class TaskQueue:
-    def __init__(self, r: redis.Redis, keys: Keys, visibility_timeout_s: float) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, visibility_timeout_s: float, stream: str | None = None) -> None:
+        """`stream`: the Redis stream of the queue (default the file tasks', `keys.tasks`; live
+        streams have their own, `keys.stream_tasks`, with the same lease and takeover)."""
         self.r = r
-        self.stream = keys.tasks
+        self.stream = stream or keys.tasks
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self._group = False
 

@@ -51,6 +51,9 @@ from service.jobs.queue import OUTPUTS, Task
 from service.jobs.record import JobPlan, JobRecord
 from service.jobs.redis_clients import REDIS_ERRORS, UNREACHABLE, sync_client
 from service.jobs.storage import NoSpace, StoreUnavailable, is_no_space, open_storage
+from service.jobs.stream_record import StreamStatus
+from service.jobs.stream_worker import StreamRunner
+from service.jobs.streams import Streams
 from service.jobs.webhooks import Notifier, payload
 from service.model.engine_spec import EngineSpec
 from service.model.engines import Engine, build_engine
@@ -97,10 +100,13 @@ class Worker:
         self.stopping = threading.Event()
         # Task id -> the consumer (one per task slot) holding it; the heartbeat refreshes them.
         self._held: dict[str, str] = {}
+        self._held_streams: dict[str, str] = {}  # stream task id -> its slot's consumer (for finalize)
         self._lock = threading.Lock()
         self._next_sweep = 0.0
         n = max(self.settings.worker_concurrency, 1)
         self.consumers = [self.name] if n == 1 else [f"{self.name}/{i}" for i in range(n)]
+        # Live streams: one slot per stream this worker may run at once, on the streams' queue.
+        self.stream_consumers = [f"{self.name}/stream-{i}" for i in range(self.settings.worker_streams)]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -121,6 +127,8 @@ class Worker:
                                           render_frames=s.render_frames_per_task, lock_ttl_s=s.lock_ttl_s,
                                           max_pixels=s.max_frame_pixels, record=self.jobs.record,
                                           videos=self.cache)
+        self.streams = Streams(self.r, s.redis_prefix, s.job_ttl_s, self.storage, s.visibility_timeout_s)
+        self.stream_runner = StreamRunner(s, self.engine, self.streams, self.storage, self.name, self.stopping)
         self._beat_key = self.jobs.keys.worker(self.name)
         self._heart = threading.Thread(target=self._heartbeat, daemon=True)
         self._heart.start()
@@ -249,6 +257,9 @@ class Worker:
             for consumer in self.consumers:
                 if consumer not in self._held.values():
                     self.queue.forget_consumer(consumer)
+            for consumer in self.stream_consumers:
+                if consumer not in self._held_streams.values():
+                    self.streams.queue.forget_consumer(consumer)
         except REDIS_ERRORS:
             log.warning("could not deregister from Redis (the sweeper removes idle consumers)")
         self.r.close()
@@ -265,6 +276,8 @@ class Worker:
         # stitching overlap another's network time.
         slots = [threading.Thread(target=self._loop, args=(c,), daemon=True, name=f"slot-{c}")
                  for c in self.consumers[1:]]
+        slots += [threading.Thread(target=self._loop, args=(c, self.stream_step), daemon=True, name=f"slot-{c}")
+                  for c in self.stream_consumers]
         for t in slots:
             t.start()
         try:
@@ -275,11 +288,12 @@ class Worker:
                 t.join()
             self.finalize()
 
-    def _loop(self, consumer: str) -> None:
+    def _loop(self, consumer: str, step=None) -> None:
+        step = step or self.step
         backoff = 0.5
         while not self.stopping.is_set():
             try:
-                self.step(consumer)
+                step(consumer)
                 backoff = 0.5
             except REDIS_ERRORS as e:
                 log.warning("Redis error (%s); retrying in %.1f s", e, backoff)
@@ -295,6 +309,9 @@ class Worker:
         """Sweep when due, then take one task (if any), execute and settle it."""
         consumer = consumer or self.consumers[0]
         self._maybe_sweep()
+        if self.stream_runner.running and not self.settings.worker_streams_take_files:
+            self.stopping.wait(0.5)  # a live stream has this worker's engine (STEMSEG_WORKER_STREAMS_TAKE_FILES)
+            return
         task = self.queue.take(consumer, block_ms=500)
         if task is None:
             release_reader()  # idle: the decoder kept for the next task gives its file back
@@ -308,6 +325,30 @@ class Worker:
             with self._lock:
                 self._held.pop(task.id, None)
 
+    def stream_step(self, consumer: str) -> None:
+        """Take one live stream (if any) and run it until it ends (service.jobs.stream_worker);
+        its queue entry's lease is renewed by the runner while it runs, not by the heartbeat."""
+        task = self.streams.queue.take(consumer, block_ms=500)
+        if task is None:
+            return
+        with self._lock:
+            self._held_streams[task.id] = consumer
+        try:
+            done = self.stream_runner.execute(task, consumer)
+        except UNREACHABLE:
+            raise
+        except Exception as e:  # a bug: the stream fails with it, rather than crash every worker in turn
+            log.exception("stream %s", task.job_id)
+            self.streams.transition(task.job_id, StreamStatus.FAILED, ended_by="failed",
+                                    error=f"{type(e).__name__}: {e}")
+            done = True
+        if done:
+            self.streams.queue.done(task.id)
+            with self._lock:
+                self._held_streams.pop(task.id, None)
+        # Not done (this worker is stopping): the entry stays pending under this slot's consumer,
+        # which finalize therefore keeps, for the next worker to take after the visibility timeout.
+
     def _maybe_sweep(self) -> None:
         s = self.settings
         with self._lock:
@@ -316,6 +357,7 @@ class Worker:
             self._next_sweep = time.monotonic() + s.sweep_interval_s
         if self.r.set(self.jobs.keys.sweep, self.name, nx=True, ex=max(int(s.sweep_interval_s), 1)):
             gone = self.jobs.sweep(s.sweep_grace_s, consumer_idle_s=max(10 * s.visibility_timeout_s, 60))
+            gone.update(self.streams.sweep(s.sweep_grace_s))
             if any(gone.values()):
                 log.info("sweeper removed %s", gone)
 

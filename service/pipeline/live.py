@@ -92,7 +92,9 @@ class LiveSession:
     """One live source through one model; see the module docstring."""
 
     def __init__(self, reader: LiveReader, engine: Engine, *, options: SegmenterOptions | None = None,
-                 timer: StageTimer | None = None) -> None:
+                 timer: StageTimer | None = None, first_track_id: int = 1) -> None:
+        """`first_track_id`: where track ids start (the service's takeover of a stream continues
+        after the ids its previous worker gave)."""
         self.reader, self.engine = reader, engine
         self.options = options
         self.timer = timer or StageTimer(engine.device)
@@ -101,7 +103,7 @@ class LiveSession:
         self.latencies: list[float] = []
         self._tracks: list[Track] = []
         self._frames = 0
-        self._next_id = 1
+        self._next_id = first_track_id
         self._height = self._width = 0
         self.runs = 0
         self.clips = 0

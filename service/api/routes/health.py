@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ServicesDep
 from service.api.problems import Problem, responses
+from service.jobs.stream_record import LATENCY_BUCKETS, StreamRecord, StreamStatus
 
 router = APIRouter(tags=["health"])
 
@@ -44,7 +46,47 @@ def _metrics(svc) -> bytes:
     Gauge("stemseg_clip_latency_seconds", "Mean seconds per clip", registry=reg).set(seconds / count if count else 0)
     Gauge("stemseg_frames_per_second", "Frames finished per worker-second", registry=reg).set(
         frames / seconds if seconds else 0)
+    Gauge("stemseg_stream_queue_depth", "Live streams waiting for a worker's stream slot or held by one",
+          registry=reg).set(svc.streams.queue.depth())
+    _stream_metrics(reg, svc.streams.unfinished())
     return generate_latest(reg)
+
+
+class _LatencyHistograms:
+    """Each unfinished stream's latency histogram, as its worker counted it into the record."""
+
+    def __init__(self, streams: list[StreamRecord]) -> None:
+        self.streams = streams
+
+    def collect(self):
+        family = HistogramMetricFamily("stemseg_stream_latency_seconds", "Live streams: seconds from a frame's "
+                                       "arrival at the worker to its frame event", labels=["stream"])
+        for rec in self.streams:
+            cumulative, buckets = 0, []
+            for bound, n in zip(LATENCY_BUCKETS, rec.latency_counts):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            family.add_metric([rec.id], buckets, rec.latency_sum_s)
+        yield family
+
+
+def _stream_metrics(reg: CollectorRegistry, streams: list[StreamRecord]) -> None:
+    """Live streams not yet ended, by state, and per stream (label `stream`: its id)."""
+    states = Gauge("stemseg_streams", "Live streams not yet ended, by state", ["state"], registry=reg)
+    for status in StreamStatus:
+        if not status.final:
+            states.labels(status.value).set(sum(1 for rec in streams if rec.status == status))
+    per_stream = {
+        "frames_per_second": ("Live streams: frames published per second, recently", "frames_per_second"),
+        "frames_seen": ("Live streams: frames published so far", "frames_seen"),
+        "frames_dropped": ("Live streams: frames dropped while the model fell behind", "frames_dropped"),
+        "clips_dropped": ("Live streams: whole clips dropped while the model fell behind", "clips_dropped"),
+    }
+    for name, (doc, field) in per_stream.items():
+        gauge = Gauge(f"stemseg_stream_{name}", doc, ["stream"], registry=reg)
+        for rec in streams:
+            gauge.labels(rec.id).set(getattr(rec, field) or 0)
+    reg.register(_LatencyHistograms(streams))
 
 
 @router.get("/metrics", response_class=Response,

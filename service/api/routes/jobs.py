@@ -3,24 +3,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import re
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
-import redis
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import EVENTS_BLOCK_MS, JobIdPath, OwnerDep, Services, ServicesDep
+from service.api.deps import JobIdPath, OwnerDep, Services, ServicesDep
+from service.api.events import event_stream
 from service.api.problems import Problem, responses
 from service.api.ranges import RangedFile, ranged_responses
 from service.api.stored import REDIRECT, stored_file
@@ -29,7 +26,6 @@ from service.config import OUTPUT_FORMATS, parse_formats
 from service.jobs import files
 from service.jobs.lifecycle import Limits
 from service.jobs.record import JobRecord, JobStatus
-from service.jobs.redis_clients import REDIS_ERRORS
 from service.jobs.sources import SourcePolicy, check_source, fetch
 from service.jobs.webhooks import check_callback_url
 from service.model.presets import model_warning
@@ -297,101 +293,21 @@ _SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
     "data": {"type": "string", "description": "JSON"}}}
 
 
-def _sse(entry_id: str | None, kind: str, data: str) -> str:
-    return (f"id: {entry_id}\n" if entry_id else "") + f"event: {kind}\ndata: {data}\n\n"
-
-
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "Server-sent events: status, frame, track, then end",
           "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}}},
     **responses(400, 401, 404, 422, 503)})
 async def job_events(job_id: JobIdPath, request: Request, svc: ServicesDep, owner: OwnerDep) -> StreamingResponse:
-    """Waits on Redis with redis.asyncio (no thread per client); at most `max_event_streams`
-    per process; a keep-alive comment every `sse_keepalive_s`; ends after `sse_max_s` (resume
-    with Last-Event-ID)."""
-    s, keys, ar = svc.settings, svc.jobs.keys, svc.aredis
-    after = request.headers.get("last-event-id") or "0-0"
-    if not _valid_stream_id(after):
-        raise Problem(400, "Last-Event-ID must be an id this stream sent (MS-SEQ, decimal digits, at most "
-                           f"{_MAX_STREAM_ID} characters)")
-    if svc.open_streams >= s.max_event_streams:
-        raise Problem(503, f"{s.max_event_streams} event streams are open, the most allowed; poll the job instead",
-                      headers={"Retry-After": str(s.retry_after_s)})
-    # The slot is taken before the first await (checked and taken with nothing running between),
-    # so a burst cannot pass the check together; it is given back exactly once on every path.
-    svc.open_streams += 1
-    held = True
+    """The job's events (service.api.events): status, frame, track, then end."""
+    ar = svc.aredis
 
-    def release() -> None:
-        nonlocal held
-        if held:
-            held = False
-            svc.open_streams -= 1
+    async def ended() -> str | None:
+        status = await svc.jobs.status_async(ar, job_id)
+        return "deleted" if status is None else status.value if status.final else None
 
-    try:
-        if await svc.jobs.owner_async(ar, job_id) != owner:
-            raise Problem(404, f"no job {job_id}")
-    except BaseException:
-        release()
-        raise
-
-    async def stream():
-        nonlocal after
-        loop = asyncio.get_running_loop()
-        end_at, idle_since = loop.time() + s.sse_max_s, loop.time()
-        try:
-            while loop.time() < end_at:
-                res = await ar.xread({keys.events(job_id): after}, block=EVENTS_BLOCK_MS, count=100)
-                for _, entries in res or []:
-                    for entry_id, fields in entries:
-                        after = entry_id.decode()
-                        yield _sse(after, fields[b"type"].decode(), fields[b"data"].decode())
-                if res:
-                    idle_since = loop.time()
-                    continue
-                status = await svc.jobs.status_async(ar, job_id)
-                if status is None or status.final:
-                    yield _sse(None, "end", json.dumps({"status": status.value if status else "deleted"}))
-                    return
-                if loop.time() - idle_since >= s.sse_keepalive_s:
-                    idle_since = loop.time()
-                    yield ": keep-alive\n\n"
-        except redis.exceptions.MaxConnectionsError:
-            yield _sse(None, "error", json.dumps({"detail": "the API's Redis connections are all in use; reconnect"}))
-        except REDIS_ERRORS:
-            yield _sse(None, "error", json.dumps({"detail": "the job store (Redis) is unreachable; reconnect"}))
-        finally:
-            release()
-
-    return _EventStream(stream(), release, media_type="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-class _EventStream(StreamingResponse):
-    """Gives the stream's slot back however the response ends: a body that never started (the
-    client left first) runs no finally of its own."""
-
-    def __init__(self, body, release: Callable[[], None], **kwargs) -> None:
-        super().__init__(body, **kwargs)
-        self._release = release
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._release()
-
-
-_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
-_MAX_STREAM_ID = 41
-
-
-def _valid_stream_id(entry_id: str) -> bool:
-    # ASCII digits (\d would also take "²"), bounded before int() sees them (its 4,300-digit
-    # limit raises), each part within Redis's 64 bits.
-    if len(entry_id) > _MAX_STREAM_ID or not _STREAM_ID.fullmatch(entry_id):
-        return False
-    return all(int(p) < 2**64 for p in entry_id.split("-"))
+    return await event_stream(request, svc, owner, events_key=svc.jobs.keys.events(job_id),
+                              owner_of=lambda: svc.jobs.owner_async(ar, job_id), ended=ended,
+                              not_found=f"no job {job_id}")
 
 
 @router.delete("/{job_id}", status_code=204, responses=responses(401, 404, 422, 503))

@@ -11,6 +11,9 @@ decode, network, clustering, post-processing, clip writes, stitching, rendering,
 and the job's timeline (one entry per task); then the speed-up and whether both runs wrote
 byte-identical results.json, mots.txt and DAVIS PNGs (they must).
 Redis: STEMSEG_REDIS_URL (default redis://127.0.0.1:6379/0); the keys are deleted afterwards.
+With --storage-url s3://BUCKET/PREFIX (and STEMSEG_S3_ENDPOINT_URL, AWS_* in the environment) the
+job lives in that object store and every worker has a data directory and TMPDIR of its own (no
+shared disk); each run then also reports the bytes every worker read from the store.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from service.jobs.keys import Keys
 from service.jobs.lifecycle import Jobs, Limits
 from service.jobs.model_info import served_model
 from service.jobs.redis_clients import sync_client
-from service.jobs.storage import LocalStorage
+from service.jobs.storage import open_storage
 from service.outputs.names import NAMES
 
 NETWORK = ("preprocess", "backbone", "heads")
@@ -93,21 +96,29 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
         data = Path(tmp) / "data"
         extra = {"STEMSEG_CLIPS_PER_TASK": str(args.clips_per_task),
                  "STEMSEG_RENDER_FRAMES_PER_TASK": str(args.render_frames)}
+        if args.storage_url:
+            extra["STEMSEG_STORAGE_URL"] = args.storage_url
         env = _worker_env(dict(os.environ), args.redis_url, prefix, data, args.threads, extra)
-        procs = [subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if not args.verbose else None)
-                 for _ in range(workers)]
+        procs = []
+        for k in range(workers):
+            own = {}
+            if args.storage_url:  # nothing shared but Redis and the store
+                own = {"STEMSEG_DATA_DIR": str(Path(tmp) / f"w{k}" / "data"), "TMPDIR": str(Path(tmp) / f"w{k}")}
+                Path(own["STEMSEG_DATA_DIR"]).mkdir(parents=True)
+            procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env={**env, **own},
+                                          stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL if not args.verbose else None))
         try:
             deadline = time.monotonic() + 300
             while sum(1 for _ in r.scan_iter(Keys(prefix).workers_pattern)) < workers:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     raise RuntimeError("the workers did not come up (run with --verbose to see why)")
                 time.sleep(0.2)
-            storage = LocalStorage(data)
+            ws = env_settings(env)
+            storage = open_storage(ws)
             jobs = Jobs(r, prefix, 3600, storage)
             staging = "upload-" + uuid.uuid4().hex
             storage.write(staging, "video", video.read_bytes())
-            ws = env_settings(env)
             cfg = served_model(ws.weights_path, ws.preset)
             job = jobs.admit(staging, "", model=cfg, min_dim=None, clips_per_task=args.clips_per_task,
                              limits=Limits(10**12, 10**9, 1e12), quota=0,
@@ -120,10 +131,24 @@ def run_one(video: Path, workers: int, args: argparse.Namespace, settings: Setti
                 time.sleep(0.1)
             if state.status != "succeeded":
                 raise RuntimeError(f"the job ended {state.status}: {state.error}")
+            timeline = jobs.timeline(job_id)
+            with storage.fetch(job_id, "out") as out:
+                digest = _digest(out)
             report = {"workers": workers, "frames": state.num_frames,
                       "size": f"{state.width}x{state.height}", "tracks": state.tracks,
-                      **summarise(jobs.timeline(job_id), state.created_at, state.finished_at),
-                      "outputs_sha256": _digest(storage.path(job_id, "out"))}
+                      **summarise(timeline, state.created_at, state.finished_at), "outputs_sha256": digest}
+            if args.storage_url:
+                size = video.stat().st_size
+                read: dict[str, dict[str, int]] = {}
+                for e in timeline:
+                    if "worker" in e:
+                        w = read.setdefault(e["worker"], {"store_bytes_read": 0, "video_bytes_fetched": 0})
+                        for k in w:
+                            w[k] += e.get(k, 0)
+                report["video_bytes"] = size
+                report["read_per_worker"] = {
+                    name: {**w, "video_fetched_over_size": round(w["video_bytes_fetched"] / size, 3)}
+                    for name, w in sorted(read.items())}
             if args.timeline:
                 report["timeline"] = jobs.timeline(job_id)
             return report
@@ -160,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-frames", type=int, default=get_settings().render_frames_per_task)
     p.add_argument("--redis-url", default=os.environ.get("STEMSEG_REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--timeline", action="store_true", help="include every task's entry")
+    p.add_argument("--storage-url", default="", help="s3://BUCKET/PREFIX: the job in an object store, no shared disk")
     p.add_argument("--json", type=Path, help="also write the report here")
     p.add_argument("--verbose", action="store_true", help="show the workers' logs")
     args = p.parse_args(argv)

@@ -70,8 +70,8 @@ class ServiceEnv:
     def __init__(self, tmp: Path, weights: Path, **settings: str) -> None:
         from service.jobs.redis_clients import sync_client
 
-        if "STEMSEG_STORAGE_URL" not in settings:
-            settings = {**storage_settings(), **settings}
+        if "STEMSEG_STORAGE_URL" not in settings and "STEMSEG_S3_ENDPOINT_URL" not in settings:
+            settings = {**storage_settings(), **settings}  # a test with an S3 server of its own keeps a directory
         self.prefix = new_prefix()
         self.data = tmp / "data"
         self.redis_url = settings.get("STEMSEG_REDIS_URL", REDIS_URL)
@@ -85,23 +85,42 @@ class ServiceEnv:
         self.redis = sync_client(self.redis_url)
         self.base = ""
 
-    def stored(self, job_id: str) -> dict[str, bytes]:
-        """Every file the service holds for a job, by its name under the job, from whichever store
-        it keeps them in (the data directory, or the bucket of STEMSEG_STORAGE_URL)."""
+    def _bucket(self):
+        """The boto3 client, bucket and key prefix of STEMSEG_STORAGE_URL (None without one)."""
         url = self.env.get("STEMSEG_STORAGE_URL")
         if not url:
-            root = self.data / "jobs" / job_id
-            return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+            return None
         import boto3
 
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         client = boto3.client("s3", endpoint_url=self.env["STEMSEG_S3_ENDPOINT_URL"], region_name="us-east-1",
                               aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
-        under = f"{prefix.strip('/')}/jobs/{job_id}/".lstrip("/")
-        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=under)
-                for o in page.get("Contents", [])]
-        return {k[len(under):]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in sorted(keys)}
+        return client, bucket, f"{prefix.strip('/')}/jobs/".lstrip("/")
+
+    def stored_jobs(self) -> list[str]:
+        """The names the store holds files under (job ids, "upload-..." for uploads being
+        received), from the data directory or the bucket of STEMSEG_STORAGE_URL."""
+        bucket = self._bucket()
+        if bucket is None:
+            root = self.data / "jobs"
+            return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        client, name, under = bucket
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=name, Prefix=under, Delimiter="/")
+        return sorted(c["Prefix"][len(under):].rstrip("/") for page in pages for c in page.get("CommonPrefixes", []))
+
+    def stored(self, job_id: str) -> dict[str, bytes]:
+        """Every file the service holds for a job, by its name under the job, from whichever store
+        it keeps them in (the data directory, or the bucket of STEMSEG_STORAGE_URL)."""
+        bucket = self._bucket()
+        if bucket is None:
+            root = self.data / "jobs" / job_id
+            return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        client, name, under = bucket
+        under += f"{job_id}/"
+        keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=name, Prefix=under)
+                for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        return {k[len(under):]: client.get_object(Bucket=name, Key=k)["Body"].read() for k in sorted(keys)}
 
     def start_api(self, **env: str) -> str:
         """Start an API process (`env`: settings of its own); returns its base URL, the latest in `base`."""

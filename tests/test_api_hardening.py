@@ -92,7 +92,7 @@ def test_probes_do_not_starve_healthz(make_env) -> None:
         assert r.status_code == 503 and r.headers["content-type"] == PROBLEM and r.headers["retry-after"], r.text
         assert why in r.json()["detail"]
     assert answers["a1"].status_code == 413 and "STEMSEG_PROBE_BUDGET_S" in answers["a1"].json()["detail"]
-    assert list((env.data / "jobs").iterdir()) == []  # the refused uploads left nothing
+    assert env.stored_jobs() == []  # the refused uploads left nothing
     _clean_logs(env)
 
 

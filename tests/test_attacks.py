@@ -154,7 +154,7 @@ def test_refusing_a_file_of_many_frames_costs_the_api_no_memory(make_env, tmp_pa
         assert "more than 1000 frames" in r.json()["detail"] and "STEMSEG_MAX_FRAMES" in r.json()["detail"]
         assert time.monotonic() - t0 < 10
     assert _rss_mb(api) - before < 15, (before, _rss_mb(api))
-    assert not [p for p in (env.data / "jobs").iterdir()]  # nothing left on disk
+    assert env.stored_jobs() == []  # nothing left in the store
     _clean_logs(env)
 
 
@@ -188,7 +188,8 @@ def test_raw_h264_is_remuxed_seekable_at_admission(make_env, tmp_path: Path) -> 
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["video"]["num_frames"] == 60 and job["video"]["fps"] == pytest.approx(25)
-    stored = env.data / "jobs" / job["id"] / "video"
+    stored = tmp_path / "stored-video"
+    stored.write_bytes(env.stored(job["id"])["video"])  # from the directory or the bucket
     info = check_indexable(stored)  # placed by timestamps: a worker seeks instead of decoding from 0
     assert info.num_frames == 60
     index, _ = decode._index(stored, decode.DEFAULT_MAX_PIXELS)
@@ -202,7 +203,7 @@ def test_raw_h264_is_remuxed_seekable_at_admission(make_env, tmp_path: Path) -> 
     make_long_video(many, 20_000)
     r = _post_video(env, many)
     assert r.status_code == 413 and "more than 2000 frames" in r.json()["detail"], r.text
-    assert not [p for p in (env.data / "jobs").iterdir() if p.name.startswith("upload-")]
+    assert not [n for n in env.stored_jobs() if n.startswith("upload-")]
     _clean_logs(env)
 
 

@@ -47,9 +47,8 @@ def private_redis(tmp_path: Path):
     pr.stop()
 
 
-def _uploads_left(data: Path) -> list[Path]:
-    jobs = data / "jobs"
-    return [p for p in jobs.iterdir() if p.name.startswith("upload-")] if jobs.exists() else []
+def _uploads_left(env: ServiceEnv) -> list[str]:
+    return [n for n in env.stored_jobs() if n.startswith("upload-")]
 
 
 @pytest.mark.slow
@@ -80,7 +79,7 @@ def test_redis_outage_api_503_worker_survives_job_completes(private_redis: Priva
             assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json", (path, r.text)
             assert int(r.headers["retry-after"]) > 0
         assert httpx.get(f"{env.base}/healthz").status_code == 200
-        assert _uploads_left(env.data) == []
+        assert _uploads_left(env) == []
         time.sleep(4)  # the worker keeps retrying with backoff instead of exiting
         assert worker.poll() is None
 
@@ -113,7 +112,7 @@ def test_upload_past_the_limit_is_stopped_early_by_a_real_server(tmp_path: Path,
         except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
             pass  # the server answered and closed while we were still sending
         assert sent["n"] < 40_000_000, sent  # not read to the end (socket buffers hold a few MB)
-        assert list((env.data / "jobs").iterdir()) == []
+        assert env.stored_jobs() == []
     finally:
         env.close()
 
@@ -203,7 +202,7 @@ def test_stalled_upload_is_dropped_with_408(tmp_path: Path, small_weights: Path)
             waited = time.monotonic() - t0
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert b"application/problem+json" in reply and 0.9 < waited < 5
-        assert list((env.data / "jobs").iterdir()) == []
+        assert env.stored_jobs() == []
     finally:
         env.close()
 

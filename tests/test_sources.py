@@ -162,7 +162,7 @@ def test_a_job_by_reference_runs_like_an_upload(tmp_path: Path, small_weights: P
         job = r.json()
         assert job["video"]["filename"] == "video.mp4" and job["video"]["num_frames"] == 12
         assert job["options"]["formats"] == ["ytvis", "mots"]
-        assert (env.data / "jobs" / job["id"] / "video").read_bytes() == video
+        assert env.stored(job["id"])["video"] == video
         assert env.wait(job["id"])["status"] == "succeeded"
         upload = httpx.post(f"{post}?formats=ytvis,mots", content=video,
                             headers={"content-type": "application/octet-stream"}, timeout=60).json()
@@ -197,7 +197,7 @@ def test_a_job_by_reference_runs_like_an_upload(tmp_path: Path, small_weights: P
         r = httpx.post(f"{post}?formats=ytvis", json={"source": source.url("/video.mp4")}, timeout=60)
         assert r.status_code == 422 and "in the body, not in the query" in r.json()["detail"]
         assert source.hits[before:] == ["/redirect", "/trickle"]
-        assert len(list((env.data / "jobs").iterdir())) == 3  # the two jobs and the CLI's; nothing staged
+        assert len(env.stored_jobs()) == 3  # the two jobs and the CLI's; nothing staged
         text = env.log_text()
         assert "Traceback" not in text and str(env.data) not in text
     finally:
@@ -246,12 +246,12 @@ def test_s3_sources_read_from_a_real_object_store(s3, video: bytes, tmp_path: Pa
         assert r.status_code == 202, r.text
         job = r.json()
         assert job["video"] == {**job["video"], "filename": "walk.mp4", "num_frames": 12}
-        assert (env.data / "jobs" / job["id"] / "video").read_bytes() == video
+        assert env.stored(job["id"])["video"] == video
         s3.close()
         r = httpx.post(f"{env.base}/v1/jobs", json={"source": "s3://videos/cams/walk.mp4"}, timeout=60)
         assert r.status_code == 503 and r.headers["content-type"] == PROBLEM and r.headers["retry-after"], r.text
         assert "object store" in r.json()["detail"]
-        assert [p.name for p in (env.data / "jobs").iterdir()] == [job["id"]]
+        assert env.stored_jobs() == [job["id"]]
         assert "Traceback" not in env.log_text()
     finally:
         env.close()

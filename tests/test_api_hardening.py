@@ -71,7 +71,12 @@ def test_probes_do_not_starve_healthz(make_env) -> None:
 
     slow = threading.Thread(target=upload, args=("a1", "ka", _slow_to_probe(12_000_000)))
     slow.start()
-    time.sleep(1.5)  # the upload is in (96 MB on loopback) and probing, for the 8 s budget
+    # Until the upload is in (96 MB on loopback, or as parts to an object store) and probing, for
+    # the 8 s budget.
+    deadline = time.monotonic() + 60
+    while "stemseg_probes_in_flight 1.0" not in httpx.get(f"{env.base}/metrics", timeout=10).text:
+        assert time.monotonic() < deadline and slow.is_alive(), "the slow upload was never probed"
+        time.sleep(0.05)
     # Refused before their bodies are read (small bodies: were they admitted, they would be probed
     # in a moment and answered 400, not 503).
     for name, key in (("a2", "ka"), ("b1", "kb")):  # the same key again; another key

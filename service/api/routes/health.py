@@ -39,6 +39,8 @@ def _metrics(svc) -> bytes:
     Gauge("stemseg_queue_depth", "Clip tasks waiting or held", registry=reg).set(svc.jobs.queue.depth())
     Gauge("stemseg_workers", "Workers with a live heartbeat", registry=reg).set(svc.jobs.live_workers())
     Gauge("stemseg_event_streams", "Event streams open on this API process", registry=reg).set(svc.open_streams)
+    Gauge("stemseg_probes_in_flight", "Uploads being probed on this API process (of STEMSEG_MAX_CONCURRENT_PROBES)",
+          registry=reg).set(svc.probes.in_use)
     raw = svc.redis.hgetall(svc.jobs.keys.clip_stats)
     count, seconds, frames = (float(raw.get(k, 0)) for k in (b"count", b"seconds", b"frames"))
     Gauge("stemseg_clips_processed", "Clips processed by all workers", registry=reg).set(count)

@@ -231,3 +231,20 @@ def test_submit_usage_errors_are_one_line(service: ServiceEnv, video: Path, tmp_
     assert main(["submit", str(video), "--server", "http://127.0.0.1:9", "--out", str(tmp_path / "p"),
                  "--no-progress"]) == 2
     assert "cannot reach the service" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_lost_files_is_410_not_a_listing_of_what_is_left(service: ServiceEnv,
+                                                                                video: Path) -> None:
+    with Client(service.base, api_key=KEY) as client:
+        job = client.submit(video, formats=["ytvis", "mots"]).wait(timeout=180)
+    headers = {"X-API-Key": KEY}
+    files = f"{service.base}/v1/jobs/{job.id}/files"
+    assert httpx.get(files, headers=headers).status_code == 200
+    out = service.data / "jobs" / job.id / "out"
+    (out / "mots.txt").unlink()  # a file the manifest lists
+    r = httpx.get(files, headers=headers)
+    assert r.status_code == 410 and r.headers["content-type"] == "application/problem+json"
+    assert "gone" in r.json()["detail"] and str(service.data) not in r.text
+    (out / "stemseg-output.json").unlink()  # the manifest itself
+    for url in (files, f"{files}/results.json"):
+        assert httpx.get(url, headers=headers).status_code == 410, url

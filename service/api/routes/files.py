@@ -32,22 +32,35 @@ class OutputFolder(BaseModel):
     files: list[OutputFile]
 
 
-def _manifest(svc, job_id: str) -> tuple[list[str], list[str]]:
+def read_manifest(svc, owner_dir: str, folder: str, gone: str) -> tuple[list[str], list[str]]:
+    """An output folder's formats and files (as its manifest lists them, the manifest last), from
+    whichever store; 410 `gone` when the manifest is missing or unreadable (it was written, so its
+    files were lost)."""
     try:
-        manifest = json.loads(svc.storage.read(job_id, f"{files.OUT}/{MANIFEST}"))
-    except (OSError, ValueError) as e:  # a succeeded job always has one: its files were lost
-        raise Problem(410, "this job's output files are gone from the server") from e
-    return list(manifest["formats"]), [*manifest["files"], MANIFEST]
+        manifest = json.loads(svc.storage.read(owner_dir, f"{folder}/{MANIFEST}"))
+        return list(manifest["formats"]), [*manifest["files"], MANIFEST]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Problem(410, gone) from e
+
+
+def listed_sizes(svc, owner_dir: str, folder: str, names: list[str], gone: str) -> dict[str, int]:
+    """The sizes of an output folder's listed files, in one listing of the store; 410 `gone` when
+    any of them is missing."""
+    sizes = svc.storage.sizes(owner_dir, folder)
+    if any(n not in sizes for n in names):
+        raise Problem(410, gone)
+    return sizes
+
+
+_GONE = "this job's output files are gone from the server"
 
 
 @router.get("/{job_id}/files", response_model=OutputFolder, responses=responses(401, 404, 409, 410, 422, 503))
 def list_files(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> OutputFolder:
     """Every file of the output folder, its manifest (`stemseg-output.json`) included."""
     _finished(svc, owner, job_id)
-    formats, names = _manifest(svc, job_id)
-    sizes = svc.storage.sizes(job_id, files.OUT)  # one listing, not a request per file
-    if any(n not in sizes for n in names):
-        raise Problem(410, "this job's output files are gone from the server")
+    formats, names = read_manifest(svc, job_id, files.OUT, _GONE)
+    sizes = listed_sizes(svc, job_id, files.OUT, names, _GONE)
     return OutputFolder(formats=formats, files=[
         OutputFile(path=n, size=sizes[n], url=f"/v1/jobs/{job_id}/files/{n}") for n in names])
 
@@ -60,10 +73,10 @@ def list_files(job_id: JobIdPath, svc: ServicesDep, owner: OwnerDep) -> OutputFo
 def get_file(job_id: JobIdPath, name: Annotated[str, PathParam(max_length=300)], svc: ServicesDep,
              owner: OwnerDep) -> Response:
     _finished(svc, owner, job_id)
-    _, names = _manifest(svc, job_id)
+    _, names = read_manifest(svc, job_id, files.OUT, _GONE)
     if name not in names:  # only what the manifest lists: no path of the caller's choosing is opened
         raise Problem(404, f"the job's output has no file {name!r}")
     try:
         return stored_file(svc, job_id, f"{files.OUT}/{name}", filename=name.rsplit("/", 1)[-1], ranged=False)
     except FileNotFoundError:
-        raise Problem(410, "this job's output files are gone from the server") from None
+        raise Problem(410, _GONE) from None

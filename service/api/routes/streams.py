@@ -4,7 +4,6 @@ Thin: a stream's life is `service.jobs.streams.Streams`'s, which source a client
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
@@ -16,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import OwnerDep, Services, ServicesDep, StreamIdPath
 from service.api.events import event_stream
 from service.api.problems import Problem, responses
-from service.api.routes.files import OutputFile
+from service.api.routes.files import OutputFile, listed_sizes, read_manifest
 from service.api.stored import REDIRECT, stored_file
 from service.api.uploads import is_json, receive_json
 from service.config import OUTPUT_FORMATS, parse_formats
@@ -25,7 +24,6 @@ from service.jobs.stream_record import StreamRecord, StreamStatus
 from service.jobs.stream_sources import check_stream_url
 from service.jobs.streams import StreamLimit
 from service.model.presets import model_warning
-from service.outputs.write import MANIFEST
 from service.video.live import redact
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
@@ -189,20 +187,16 @@ class StreamOutputs(BaseModel):
     outputs: list[StreamOutput]
 
 
-def _outputs(svc: Services, rec: StreamRecord) -> list[tuple[dict[str, Any], list[str], dict[str, int]]]:
-    """Each written output folder of the stream: its record entry, files (as its manifest lists
-    them, the manifest last) and their sizes, as the CLI wrote it."""
+_GONE = "this stream's output files are gone from the server"
+
+
+def _outputs(svc: Services, rec: StreamRecord) -> list[tuple[dict[str, Any], list[str], list[str], dict[str, int]]]:
+    """Each written output folder of the stream: its record entry, formats, files (as its manifest
+    lists them, the manifest last) and their sizes, as the CLI wrote it."""
     found = []
     for entry in rec.outputs:
-        try:
-            manifest = json.loads(svc.storage.read(rec.directory, f"{entry['path']}/{MANIFEST}"))
-        except (OSError, ValueError) as e:  # recorded once written: its files were lost
-            raise Problem(410, "this stream's output files are gone from the server") from e
-        names = [*manifest["files"], MANIFEST]
-        sizes = svc.storage.sizes(rec.directory, entry["path"])  # one listing, not a request per file
-        if any(n not in sizes for n in names):
-            raise Problem(410, "this stream's output files are gone from the server")
-        found.append((entry, list(manifest["formats"]), names, sizes))
+        formats, names = read_manifest(svc, rec.directory, entry["path"], _GONE)
+        found.append((entry, formats, names, listed_sizes(svc, rec.directory, entry["path"], names, _GONE)))
     return found
 
 
@@ -233,5 +227,5 @@ def get_stream_file(stream_id: StreamIdPath, name: Annotated[str, PathParam(max_
             try:
                 return stored_file(svc, rec.directory, name, filename=name.rsplit("/", 1)[-1], ranged=False)
             except FileNotFoundError:
-                raise Problem(410, "this stream's output files are gone from the server") from None
+                raise Problem(410, _GONE) from None
     raise Problem(404, f"the stream's outputs have no file {name!r}")
